@@ -1,0 +1,148 @@
+"""What a backend plugin is: a named object with an options model and declared capabilities.
+
+Third-party packages subclass :class:`QuantizerPlugin`, :class:`PeftPlugin` or
+:class:`TrainerPlugin` and register instances through the hooks in :mod:`qpeft.hookspecs`.
+Class attributes are read before any weight is loaded, so plugin modules must import only
+light things at module level (pydantic, qpeft) and their backend libraries inside methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from . import API_VERSION
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import RunContext, TrainResult
+
+
+class Options(BaseModel):
+    """Base for plugin options models: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class NoOptions(Options):
+    """For plugins that take no options."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a plugin can do, checked by the orchestrator before any weight is loaded.
+
+    Fields that do not apply to a plugin kind keep their defaults.
+    """
+
+    #: Device types this backend runs on ("cpu", "cuda").
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    #: Quantizer: adapters can be trained on top of it. PEFT method: it has trainable params.
+    trainable: bool = True
+    #: PEFT method: the adapter can be merged into base weights.
+    mergeable: bool = False
+    #: Quantizer: where full-precision weights for a merge come from:
+    #: "self" (already full precision), "dequantize" (from the quantized weights),
+    #: "original" (the checkpoint that was quantized), or "none" (cannot merge).
+    merge_source: Literal["self", "dequantize", "original", "none"] = "self"
+    #: Plugins of other kinds this one is known not to work with: name -> reason.
+    incompatible: dict[str, str] = field(default_factory=dict)
+    #: PEFT method / quantizer: gradient checkpointing can be used with it.
+    grad_checkpointing: bool = True
+    #: Quantizer: bits per weight (for memory reporting); None for full precision.
+    bits: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Plugin:
+    #: Name users write in the config (e.g. "bnb-nf4", "lora", "hf").
+    name: ClassVar[str]
+    #: One line shown by ``qpeft plugins``.
+    description: ClassVar[str] = ""
+    #: pydantic model of the ``options`` mapping of this plugin's config section.
+    Options: ClassVar[type[Options]] = NoOptions
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    #: qpeft plugin API version this plugin targets.
+    api_version: ClassVar[int] = API_VERSION
+
+    def check(self, options: Options, ctx: "RunContext") -> None:
+        """Refuse a configuration the options model alone cannot judge (raise ConfigError).
+
+        Runs before any weight is loaded; ``ctx.device`` is already resolved.
+        """
+
+
+class QuantizerPlugin(_Plugin):
+    """Loads a base model quantized, and prepares it for adapter training."""
+
+    def load(self, model_path: str, options: Options, ctx: "RunContext", *, training: bool):
+        """Return a ``PreTrainedModel`` loaded from ``model_path`` (a local folder or hub id).
+
+        ``training`` says whether adapters will be trained on it, so the plugin can pick
+        kernels that support backward (and not inference-only ones).
+        """
+        raise NotImplementedError
+
+    def prepare_for_training(self, model, options: Options, ctx: "RunContext", *, grad_checkpointing: bool):
+        """Make the loaded model ready for adapter training (freeze base, cast norms, ...)."""
+        return model
+
+    def ensure_training_kernels(self, model, options: Options) -> None:
+        """Undo any switch to inference-only kernels that an eval forward may have made.
+
+        Called by the orchestrator after every evaluation pass on a model that will train
+        or be merged again (DESIGN.md part 2: some kernels switch silently and corrupt
+        gradients and dequantization afterwards).
+        """
+
+    def full_precision_model(self, model, model_path: str, options: Options, ctx: "RunContext"):
+        """Return a full-precision model to merge adapters into (see ``merge_source``)."""
+        raise NotImplementedError(f"quantizer {self.name!r} cannot provide full-precision weights")
+
+
+class PeftPlugin(_Plugin):
+    """Attaches a parameter-efficient adapter to a model, saves and reloads it."""
+
+    def attach(self, model, options: Options, ctx: "RunContext"):
+        """Return the model wrapped with a fresh, trainable adapter (a ``peft.PeftModel``)."""
+        raise NotImplementedError
+
+    def load_adapter(self, model, adapter_dir: str, ctx: "RunContext", *, trainable: bool = False):
+        """Return ``model`` with the adapter saved in ``adapter_dir`` loaded onto it.
+
+        The default reads PEFT's format with ``PeftModel.from_pretrained`` (safetensors).
+        """
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+
+    def save(self, model, out_dir: str) -> None:
+        """Write the adapter in PEFT format (safetensors only) into ``out_dir``."""
+        model.save_pretrained(out_dir, safe_serialization=True)
+
+    def merge(self, model):
+        """Return the base model with the adapter merged in (only if ``mergeable``)."""
+        raise NotImplementedError(f"peft method {self.name!r} cannot be merged")
+
+
+class TrainerPlugin(_Plugin):
+    """Runs the optimisation loop over a tokenized dataset."""
+
+    def train(self, model, tokenizer, train_data, eval_data, options: Options, ctx: "RunContext") -> "TrainResult":
+        """Train the trainable parameters of ``model``; return a :class:`TrainResult`.
+
+        ``train_data``/``eval_data`` are lists of dicts with ``input_ids`` and ``labels``
+        (``-100`` where no loss is taken). Call ``ctx.hooks.qpeft_on_step_end`` after each
+        optimizer step so lifecycle plugins and the progress display see it.
+        """
+        raise NotImplementedError
+
+
+PLUGIN_KINDS = {
+    "quantizer": QuantizerPlugin,
+    "peft": PeftPlugin,
+    "trainer": TrainerPlugin,
+}

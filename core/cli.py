@@ -1,0 +1,192 @@
+"""``qpeft`` command line. Every user error exits 2 with one line on stderr, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import QpeftError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune LLMs: any quantizer × any PEFT method × any trainer.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration.")
+app.add_typer(config_app, name="config")
+console = Console(stderr=True)
+out = Console()
+
+SET_HELP = "Override a config key: --set trainer.options.lr=1e-4 (repeatable)."
+
+
+def _fail(exc: BaseException) -> None:
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _registry(extra=()):
+    from .registry import load_registry
+
+    return load_registry(extra)
+
+
+def _say_factory():
+    start = time.perf_counter()
+
+    def say(msg: str) -> None:
+        console.print(f"[dim]{time.perf_counter() - start:6.1f}s[/] {msg}", highlight=False)
+
+    return say
+
+
+@app.command()
+def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable listing with capabilities.")):
+    """List installed backends, their capabilities, and broken plugins."""
+    try:
+        info = _registry().describe()
+    except QpeftError as exc:
+        _fail(exc)
+    if as_json:
+        out.print_json(json.dumps(info))
+        return
+    for kind in ("quantizer", "peft", "trainer"):
+        table = Table(title=f"{kind} backends", title_justify="left")
+        for col in ("name", "description", "devices", "capabilities", "source"):
+            table.add_column(col)
+        for p in info[kind]:
+            caps = p["capabilities"]
+            flags = [k for k in ("trainable", "mergeable", "grad_checkpointing") if caps.get(k)]
+            if kind == "quantizer":
+                flags.append(f"merge from: {caps['merge_source']}")
+            table.add_row(p["name"], p["description"], ",".join(caps["devices"]), "; ".join(flags), p["source"])
+        out.print(table)
+    for b in info["broken"]:
+        out.print(f"[red]broken plugin[/] {b['name']} ({b['source']}): {b['reason']}")
+
+
+@app.command()
+def run(
+    config: str = typer.Argument(..., help="YAML config file."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    check: bool = typer.Option(False, "--check", help="Validate the config and exit (loads no weights)."),
+):
+    """Fine-tune, save, reload and generate as the config says."""
+    from .orchestrator import prepare
+    from .progress import TrainingProgress
+
+    progress = TrainingProgress(console)
+    try:
+        resolved, registry = prepare(config, set_ or [], _registry([progress]))
+    except QpeftError as exc:
+        _fail(exc)
+    if check:
+        out.print(f"config ok: quantizer {resolved.quantizer.name}, peft {resolved.peft.name}, trainer {resolved.trainer.name} on {resolved.device}")
+        for note in resolved.notes:
+            out.print(f"note: {note}")
+        return
+    from . import orchestrator
+
+    try:
+        summary = orchestrator.run(resolved, registry, say=_say_factory())
+    except QpeftError as exc:
+        progress.close()
+        _fail(exc)
+    _print_summary(summary, resolved.config.output_dir)
+
+
+def _print_summary(s: dict, output_dir: str) -> None:
+    table = Table(title="qpeft run summary", title_justify="left", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    mem = ", ".join(f"{k.removeprefix('peak_').removesuffix('_gib')} {s[k]:.2f} GiB" for k in s if k.startswith("peak_"))
+    rows = [
+        ("backends", f"{s['quantizer']} + {s['peft']} + {s['trainer']} on {s['device']} ({s['device_name']}, {s['dtype']})"),
+        ("base weights", f"{s['weight_memory_gib']:.3f} GiB, loaded in {s['load_seconds']:.1f} s"),
+        ("trainable", f"{s['trainable_params']:,} / {s['total_params']:,} ({s['trainable_percent']:.3f}%)"),
+        ("training", f"{s['train_steps']} steps, {s['train_tokens']:,} tokens in {s['train_seconds']:.1f} s = {s['tokens_per_s']:.1f} tokens/s"),
+        ("train loss", f"{s['train_loss']:.4f}"),
+        ("peak memory", mem),
+        ("val perplexity", f"{s['val_perplexity_before']} → {s['val_perplexity_after']} ({s['val_tokens']} tokens)"),
+        ("reload check", f"max |Δlogit| = {s['reload_max_abs_logit_diff']:.2e}"),
+        ("prompt", s["generation"]["prompt"]),
+        ("generation", s["generation"]["completion"] + ("  [dim]<eos>[/]" if s["generation"]["stopped_at_eos"] else "")),
+        ("outputs", f"{output_dir}/adapter, {output_dir}/summary.json, {output_dir}/resolved_config.yaml"),
+    ]
+    for note in s["notes"]:
+        rows.append(("note", note))
+    for k, v in rows:
+        table.add_row(k, v)
+    out.print(table)
+
+
+@app.command()
+def generate(
+    adapter: str = typer.Option(..., "--adapter", help="Adapter folder written by qpeft."),
+    prompt: str = typer.Option(..., "--prompt"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override the base, e.g. --set quantizer=bnb-8bit."),
+):
+    """Rebuild the quantized base from the adapter's metadata, load the adapter, generate."""
+    from . import orchestrator
+
+    try:
+        result = orchestrator.generate(adapter, prompt, _registry(), set_ or [], max_new_tokens, say=_say_factory())
+    except QpeftError as exc:
+        _fail(exc)
+    out.print(result["completion"], highlight=False)
+    console.print(f"[dim]{result['new_tokens']} tokens, {result['tokens_per_s']:.1f} tokens/s, stopped at EOS: {result['stopped_at_eos']}[/]")
+
+
+@app.command()
+def merge(
+    adapter: str = typer.Option(..., "--adapter", help="Adapter folder written by qpeft."),
+    out_dir: str = typer.Option(..., "--out", help="Folder for the merged full-precision model."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    set_: Optional[List[str]] = typer.Option(None, "--set"),
+):
+    """Merge the adapter into full-precision weights; write a plain transformers model."""
+    from . import orchestrator
+
+    try:
+        result = orchestrator.merge(adapter, out_dir, _registry(), force=force, overrides=set_ or [], say=_say_factory())
+    except QpeftError as exc:
+        _fail(exc)
+    out.print_json(json.dumps(result))
+
+
+@config_app.command("schema")
+def config_schema(backend: Optional[str] = typer.Argument(None, help="kind:name, e.g. quantizer:bnb-nf4")):
+    """Print the JSON schema of the run config, or of one backend's options."""
+    from .config import RunConfig
+
+    try:
+        if backend is None:
+            out.print_json(json.dumps(RunConfig.model_json_schema()))
+            return
+        kind, _, name = backend.partition(":")
+        if kind not in ("quantizer", "peft", "trainer") or not name:
+            raise QpeftError(f"expected kind:name with kind in quantizer, peft, trainer; got {backend!r}")
+        out.print_json(json.dumps(_registry().get(kind, name).Options.model_json_schema()))
+    except QpeftError as exc:
+        _fail(exc)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]: finished outputs are intact; partial ones were not written")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""The run configuration: one YAML file, validated in full before any weight is loaded.
+
+Validation happens in two stages, both raising :class:`ConfigError` naming the key:
+
+1. :func:`load_config` parses YAML, applies ``--set key.path=value`` overrides and validates
+   the top-level schema (:class:`RunConfig`).
+2. :func:`resolve` looks up the named backends in the registry, validates each backend's
+   ``options`` with its own pydantic model, resolves device and dtype, and checks the
+   combination against the declared capabilities.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+DEFAULT_MODEL = "smollm2"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    """Which base model to load and how."""
+
+    #: "smollm2" (the embedded SmolLM2-135M-Instruct), a local Hugging Face model folder,
+    #: or a hub id (needs network).
+    name_or_path: str = Field(DEFAULT_MODEL, min_length=1)
+    #: Weights/compute dtype; "auto" = bfloat16 on GPUs that support it, else float16, float32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    #: "auto" = cuda when available, else cpu.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Passed to ``from_pretrained``; null puts the whole model on ``device``.
+    device_map: str | dict[str, Any] | None = None
+    #: Allow a model folder's own Python code to run. Off unless asked; logged when on.
+    trust_remote_code: bool = False
+
+
+class BackendRef(_Strict):
+    """A backend chosen by name, with options validated by the backend's own model."""
+
+    name: str = Field(min_length=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(_Strict):
+    """Training and validation data."""
+
+    #: "embedded:instruct" / "embedded:text" (shipped with qpeft) or a .jsonl/.json/.txt file.
+    path: str = "embedded:instruct"
+    #: Validation file; default: the embedded set's own val split, or a tail of ``path``.
+    val_path: str | None = None
+    #: "auto" detects from the columns: text | prompt/response | messages (chat).
+    format: Literal["auto", "text", "prompt_response", "chat"] = "auto"
+    #: Fraction of ``path`` held out for validation when no ``val_path`` is given.
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    #: Sequences are cut to this many tokens.
+    max_length: int = Field(256, ge=8, le=1_048_576)
+    #: Use at most this many training / validation examples (null = all).
+    max_train_examples: int | None = Field(None, ge=1)
+    max_val_examples: int | None = Field(32, ge=1)
+
+
+class GenerateConfig(_Strict):
+    """The generation made after reloading the saved adapter."""
+
+    prompt: str = "What does the Python 'with' statement do?"
+    max_new_tokens: int = Field(48, ge=1, le=8192)
+    #: Render the prompt with the tokenizer's chat template when it has one.
+    chat_template: bool = True
+
+
+class RunConfig(_Strict):
+    """Top level of a qpeft YAML config."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    quantizer: BackendRef
+    peft: BackendRef
+    trainer: BackendRef
+    data: DataConfig = Field(default_factory=DataConfig)
+    output_dir: str = Field("runs/qpeft", min_length=1)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    #: true / false, or "auto": on unless the PEFT method or quantizer cannot use it.
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    #: Measure validation perplexity before and after training.
+    evaluate: bool = True
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data: Any) -> Any:
+        return normalize_shorthands(data)
+
+
+def normalize_shorthands(data: Any) -> Any:
+    """Expand ``quantizer: bnb-nf4`` to ``{name: bnb-nf4}`` and ``model: path`` to ``{name_or_path: path}``."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for key in ("quantizer", "peft", "trainer"):
+        if isinstance(data.get(key), str):
+            data[key] = {"name": data[key]}
+    if isinstance(data.get("model"), str):
+        data["model"] = {"name_or_path": data["model"]}
+    return data
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def _key(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-"))
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at ``loc`` (for 'unknown key' messages)."""
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        ann = fields[part].annotation
+        current = next((a for a in getattr(ann, "__args__", (ann,)) if hasattr(a, "model_fields")), ann)
+    return sorted(getattr(current, "model_fields", {}) or [])
+
+
+def validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> ConfigError:
+    """Turn pydantic's first error into a one-line ConfigError naming the key."""
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    key = ".".join(p for p in (prefix, _key(loc)) if p)
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(model, loc[:-1])
+        msg = f"unknown key {str(loc[-1])!r}"
+        hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        if valid:
+            msg += f"; valid keys: {', '.join(valid)}"
+        if hint:
+            msg += f" (did you mean {hint[0]!r}?)"
+        return ConfigError(key, msg)
+    if err["type"] == "missing":
+        return ConfigError(key, "required key is missing")
+    got = err.get("input")
+    shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return ConfigError(key, f"{err['msg']} (got {shown})")
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``key.path=value``; the value is read as YAML (``1e-4`` -> float, ``[a,b]`` -> list)."""
+    if "=" not in item:
+        raise ConfigError("--set", f"expected key.path=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in parts):
+        raise ConfigError("--set", f"bad key {key!r} in {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``data`` with every ``key.path=value`` applied."""
+    data = copy.deepcopy(normalize_shorthands(data))
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(".".join(parts[: i + 1]), f"is {type(nxt).__name__}, cannot set {'.'.join(parts)}")
+            node = nxt
+        node[parts[-1]] = value
+        data = normalize_shorthands(data)
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping from ``path`` with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("", f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError("", f"{p}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{p}: top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
+    """Parse and validate a config file (or dict) with ``--set`` overrides applied."""
+    data = source if isinstance(source, dict) else read_yaml(source)
+    data = apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, RunConfig) from None
+
+
+# ---------------------------------------------------------------------------- resolving
+
+
+@dataclass
+class ResolvedRun:
+    """A config whose backends were found, options validated and combination checked."""
+
+    config: RunConfig
+    quantizer: Any
+    quantizer_options: Any
+    peft: Any
+    peft_options: Any
+    trainer: Any
+    trainer_options: Any
+    device: str
+    dtype: str
+    grad_checkpointing: bool
+    notes: list[str]
+
+    def to_dict(self) -> dict:
+        """The fully resolved config, defaults filled in, as written beside every output."""
+        d = self.config.model_dump(mode="json")
+        d["quantizer"]["options"] = self.quantizer_options.model_dump(mode="json")
+        d["peft"]["options"] = self.peft_options.model_dump(mode="json")
+        d["trainer"]["options"] = self.trainer_options.model_dump(mode="json")
+        d["model"]["device"] = self.device
+        d["model"]["dtype"] = self.dtype
+        d["gradient_checkpointing"] = self.grad_checkpointing
+        return d
+
+
+def validate_options(plugin, options: dict, key: str):
+    """Validate ``options`` with the plugin's Options model; errors name ``key.<field>``."""
+    try:
+        return plugin.Options.model_validate(options)
+    except ValidationError as exc:
+        raise validation_error(exc, plugin.Options, prefix=key) from None
+
+
+def resolve_device(cfg: ModelConfig) -> tuple[str, str]:
+    """Resolve "auto" device and dtype: cuda+bf16 (fp16 without bf16 support), else cpu+fp32."""
+    import torch
+
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device", "'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'")
+    dtype = cfg.dtype
+    if dtype == "auto":
+        if device == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"  # bf16 is ~16x slower than fp32 on AVX2 CPUs (DESIGN.md part 2)
+    return device, dtype
+
+
+def resolve(config: RunConfig, registry, *, device: str | None = None) -> ResolvedRun:
+    """Find the backends, validate their options and check the combination — no weights loaded."""
+    from .context import RunContext
+
+    quant = registry.get("quantizer", config.quantizer.name)
+    peft = registry.get("peft", config.peft.name)
+    trainer = registry.get("trainer", config.trainer.name)
+    q_opts = validate_options(quant, config.quantizer.options, "quantizer.options")
+    p_opts = validate_options(peft, config.peft.options, "peft.options")
+    t_opts = validate_options(trainer, config.trainer.options, "trainer.options")
+
+    check_combination(quant, peft, trainer)
+
+    if device is None:
+        dev, dtype = resolve_device(config.model)
+    else:
+        dev, dtype = device, ("float32" if device == "cpu" else "bfloat16")
+    for kind, plugin in (("quantizer", quant), ("peft", peft), ("trainer", trainer)):
+        if dev not in plugin.capabilities.devices:
+            raise ConfigError(
+                f"{kind}.name",
+                f"{kind} {plugin.name!r} does not run on {dev}; it supports: {', '.join(plugin.capabilities.devices)}",
+            )
+
+    notes: list[str] = []
+    gc = config.gradient_checkpointing
+    blockers = [p for p in (quant, peft) if not p.capabilities.grad_checkpointing]
+    if gc is True and blockers:
+        raise ConfigError(
+            "gradient_checkpointing",
+            f"{blockers[0].name!r} does not work with gradient checkpointing; set it to false or auto",
+        )
+    if gc == "auto":
+        gc = not blockers
+        if blockers:
+            notes.append(f"gradient checkpointing turned off: {blockers[0].name!r} does not support it")
+
+    ctx = RunContext(config=config, device=dev, dtype=dtype, output_dir=config.output_dir)
+    quant.check(q_opts, ctx)
+    peft.check(p_opts, ctx)
+    trainer.check(t_opts, ctx)
+    notes.extend(ctx.notes)
+    return ResolvedRun(config, quant, q_opts, peft, p_opts, trainer, t_opts, dev, dtype, gc, notes)
+
+
+def check_combination(quant, peft, trainer) -> None:
+    """Refuse combinations that a plugin's capabilities rule out, naming the reason."""
+    if not quant.capabilities.trainable:
+        raise ConfigError("quantizer.name", f"adapters cannot be trained on quantizer {quant.name!r}")
+    plugins = {"quantizer": quant, "peft": peft, "trainer": trainer}
+    for kind, plugin in plugins.items():
+        for other_kind, other in plugins.items():
+            reason = plugin.capabilities.incompatible.get(other.name)
+            if other is not plugin and reason:
+                raise ConfigError(
+                    f"{other_kind}.name",
+                    f"{other_kind} {other.name!r} does not work with {kind} {plugin.name!r}: {reason}",
+                )
+
+
+def dump_yaml(data: dict) -> str:
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,188 @@
+"""Training data: read records, render them, tokenize with loss masks, and batch.
+
+Formats (``data.format``, detected from the columns when "auto"):
+
+* ``text``: ``{"text": ...}`` or lines of a .txt file; loss on every token, EOS appended.
+* ``prompt_response``: ``{"prompt": ..., "response": ...}``; rendered with the chat template
+  when the tokenizer has one; loss only on the response (and its closing EOS).
+* ``chat``: ``{"messages": [{"role", "content"}, ...]}``; loss only on assistant turns.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+EMBEDDED_DATA = Path(__file__).parent / "data"
+EMBEDDED_SETS = ("instruct", "text")
+IGNORE = -100
+
+
+def _records_from_file(path: Path, key: str) -> list[dict]:
+    if not path.is_file():
+        raise ConfigError(key, f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            rows = []
+            with path.open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise ConfigError(key, f"{path}: row {n} is not valid JSON: {exc.msg}") from None
+        elif suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(rows, dict) and "data" in rows:
+                rows = rows["data"]
+            if not isinstance(rows, list):
+                raise ConfigError(key, f"{path}: expected a JSON list of records")
+        elif suffix == ".txt":
+            blocks = [b.strip() for b in path.read_text(encoding="utf-8").split("\n\n")]
+            rows = [{"text": b} for b in blocks if b]
+        elif suffix == ".csv":
+            with path.open(encoding="utf-8", newline="") as f:
+                rows = list(csv.DictReader(f))
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
+        else:
+            raise ConfigError(key, f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .parquet or .txt")
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{path}: not UTF-8 text") from None
+    if not rows:
+        raise ConfigError(key, f"{path}: no records")
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise ConfigError(key, f"{path}: row {n} is {type(row).__name__}, expected an object")
+    return rows
+
+
+def detect_format(rows: list[dict], source: str, key: str) -> str:
+    """Pick text / prompt_response / chat from the first record's columns."""
+    cols = set(rows[0])
+    if "messages" in cols:
+        return "chat"
+    if {"prompt", "response"} <= cols:
+        return "prompt_response"
+    if "text" in cols:
+        return "text"
+    raise ConfigError(
+        key, f"{source}: row 1 has columns {sorted(cols)}; expected 'text', 'prompt'+'response' or 'messages'"
+    )
+
+
+_REQUIRED = {"text": ("text",), "prompt_response": ("prompt", "response"), "chat": ("messages",)}
+
+
+def load_records(cfg) -> tuple[list[dict], list[dict], str]:
+    """Return (train rows, val rows, format) for a :class:`qpeft.config.DataConfig`."""
+    if cfg.path.startswith("embedded:"):
+        name = cfg.path.split(":", 1)[1]
+        if name not in EMBEDDED_SETS:
+            raise ConfigError("data.path", f"unknown embedded set {name!r}; valid: " + ", ".join(f"embedded:{s}" for s in EMBEDDED_SETS))
+        train = _records_from_file(EMBEDDED_DATA / f"{name}_train.jsonl", "data.path")
+        val = _records_from_file(EMBEDDED_DATA / f"{name}_val.jsonl", "data.path")
+    else:
+        train = _records_from_file(Path(cfg.path).expanduser(), "data.path")
+        if cfg.val_path:
+            val = _records_from_file(Path(cfg.val_path).expanduser(), "data.val_path")
+        else:
+            n_val = max(1, int(len(train) * cfg.val_fraction))
+            if len(train) < 2:
+                raise ConfigError("data.path", f"{cfg.path}: needs at least 2 records to hold one out for validation")
+            train, val = train[:-n_val], train[-n_val:]
+    fmt = cfg.format if cfg.format != "auto" else detect_format(train, cfg.path, "data.format")
+    for rows, key, source in ((train, "data.path", cfg.path), (val, "data.val_path", cfg.val_path or cfg.path)):
+        for n, row in enumerate(rows, 1):
+            missing = [c for c in _REQUIRED[fmt] if not isinstance(row.get(c), (str, list)) or not row.get(c)]
+            if missing:
+                raise ConfigError(key, f"{source}: row {n} has no usable {missing[0]!r} (format {fmt})")
+    if cfg.max_train_examples:
+        train = train[: cfg.max_train_examples]
+    if cfg.max_val_examples:
+        val = val[: cfg.max_val_examples]
+    return train, val, fmt
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _chat_ids(tok, messages, add_generation_prompt=False) -> list[int]:
+    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def encode(row: dict, fmt: str, tok, max_length: int) -> Example:
+    """Tokenize one record with labels = input ids where loss is taken, ``-100`` elsewhere."""
+    eos = tok.eos_token_id
+    has_template = bool(getattr(tok, "chat_template", None))
+    if fmt == "text":
+        ids = tok(row["text"], add_special_tokens=True)["input_ids"] + [eos]
+        labels = list(ids)
+    elif fmt == "prompt_response" and has_template:
+        ids, labels = _encode_chat(tok, [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}])
+    elif fmt == "prompt_response":
+        prompt = tok(row["prompt"] + "\n", add_special_tokens=True)["input_ids"]
+        answer = tok(row["response"], add_special_tokens=False)["input_ids"] + [eos]
+        ids, labels = prompt + answer, [IGNORE] * len(prompt) + answer
+    else:
+        if not has_template:
+            raise ConfigError("data.format", "chat data needs a tokenizer with a chat template")
+        ids, labels = _encode_chat(tok, row["messages"])
+    return Example(ids[:max_length], labels[:max_length])
+
+
+def _encode_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Loss only on assistant turns: each turn's span is found by rendering growing prefixes."""
+    ids = _chat_ids(tok, messages)
+    labels = [IGNORE] * len(ids)
+    for i, msg in enumerate(messages):
+        if msg.get("role") != "assistant":
+            continue
+        start = len(_chat_ids(tok, messages[:i], add_generation_prompt=True))
+        end = len(_chat_ids(tok, messages[: i + 1]))
+        labels[start:end] = ids[start:end]
+    return ids, labels
+
+
+def tokenize(rows: list[dict], fmt: str, tok, max_length: int) -> list[dict]:
+    """Encode every row; drop rows left with no label after truncation."""
+    out = []
+    for row in rows:
+        ex = encode(row, fmt, tok, max_length)
+        if any(l != IGNORE for l in ex.labels):
+            out.append({"input_ids": ex.input_ids, "labels": ex.labels})
+    return out
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    """Right-pad a batch; padding gets attention 0 and label -100 (masked by position, not id)."""
+    import torch
+
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = torch.tensor(b["input_ids"])
+        labels[i, :n] = torch.tensor(b["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def count_label_tokens(data: list[dict]) -> int:
+    return sum(sum(1 for l in d["labels"] if l != IGNORE) for d in data)

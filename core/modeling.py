@@ -1,0 +1,206 @@
+"""Model helpers shared by the orchestrator and plugins (transformers/torch only)."""
+
+from __future__ import annotations
+
+import math
+import resource
+from typing import Iterable
+
+from .data import IGNORE, collate
+from .errors import ConfigError
+
+
+def device_map_for(ctx):
+    """``device_map`` to load with: the config's, else the whole model on ``ctx.device``."""
+    dm = ctx.config.model.device_map
+    if dm is not None:
+        return dm
+    return {"": 0} if ctx.device == "cuda" else {"": "cpu"}
+
+
+def load_causal_lm(model_path: str, ctx, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` with qpeft's dtype/device/remote-code policy.
+
+    Only safetensors checkpoints are read (``use_safetensors=True``): pickled ``.bin`` files
+    can run code when loaded.
+    """
+    from transformers import AutoModelForCausalLM
+
+    trust = ctx.config.model.trust_remote_code
+    kwargs.setdefault("dtype", ctx.torch_dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            model_path,
+            device_map=device_map_for(ctx),
+            trust_remote_code=trust,
+            use_safetensors=True,
+            **kwargs,
+        )
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ConfigError(
+                "model.trust_remote_code",
+                f"{model_path} needs its own Python code to load; set model.trust_remote_code: true "
+                "only if you trust its author",
+            ) from None
+        raise
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant gradient checkpointing, with inputs that require grad so a frozen
+    base still back-propagates into adapters (transformers#26377)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
+def freeze(model) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights count as their logical size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n = int(getattr(p, "quant_state", None).shape.numel()) if getattr(p, "quant_state", None) is not None else n * 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def _is_linear(module) -> bool:
+    import torch
+
+    if isinstance(module, torch.nn.Linear):
+        return True
+    # Quantized linear layers that do not subclass nn.Linear (e.g. GPTQ QuantLinear).
+    return type(module).__name__.endswith("Linear") and hasattr(module, "in_features") and hasattr(module, "out_features")
+
+
+def find_linear_targets(model) -> list[str]:
+    """Leaf names of every linear layer except the output head, for any architecture."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for full_name, module in model.named_modules():
+        if module is head or not _is_linear(module):
+            continue
+        names.add(full_name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def module_leaf_names(model) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n}
+
+
+def check_target_modules(model, requested: Iterable[str], key: str) -> None:
+    """Raise a ConfigError listing the candidates if a requested module name does not exist."""
+    leaves = module_leaf_names(model)
+    missing = [m for m in requested if m not in leaves and not any(n.endswith(m) for n, _ in model.named_modules())]
+    if missing:
+        raise ConfigError(
+            key,
+            f"no module named {missing[0]!r} in {type(model).__name__}; "
+            f"linear candidates: {', '.join(find_linear_targets(model))}",
+        )
+
+
+def evaluate_perplexity(model, data: list[dict], pad_id: int, batch_size: int = 4) -> dict:
+    """Token-weighted mean NLL over the label tokens of ``data``, and its perplexity."""
+    import torch
+
+    device = next(p.device for p in model.parameters())
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(data), batch_size):
+            batch = {k: v.to(device) for k, v in collate(data[i : i + batch_size], pad_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            losses = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+            )
+            nll += losses.item()
+            count += int((labels != IGNORE).sum())
+    model.train(was_training)
+    loss = nll / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": count}
+
+
+def logits_for(model, example: dict, pad_id: int):
+    """Float32 logits of one example in eval mode (for save/reload and merge checks)."""
+    import torch
+
+    device = next(p.device for p in model.parameters())
+    was_training = model.training
+    model.eval()
+    batch = collate([example], pad_id)
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    model.train(was_training)
+    return out.float().cpu()
+
+
+def render_prompt(tok, prompt: str, chat_template: bool = True) -> str:
+    """The prompt as the model saw prompts in training (chat template when it has one)."""
+    if chat_template and getattr(tok, "chat_template", None):
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return prompt + "\n"
+
+
+def generate_text(model, tok, prompt: str, max_new_tokens: int = 48, chat_template: bool = True) -> dict:
+    """Greedy generation; returns the completion text and tokens/s."""
+    import time
+
+    import torch
+
+    device = next(p.device for p in model.parameters())
+    text = render_prompt(tok, prompt, chat_template)
+    enc = tok(text, return_tensors="pt", add_special_tokens=False).to(device)
+    model.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    seconds = time.perf_counter() - t0
+    new = out[0, enc["input_ids"].shape[1] :]
+    stopped = bool(len(new) and int(new[-1]) == tok.eos_token_id)
+    return {
+        "prompt": prompt,
+        "completion": tok.decode(new, skip_special_tokens=True),
+        "new_tokens": int(len(new)),
+        "stopped_at_eos": stopped,
+        "tokens_per_s": len(new) / seconds if seconds > 0 else 0.0,
+    }
+
+
+def reset_peak_memory(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device: str) -> dict:
+    """Peak accelerator memory (allocated and reserved) on CUDA, peak process RSS on CPU."""
+    if device == "cuda":
+        import torch
+
+        return {
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        }
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def weight_memory_gib(model) -> float:
+    """Bytes held by parameters and buffers (what quantization shrinks)."""
+    return model.get_memory_footprint() / 2**30

@@ -1,0 +1,289 @@
+"""What qpeft does, one readable function per verb.
+
+``run``: validate → resolve plugins → check compatibility → load base via the quantizer →
+evaluate → prepare for k-bit training → attach the adapter → train → evaluate → save →
+reload on a fresh quantized base → check logits → generate.
+``generate``: rebuild the base from an adapter's metadata and generate.
+``merge``: merge an adapter into full-precision weights and verify the result.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .config import ResolvedRun, RunConfig, dump_yaml, load_config, resolve
+from .context import RunContext
+from .data import count_label_tokens, load_records, tokenize
+from .errors import QpeftError
+from .io import atomic_dir, atomic_write_json, atomic_write_text
+from .model_source import resolve_model_path
+from .modeling import (
+    count_parameters,
+    evaluate_perplexity,
+    generate_text,
+    logits_for,
+    peak_memory_gib,
+    reset_peak_memory,
+    weight_memory_gib,
+)
+from .registry import Registry, load_registry
+from .tokenizer import load_tokenizer
+
+METADATA_FILE = "qpeft.json"
+Say = Callable[[str], None]
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def _context(resolved: ResolvedRun, registry: Registry) -> RunContext:
+    ctx = RunContext(
+        config=resolved.config,
+        device=resolved.device,
+        dtype=resolved.dtype,
+        output_dir=resolved.config.output_dir,
+        hooks=registry.hooks,
+    )
+    ctx.notes.extend(resolved.notes)
+    return ctx
+
+
+def prepare(config: RunConfig | str | dict, overrides=(), registry: Registry | None = None) -> tuple[ResolvedRun, Registry]:
+    """Validate everything that can be validated without loading a weight."""
+    registry = registry or load_registry()
+    if not isinstance(config, RunConfig):
+        config = load_config(config, list(overrides))
+    return resolve(config, registry), registry
+
+
+def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet) -> dict:
+    """Fine-tune, save, reload and generate; return (and write) the run summary."""
+    import torch
+    from transformers import set_seed
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    cfg = resolved.config
+    ctx = _context(resolved, registry)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "resolved_config.yaml", dump_yaml(resolved.to_dict()))
+    if cfg.model.trust_remote_code:
+        say("[yellow]trust_remote_code is ON: the model folder's own code will run[/]")
+    set_seed(cfg.seed)
+    quant, peft, trainer = resolved.quantizer, resolved.peft, resolved.trainer
+    q_opts = resolved.quantizer_options
+
+    say(f"model {cfg.model.name_or_path} on {ctx.device} ({ctx.dtype}); quantizer {quant.name}, peft {peft.name}, trainer {trainer.name}")
+    model_path = resolve_model_path(cfg.model.name_or_path, progress=say)
+    tok, pad = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    ctx.tokenizer = tok
+    say(f"pad token: {pad.action} {pad.token!r} (id {pad.token_id}); eos {tok.eos_token!r} (id {tok.eos_token_id})")
+
+    train_rows, val_rows, fmt = load_records(cfg.data)
+    train_data = tokenize(train_rows, fmt, tok, cfg.data.max_length)
+    val_data = tokenize(val_rows, fmt, tok, cfg.data.max_length)
+    say(f"data {cfg.data.path} ({fmt}): {len(train_data)} train / {len(val_data)} val examples")
+
+    t0 = time.perf_counter()
+    model = quant.load(model_path, q_opts, ctx, training=True)
+    load_s = time.perf_counter() - t0
+    if pad.needs_resize:
+        model.resize_token_embeddings(len(tok))
+    registry.hooks.qpeft_on_model_loaded(model=model, ctx=ctx)
+    weight_gib = weight_memory_gib(model)
+    say(f"loaded base in {load_s:.1f}s, weights {weight_gib:.3f} GiB")
+
+    before = None
+    if cfg.evaluate:
+        before = evaluate_perplexity(model, val_data, tok.pad_token_id)
+        quant.ensure_training_kernels(model, q_opts)
+        say(f"validation perplexity before: {before['perplexity']:.3f}")
+
+    model = quant.prepare_for_training(model, q_opts, ctx, grad_checkpointing=resolved.grad_checkpointing)
+    model = peft.attach(model, resolved.peft_options, ctx)
+    trainable, total = count_parameters(model)
+    say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+
+    reset_peak_memory(ctx.device)
+    result = trainer.train(model, tok, train_data, val_data, resolved.trainer_options, ctx)
+    memory = peak_memory_gib(ctx.device)
+    say(f"trained {result.steps} steps, loss {result.train_loss:.4f}, {result.tokens_per_s:.1f} tokens/s")
+
+    after = None
+    if cfg.evaluate:
+        after = evaluate_perplexity(model, val_data, tok.pad_token_id)
+        say(f"validation perplexity after: {after['perplexity']:.3f}")
+    probe = val_data[0]
+    trained_logits = logits_for(model, probe, tok.pad_token_id)
+
+    summary = {
+        "qpeft_version": __version__,
+        "model": cfg.model.name_or_path,
+        "quantizer": quant.name,
+        "peft": peft.name,
+        "trainer": trainer.name,
+        "device": ctx.device,
+        "device_name": _device_name(ctx.device),
+        "dtype": ctx.dtype,
+        "gradient_checkpointing": resolved.grad_checkpointing,
+        "pad_token": {"action": pad.action, "token": pad.token, "id": pad.token_id},
+        "load_seconds": round(load_s, 2),
+        "weight_memory_gib": round(weight_gib, 4),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": round(100 * trainable / total, 4),
+        "train_steps": result.steps,
+        "train_loss": round(result.train_loss, 4),
+        "train_tokens": result.tokens,
+        "train_seconds": round(result.seconds, 2),
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        **{k: round(v, 3) for k, v in memory.items()},
+        "val_tokens": count_label_tokens(val_data),
+        "val_perplexity_before": round(before["perplexity"], 4) if before else None,
+        "val_perplexity_after": round(after["perplexity"], 4) if after else None,
+        "loss_history": [{"step": h.get("step"), "loss": h.get("loss")} for h in result.log_history],
+        "notes": ctx.notes,
+    }
+
+    adapter_dir = out / "adapter"
+    save_adapter(model, peft, adapter_dir, resolved, summary)
+    say(f"saved adapter to {adapter_dir}")
+    del model
+    gc.collect()
+    if ctx.device == "cuda":
+        torch.cuda.empty_cache()
+
+    model = load_for_inference(adapter_dir, resolved, registry, ctx)
+    reload_diff = float((logits_for(model, probe, tok.pad_token_id) - trained_logits).abs().max())
+    summary["reload_max_abs_logit_diff"] = reload_diff
+    sample = generate_text(model, tok, cfg.generate.prompt, cfg.generate.max_new_tokens, cfg.generate.chat_template)
+    summary["generation"] = sample
+    say(f"reloaded adapter on a fresh {quant.name} base: max |Δlogit| vs trained model = {reload_diff:.2e}")
+    atomic_write_json(out / "summary.json", summary)
+    registry.hooks.qpeft_on_run_end(summary=summary, ctx=ctx)
+    return summary
+
+
+def save_adapter(model, peft, adapter_dir: Path, resolved: ResolvedRun, summary: dict) -> None:
+    """Write the adapter (PEFT format, safetensors) plus qpeft's metadata, atomically."""
+    meta = {
+        "qpeft_version": __version__,
+        "base_model": resolved.config.model.name_or_path,
+        "model": resolved.config.model.model_dump(mode="json"),
+        "quantizer": {"name": resolved.quantizer.name, "options": resolved.quantizer_options.model_dump(mode="json")},
+        "peft": {"name": resolved.peft.name, "options": resolved.peft_options.model_dump(mode="json")},
+        "dtype": resolved.dtype,
+        "training": {k: summary[k] for k in ("train_steps", "train_loss", "val_perplexity_before", "val_perplexity_after")},
+    }
+    with atomic_dir(adapter_dir) as tmp:
+        peft.save(model, str(tmp))
+        if list(tmp.glob("*.bin")) or list(tmp.glob("*.pt")):
+            raise QpeftError(f"{peft.name} wrote a pickle file; qpeft saves safetensors only")
+        atomic_write_json(tmp / METADATA_FILE, meta)
+        atomic_write_text(tmp / "resolved_config.yaml", dump_yaml(resolved.to_dict()))
+
+
+def read_adapter_metadata(adapter_dir: str | Path) -> dict:
+    """Read ``qpeft.json`` of an adapter folder, with a clear error if it is not one."""
+    path = Path(adapter_dir)
+    meta_path = path / METADATA_FILE
+    if not (path / "adapter_config.json").is_file():
+        raise QpeftError(f"{path} is not an adapter folder (no adapter_config.json)")
+    if not meta_path.is_file():
+        raise QpeftError(f"{path} has no {METADATA_FILE}: pass --model/--quantizer/--peft to say how to rebuild its base")
+    try:
+        return json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise QpeftError(f"{meta_path} is corrupt: {exc.msg}") from None
+
+
+def load_for_inference(adapter_dir: Path, resolved: ResolvedRun, registry: Registry, ctx: RunContext):
+    """A freshly loaded quantized base with the saved adapter on it, in eval mode."""
+    model_path = resolve_model_path(resolved.config.model.name_or_path)
+    base = resolved.quantizer.load(model_path, resolved.quantizer_options, ctx, training=False)
+    model = resolved.peft.load_adapter(base, str(adapter_dir), ctx, trainable=False)
+    model.eval()
+    return model
+
+
+def resolve_from_adapter(adapter_dir: str | Path, registry: Registry, overrides=()) -> ResolvedRun:
+    """Rebuild a run config from an adapter's metadata (``--set`` may override, e.g. the quantizer)."""
+    meta = read_adapter_metadata(adapter_dir)
+    data = {
+        "model": meta["model"],
+        "quantizer": meta["quantizer"],
+        "peft": meta["peft"],
+        "trainer": {"name": next(iter(sorted(registry.backends["trainer"])), "hf")},
+        "output_dir": str(adapter_dir),
+    }
+    data["model"]["device"] = "auto"
+    data["model"]["dtype"] = "auto"
+    config = load_config(data, list(overrides))
+    return resolve(config, registry)
+
+
+def generate(adapter_dir: str, prompt: str, registry: Registry, overrides=(), max_new_tokens: int = 64, say: Say = _quiet) -> dict:
+    """Load the base an adapter was trained on (or the one overrides ask for) and generate."""
+    resolved = resolve_from_adapter(adapter_dir, registry, overrides)
+    ctx = _context(resolved, registry)
+    model_path = resolve_model_path(resolved.config.model.name_or_path, progress=say)
+    tok, _ = load_tokenizer(model_path, trust_remote_code=resolved.config.model.trust_remote_code)
+    say(f"loading {resolved.config.model.name_or_path} with {resolved.quantizer.name} + adapter {adapter_dir}")
+    model = load_for_inference(Path(adapter_dir), resolved, registry, ctx)
+    return generate_text(model, tok, prompt, max_new_tokens)
+
+
+def merge(adapter_dir: str, out_dir: str, registry: Registry, *, force: bool = False, overrides=(), say: Say = _quiet) -> dict:
+    """Merge an adapter into full-precision weights and save a plain transformers model.
+
+    The reference is the adapter on its quantized base; the merged model must reproduce its
+    logits on a fixed prompt, and the max |Δ| is reported.
+    """
+    resolved = resolve_from_adapter(adapter_dir, registry, overrides)
+    quant, peft = resolved.quantizer, resolved.peft
+    if not peft.capabilities.mergeable:
+        raise QpeftError(f"peft method {peft.name!r} cannot be merged into base weights; serve it with `qpeft generate --adapter`")
+    if quant.capabilities.merge_source == "none":
+        raise QpeftError(f"quantizer {quant.name!r} cannot provide full-precision weights to merge into")
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise QpeftError(f"{out} exists; pass --force to replace it")
+    ctx = _context(resolved, registry)
+    model_path = resolve_model_path(resolved.config.model.name_or_path, progress=say)
+    tok, _ = load_tokenizer(model_path)
+    probe = tokenize([{"text": "The quick brown fox jumps over the lazy dog."}], "text", tok, 64)[0]
+
+    model = load_for_inference(Path(adapter_dir), resolved, registry, ctx)
+    reference = logits_for(model, probe, tok.pad_token_id)
+    base = model.unload() if hasattr(model, "unload") else model
+    say(f"getting full-precision weights ({quant.capabilities.merge_source}) from {quant.name}")
+    full = quant.full_precision_model(base, model_path, resolved.quantizer_options, ctx)
+    merged = peft.merge(peft.load_adapter(full, str(adapter_dir), ctx))
+    merged_logits = logits_for(merged, probe, tok.pad_token_id)
+    delta = float((merged_logits - reference).abs().max())
+    with atomic_dir(out, replace=True) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        atomic_write_json(
+            tmp / "qpeft_merge.json",
+            {"adapter": str(adapter_dir), "merge_source": quant.capabilities.merge_source, "max_abs_logit_diff": delta},
+        )
+    say(f"merged model written to {out}; max |Δlogit| vs adapter on quantized base = {delta:.3e}")
+    return {"out_dir": str(out), "merge_source": quant.capabilities.merge_source, "max_abs_logit_diff": delta}
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()

@@ -1,0 +1,53 @@
+"""Tokenizer loading with a pad token that is safe for training and generation.
+
+If pad == EOS, a collator that masks pad tokens out of the labels also masks every EOS, and
+the model never learns to stop (unsloth#416). qpeft therefore: keeps a pad token that differs
+from EOS; else reuses a special token the model has but does not need as pad (its unknown
+token or an extra special token); only as a last resort adds ``<|pad|>`` and the caller must
+resize embeddings. Independently of that, labels are masked by the attention mask, never by
+token id, so EOS stays in the labels whatever the pad token is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class PadDecision:
+    """What was done to the tokenizer's pad token, for the run summary."""
+
+    action: str  # "kept" | "reused" | "added"
+    token: str
+    token_id: int
+
+    @property
+    def needs_resize(self) -> bool:
+        return self.action == "added"
+
+
+def load_tokenizer(model_path: str, *, trust_remote_code: bool = False):
+    """Load the tokenizer of ``model_path`` and make its pad token safe."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    decision = make_pad_token_safe(tok)
+    return tok, decision
+
+
+def make_pad_token_safe(tok) -> PadDecision:
+    """Give ``tok`` a pad token different from EOS (see module docstring); report what was done."""
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    if pad is not None and pad != eos:
+        return PadDecision("kept", tok.pad_token, pad)
+    taken = {eos, tok.bos_token_id}
+    extra = list(getattr(tok, "additional_special_tokens", None) or [])
+    # Prefer an extra token named like a pad, then the unknown token, then any extra token.
+    candidates = [t for t in extra if "pad" in t.lower()] + [tok.unk_token] + extra
+    for token in candidates:
+        tid = tok.convert_tokens_to_ids(token) if token else None
+        if tid is not None and tid not in taken:
+            tok.pad_token = token
+            return PadDecision("reused", token, tok.pad_token_id)
+    tok.add_special_tokens({"pad_token": "<|pad|>"})
+    return PadDecision("added", tok.pad_token, tok.pad_token_id)

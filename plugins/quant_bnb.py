@@ -1,0 +1,167 @@
+"""bitsandbytes quantizers: ``bnb-8bit`` (LLM.int8), ``bnb-4bit`` and its presets ``bnb-nf4``
+and ``bnb-fp4`` (QLoRA). bitsandbytes is imported only when a model is loaded."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Literal
+
+from pydantic import Field
+
+from qpeft import hookimpl
+from qpeft.api import Capabilities, Options, QuantizerPlugin
+from qpeft.errors import ConfigError
+from qpeft.modeling import load_causal_lm
+
+DTYPES = Literal["auto", "float32", "bfloat16", "float16"]
+INSTALL_HINT = "bitsandbytes is not installed: pip install 'qpeft[bnb]' (bitsandbytes>=0.49 has CPU and CUDA kernels)"
+
+
+class Bnb4bitPresetOptions(Options):
+    #: Quantize the quantization constants too (QLoRA's double quantization, ~0.4 bit/weight saved).
+    double_quant: bool = True
+    #: dtype of the matmuls; "auto" = the run's dtype (bfloat16 on modern GPUs, float32 on CPU).
+    compute_dtype: DTYPES = "auto"
+    #: Storage dtype of packed weights; set it to the model dtype for FSDP.
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    #: Module names kept in full precision (default: the output head).
+    skip_modules: list[str] | None = None
+
+
+class Bnb4bitOptions(Bnb4bitPresetOptions):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+
+
+class Bnb8bitOptions(Options):
+    #: Outlier threshold of LLM.int8 (activations above it run in 16-bit).
+    threshold: float = Field(6.0, ge=0)
+    skip_modules: list[str] | None = None
+    #: Keep modules that do not fit on the GPU in float32 on the CPU (CUDA only).
+    cpu_offload: bool = False
+
+
+def _require_bnb() -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("quantizer.name", INSTALL_HINT)
+
+
+def _dtype(name: str, ctx):
+    import torch
+
+    return ctx.torch_dtype if name == "auto" else getattr(torch, name)
+
+
+class _BnbBase(QuantizerPlugin):
+    def check(self, options, ctx):
+        _require_bnb()
+
+    def prepare_for_training(self, model, options, ctx, *, grad_checkpointing):
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=grad_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+
+    def full_precision_model(self, model, model_path, options, ctx):
+        # Merging into the dequantized weights reproduces exactly what the adapter was
+        # trained against; merging into the 4/8-bit weights would add rounding error.
+        self.ensure_training_kernels(model, options)
+        return model.dequantize()
+
+
+class Bnb4bit(_BnbBase):
+    name = "bnb-4bit"
+    description = "bitsandbytes 4-bit (NF4 or FP4, double quantization): QLoRA"
+    Options = Bnb4bitOptions
+    capabilities = Capabilities(merge_source="dequantize", bits=4)
+    quant_type: str | None = None  # presets fix it
+
+    def check(self, options, ctx):
+        super().check(options, ctx)
+        if ctx.device == "cpu" and _dtype(options.compute_dtype, ctx) != _dtype("float32", ctx):
+            ctx.notes.append(
+                f"{self.name}: compute_dtype {options.compute_dtype} on CPU; float32 is ~16x faster on CPUs without AVX512-BF16"
+            )
+
+    def load(self, model_path, options, ctx, *, training):
+        from transformers import BitsAndBytesConfig
+
+        cfg = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type or options.quant_type,
+            bnb_4bit_use_double_quant=options.double_quant,
+            bnb_4bit_compute_dtype=_dtype(options.compute_dtype, ctx),
+            bnb_4bit_quant_storage=_dtype(options.quant_storage, ctx) if options.quant_storage != "uint8" else _uint8(),
+            llm_int8_skip_modules=options.skip_modules,
+        )
+        model = load_causal_lm(model_path, ctx, quantization_config=cfg)
+        if training:
+            self.ensure_training_kernels(model, options)
+        return model
+
+    def ensure_training_kernels(self, model, options):
+        """bnb's Linear4bit repacks its weight for an inference-only CPU kernel on the first
+        eval-mode forward on AVX512-BF16 CPUs; LoRA gradients and dequantization are wrong
+        afterwards (DESIGN.md part 2). Turn the switch off and undo any repacking."""
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+                state = getattr(module.weight, "quant_state", None)
+                if state is not None and getattr(state, "packing_format_for_cpu", False):
+                    module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                        module.weight.data, state
+                    )
+
+
+def _uint8():
+    import torch
+
+    return torch.uint8
+
+
+class BnbNF4(Bnb4bit):
+    name = "bnb-nf4"
+    description = "bitsandbytes 4-bit NormalFloat (preset of bnb-4bit)"
+    Options = Bnb4bitPresetOptions
+    quant_type = "nf4"
+
+
+class BnbFP4(Bnb4bit):
+    name = "bnb-fp4"
+    description = "bitsandbytes 4-bit float (preset of bnb-4bit)"
+    Options = Bnb4bitPresetOptions
+    quant_type = "fp4"
+
+
+class Bnb8bit(_BnbBase):
+    name = "bnb-8bit"
+    description = "bitsandbytes LLM.int8 with outlier decomposition"
+    Options = Bnb8bitOptions
+    capabilities = Capabilities(merge_source="dequantize", bits=8)
+
+    def check(self, options, ctx):
+        super().check(options, ctx)
+        if options.cpu_offload and ctx.device != "cuda":
+            raise ConfigError("quantizer.options.cpu_offload", "offloads from a GPU to the CPU; it needs model.device cuda")
+
+    def load(self, model_path, options, ctx, *, training):
+        from transformers import BitsAndBytesConfig
+
+        cfg = BitsAndBytesConfig(
+            load_in_8bit=True,
+            llm_int8_threshold=options.threshold,
+            llm_int8_skip_modules=options.skip_modules,
+            llm_int8_enable_fp32_cpu_offload=options.cpu_offload,
+        )
+        return load_causal_lm(model_path, ctx, quantization_config=cfg)
+
+
+@hookimpl
+def qpeft_register_quantizers(register):
+    for plugin in (Bnb4bit(), BnbNF4(), BnbFP4(), Bnb8bit()):
+        register(plugin)
