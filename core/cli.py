@@ -181,6 +181,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # No network at run time: hub ids work only when QPEFT_ALLOW_HUB=1 (or if already cached).
+    if os.environ.get("QPEFT_ALLOW_HUB") != "1":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         app()
     except KeyboardInterrupt:

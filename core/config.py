@@ -258,20 +258,26 @@ def validate_options(plugin, options: dict, key: str):
 
 
 def resolve_device(cfg: ModelConfig) -> tuple[str, str]:
-    """Resolve "auto" device and dtype: cuda+bf16 (fp16 without bf16 support), else cpu+fp32."""
+    """Resolve "auto" device and dtype: cuda+bf16 (fp16 without bf16 support), else cpu+fp32.
+
+    torch is imported (and CUDA queried) only when the config leaves something to decide.
+    """
+    if cfg.device == "cpu":
+        # bf16 is ~16x slower than fp32 on AVX2 CPUs (DESIGN.md part 2)
+        return "cpu", "float32" if cfg.dtype == "auto" else cfg.dtype
     import torch
 
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
+    elif not torch.cuda.is_available():
         raise ConfigError("model.device", "'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'")
     dtype = cfg.dtype
     if dtype == "auto":
         if device == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            dtype = "bfloat16" if torch.cuda.get_device_capability()[0] >= 8 else "float16"
         else:
-            dtype = "float32"  # bf16 is ~16x slower than fp32 on AVX2 CPUs (DESIGN.md part 2)
+            dtype = "float32"
     return device, dtype
 
 

@@ -7,7 +7,7 @@ import resource
 from typing import Iterable
 
 from .data import IGNORE, collate
-from .errors import ConfigError
+from .errors import ConfigError, QpeftError
 
 
 def device_map_for(ctx):
@@ -36,6 +36,11 @@ def load_causal_lm(model_path: str, ctx, **kwargs):
             use_safetensors=True,
             **kwargs,
         )
+    except OSError as exc:
+        raise QpeftError(
+            f"cannot load model {model_path!r}: {str(exc).splitlines()[0]} "
+            "(qpeft runs offline; for a hub id set QPEFT_ALLOW_HUB=1)"
+        ) from None
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise ConfigError(

@@ -91,7 +91,6 @@ class HfTrainer(TrainerPlugin):
             remove_unused_columns=False,
             dataloader_num_workers=0,
             disable_tqdm=True,
-            gradient_checkpointing=False,  # the quantizer's prepare step already set it
         )
         trainer = Trainer(
             model=model,

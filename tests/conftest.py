@@ -1,0 +1,82 @@
+"""Shared fixtures: a tiny random Llama (layer widths multiples of 128, as bitsandbytes'
+4-bit CPU kernels need) with the embedded SmolLM2 tokenizer, and config helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def embedded_model_path() -> str:
+    """The embedded SmolLM2 as a cached safetensors folder (converted once, ~45 s)."""
+    from qpeft.model_source import resolve_model_path
+
+    return resolve_model_path("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory, embedded_model_path) -> str:
+    """A 2-layer random Llama (hidden 128, MLP 256) saved with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture()
+def tiny_config(tiny_llama_path, tmp_path):
+    """A run config dict for the tiny model: bnb-nf4 + LoRA + HF Trainer, a few steps."""
+
+    def make(**overrides) -> dict:
+        cfg = {
+            "model": {"name_or_path": tiny_llama_path},
+            "quantizer": {"name": "bnb-nf4"},
+            "peft": {"name": "lora", "options": {"r": 8, "alpha": 16}},
+            "trainer": {"name": "hf", "options": {"batch_size": 4, "max_steps": 6, "lr": 3e-3, "scheduler": "constant"}},
+            "data": {"path": "embedded:instruct", "max_length": 96, "max_train_examples": 24, "max_val_examples": 4},
+            "output_dir": str(tmp_path / "run"),
+            "seed": 0,
+            "generate": {"max_new_tokens": 8},
+        }
+        cfg.update(overrides)
+        return cfg
+
+    return make

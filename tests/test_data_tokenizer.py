@@ -1,0 +1,96 @@
+"""Pad-token safety, loss masks and data errors on the real SmolLM2 tokenizer."""
+
+import json
+
+import pytest
+
+from qpeft.config import DataConfig
+from qpeft.data import IGNORE, collate, encode, load_records, tokenize
+from qpeft.errors import ConfigError
+from qpeft.tokenizer import load_tokenizer, make_pad_token_safe
+
+
+@pytest.fixture(scope="module")
+def tok(embedded_model_path):
+    return load_tokenizer(embedded_model_path)
+
+
+def test_pad_equal_to_eos_is_replaced_by_an_existing_special_token(tok):
+    tokenizer, decision = tok
+    assert decision.action == "reused"
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.pad_token_id < 49152  # no new token, no embedding resize
+    assert not decision.needs_resize
+
+
+def test_distinct_pad_is_kept(tok):
+    tokenizer, _ = tok
+    assert make_pad_token_safe(tokenizer).action == "kept"
+
+
+def test_last_resort_adds_pad(embedded_model_path):
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(embedded_model_path)
+    t.pad_token = t.eos_token
+    t.unk_token = t.eos_token  # no spare special token left
+    d = make_pad_token_safe(t)
+    assert d.action == "added" and d.needs_resize and t.pad_token_id == len(t) - 1
+
+
+def test_prompt_is_masked_and_eos_is_learned(tok):
+    tokenizer, _ = tok
+    ex = encode({"prompt": "Say hi.", "response": "Hi there."}, "prompt_response", tokenizer, 256)
+    first = next(i for i, l in enumerate(ex.labels) if l != IGNORE)
+    assert all(l == IGNORE for l in ex.labels[:first])
+    learned = tokenizer.decode([l for l in ex.labels if l != IGNORE])
+    assert learned.startswith("Hi there.") and "Say hi" not in learned
+    assert tokenizer.eos_token_id in [l for l in ex.labels if l != IGNORE]
+
+
+def test_padding_is_masked_by_position_so_eos_survives(tok):
+    tokenizer, _ = tok
+    rows = [{"text": "a b c d e f"}, {"text": "a"}]
+    data = tokenize(rows, "text", tokenizer, 64)
+    batch = collate(data, pad_id=tokenizer.eos_token_id)  # even with pad == eos
+    short = batch["labels"][1]
+    n = len(data[1]["input_ids"])
+    assert int(short[n - 1]) == tokenizer.eos_token_id
+    assert (short[n:] == IGNORE).all()
+    assert int(batch["attention_mask"][1].sum()) == n
+
+
+def test_chat_loss_only_on_assistant_turns(tok):
+    tokenizer, _ = tok
+    msgs = [
+        {"role": "user", "content": "One?"},
+        {"role": "assistant", "content": "Uno."},
+        {"role": "user", "content": "Two?"},
+        {"role": "assistant", "content": "Dos."},
+    ]
+    ex = encode({"messages": msgs}, "chat", tokenizer, 512)
+    learned = tokenizer.decode([l for l in ex.labels if l != IGNORE])
+    assert "Uno." in learned and "Dos." in learned and "One?" not in learned and "Two?" not in learned
+
+
+def test_embedded_sets_load():
+    for path, fmt in (("embedded:instruct", "prompt_response"), ("embedded:text", "text")):
+        train, val, got = load_records(DataConfig(path=path, max_val_examples=None))
+        assert got == fmt and len(train) > 50 and len(val) >= 5
+
+
+def test_bad_data_names_file_and_row(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n" + json.dumps({"prompt": "p"}) + "\n" + "{}\n")
+    with pytest.raises(ConfigError, match=r"data.path: .*d.jsonl: row 2 has no usable 'response'"):
+        load_records(DataConfig(path=str(f), val_path=str(f)))
+    f.write_text('{"text": "x"}\nnot json\n')
+    with pytest.raises(ConfigError, match=r"row 2 is not valid JSON"):
+        load_records(DataConfig(path=str(f)))
+    f.write_text("")
+    with pytest.raises(ConfigError, match=r"no records"):
+        load_records(DataConfig(path=str(f)))
+    with pytest.raises(ConfigError, match=r"data file not found"):
+        load_records(DataConfig(path=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(ConfigError, match=r"unknown embedded set 'poems'"):
+        load_records(DataConfig(path="embedded:poems"))

@@ -1,0 +1,28 @@
+"""End to end on the embedded SmolLM2-135M-Instruct: the README's run command, shortened."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_quickstart_on_embedded_model(tmp_path, embedded_model_path):
+    out = tmp_path / "quickstart"
+    proc = subprocess.run(
+        [sys.executable, "-m", "qpeft", "run", str(REPO / "configs" / "quickstart.yaml"),
+         "--set", "trainer.options.max_steps=8", "--set", f"output_dir={out}", "--set", "generate.max_new_tokens=24"],
+        capture_output=True, text=True, timeout=900, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "qpeft run summary" in proc.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["quantizer"] == "bnb-nf4" and s["peft"] == "lora" and s["trainer"] == "hf"
+    assert s["val_perplexity_after"] < s["val_perplexity_before"], s
+    assert s["reload_max_abs_logit_diff"] < 1e-3
+    assert s["generation"]["new_tokens"] > 0 and s["generation"]["completion"].strip()
+    assert s["pad_token"]["action"] == "reused"  # SmolLM2 ships pad == eos
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
