@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
+import warnings
 from typing import List, Optional
 
 import typer
@@ -184,6 +186,10 @@ def main() -> None:
     # No network at run time: hub ids work only when QPEFT_ALLOW_HUB=1 (or if already cached).
     if os.environ.get("QPEFT_ALLOW_HUB") != "1":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # transformers 5.x deprecation chatter triggered inside peft; not actionable for users.
+    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
+    # torchao (pulled in by gptqmodel) logs missing optional CUDA extensions on every import.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
         app()
     except KeyboardInterrupt:

@@ -186,3 +186,29 @@ def collate(batch: list[dict], pad_id: int) -> dict:
 
 def count_label_tokens(data: list[dict]) -> int:
     return sum(sum(1 for l in d["labels"] if l != IGNORE) for d in data)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a permutation fixed by (seed, epoch).
+
+    Every trainer iterates data in this order, so two trainers given the same data and seed
+    see the same batches and their loss curves can be compared step by step.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def ordered_examples(data: list[dict], seed: int, epochs: int) -> list[dict]:
+    """``data`` repeated for ``epochs`` epochs, each epoch in :func:`epoch_order`."""
+    return [data[i] for e in range(epochs) for i in epoch_order(len(data), seed, e)]
+
+
+def plan_steps(n_examples: int, per_step: int, epochs: float, max_steps: int | None) -> tuple[int, int]:
+    """(optimizer steps, whole epochs of data to lay out) for ``epochs`` or ``max_steps``."""
+    import math
+
+    if max_steps:
+        return max_steps, math.ceil(max_steps * per_step / n_examples)
+    return math.ceil(epochs * n_examples / per_step), math.ceil(epochs)

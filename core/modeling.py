@@ -64,15 +64,22 @@ def freeze(model) -> None:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit packed weights count as their logical size."""
+    """(trainable, total) parameter counts, quantized weights counted at their logical size:
+    4-bit packed parameters by their original shape, and linear layers that keep their
+    weights in buffers (GPTQ) as in_features × out_features."""
+    import torch
+
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
-        if p.__class__.__name__ == "Params4bit":
-            n = int(getattr(p, "quant_state", None).shape.numel()) if getattr(p, "quant_state", None) is not None else n * 2
+        state = getattr(p, "quant_state", None)
+        n = int(state.shape.numel()) if state is not None else p.numel()
         total += n
         if p.requires_grad:
             trainable += n
+    for module in model.modules():
+        if _is_linear(module) and not isinstance(getattr(module, "weight", None), torch.nn.Parameter):
+            if any(b is not None for b in module.buffers(recurse=False)):
+                total += module.in_features * module.out_features
     return trainable, total
 
 

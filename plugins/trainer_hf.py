@@ -10,7 +10,7 @@ from pydantic import Field
 from qpeft import hookimpl
 from qpeft.api import Capabilities, Options, TrainerPlugin
 from qpeft.context import TrainResult
-from qpeft.data import collate
+from qpeft.data import collate, ordered_examples, plan_steps
 
 
 class HfTrainerOptions(Options):
@@ -19,7 +19,7 @@ class HfTrainerOptions(Options):
     lr: float = Field(2e-4, gt=0, lt=1)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
-    #: Passes over the data; ignored when max_steps is set.
+    #: Passes over the data (each in a seed-fixed order); ignored when max_steps is set.
     epochs: float = Field(1.0, gt=0, le=1000)
     max_steps: int | None = Field(None, ge=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -30,7 +30,7 @@ class HfTrainerOptions(Options):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
 
-def _qpeft_callback(ctx, counter):
+def _qpeft_callback(ctx):
     """A TrainerCallback that feeds the Trainer's logged steps to qpeft's lifecycle hooks."""
     from transformers import TrainerCallback
 
@@ -41,11 +41,23 @@ def _qpeft_callback(ctx, counter):
                 ctx.hooks.qpeft_on_step_end(
                     step=state.global_step,
                     max_steps=state.max_steps,
-                    logs={"loss": float(logs["loss"]), "tokens": counter["tokens"], **extra},
+                    logs={"loss": float(logs["loss"]), "tokens": int(state.num_input_tokens_seen), **extra},
                     ctx=ctx,
                 )
 
     return QpeftCallback()
+
+
+def _in_order_trainer_class():
+    """A transformers Trainer that reads the training set in the order qpeft laid it out."""
+    import torch
+    from transformers import Trainer
+
+    class InOrderTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    return InOrderTrainer
 
 
 class HfTrainer(TrainerPlugin):
@@ -55,18 +67,16 @@ class HfTrainer(TrainerPlugin):
     capabilities = Capabilities()
 
     def train(self, model, tokenizer, train_data, eval_data, options, ctx):
-        from transformers import PrinterCallback, Trainer, TrainingArguments
+        from transformers import PrinterCallback, TrainingArguments
 
         precision = options.mixed_precision
         if precision == "auto":
             precision = {"bfloat16": "bf16", "float16": "fp16"}.get(ctx.dtype, "no") if ctx.device == "cuda" else "no"
-        counter = {"tokens": 0}
         pad_id = tokenizer.pad_token_id
 
-        def collator(batch):
-            out = collate(batch, pad_id)
-            counter["tokens"] += int(out["attention_mask"].sum())
-            return out
+        # qpeft lays out the epochs itself (same order for every trainer); the Trainer reads it in order.
+        max_steps, epochs = plan_steps(len(train_data), options.batch_size * options.grad_accum, options.epochs, options.max_steps)
+        examples = ordered_examples(train_data, ctx.config.seed, epochs)
 
         args = TrainingArguments(
             output_dir=f"{ctx.output_dir}/hf-trainer",
@@ -75,8 +85,7 @@ class HfTrainer(TrainerPlugin):
             learning_rate=options.lr,
             lr_scheduler_type=options.scheduler,
             warmup_steps=options.warmup_steps,
-            num_train_epochs=options.epochs,
-            max_steps=options.max_steps or -1,
+            max_steps=max_steps,
             weight_decay=options.weight_decay,
             max_grad_norm=options.max_grad_norm,
             optim=options.optim,
@@ -91,13 +100,14 @@ class HfTrainer(TrainerPlugin):
             remove_unused_columns=False,
             dataloader_num_workers=0,
             disable_tqdm=True,
+            include_num_input_tokens_seen="non_padding",
         )
-        trainer = Trainer(
+        trainer = _in_order_trainer_class()(
             model=model,
             args=args,
-            train_dataset=train_data,
-            data_collator=collator,
-            callbacks=[_qpeft_callback(ctx, counter)],
+            train_dataset=examples,
+            data_collator=lambda batch: collate(batch, pad_id),
+            callbacks=[_qpeft_callback(ctx)],
         )
         trainer.remove_callback(PrinterCallback)  # qpeft's progress display replaces its prints
         t0 = time.perf_counter()
@@ -107,7 +117,7 @@ class HfTrainer(TrainerPlugin):
         return TrainResult(
             train_loss=float(out.training_loss),
             steps=int(out.global_step),
-            tokens=counter["tokens"],
+            tokens=int(trainer.state.num_input_tokens_seen),
             seconds=seconds,
             log_history=history,
         )
