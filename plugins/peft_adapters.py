@@ -359,10 +359,9 @@ def _build() -> dict:
             self._replace_module(parent, target_name, new_module, target)
 
         def _replace_module(self, parent, child_name, new_module, child) -> None:
-            if isinstance(new_module, BottleneckLayer):
-                return super()._replace_module(parent, child_name, new_module, child)
-            # unload(): peft's default copies `.weight` from the wrapper to the restored module,
-            # which blocks (an MLP, an attention module) do not have; the block is unchanged.
+            # peft's default copies `.weight` between wrapper and block (blocks have none) and
+            # finds the device with next(child.parameters()), which fails for blocks whose
+            # quantized weights are buffers (GPTQ). The layer already sits on its block's device.
             setattr(parent, child_name, new_module)
 
         def merge_and_unload(self, *args, **kwargs):
