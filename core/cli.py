@@ -148,13 +148,16 @@ def merge(
     adapter: str = typer.Option(..., "--adapter", help="Adapter folder written by qpeft."),
     out_dir: str = typer.Option(..., "--out", help="Folder for the merged full-precision model."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    dtype: str = typer.Option("float32", "--dtype", help="Saved dtype: float32, bfloat16 or float16 (the merge runs in float32)."),
     set_: Optional[List[str]] = typer.Option(None, "--set"),
 ):
     """Merge the adapter into full-precision weights; write a plain transformers model."""
     from . import orchestrator
 
     try:
-        result = orchestrator.merge(adapter, out_dir, _registry(), force=force, overrides=set_ or [], say=_say_factory())
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise QpeftError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
+        result = orchestrator.merge(adapter, out_dir, _registry(), force=force, overrides=set_ or [], dtype=dtype, say=_say_factory())
     except QpeftError as exc:
         _fail(exc)
     out.print_json(json.dumps(result))

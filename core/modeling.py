@@ -51,6 +51,15 @@ def load_causal_lm(model_path: str, ctx, **kwargs):
         raise
 
 
+def release_model(model) -> None:
+    """Undo what a training loop left on the model: accelerate's mixed-precision ``prepare``
+    replaces ``model.forward`` with an autocast wrapper that outlives training, so later
+    evaluation, the reload check and a merge would silently run under autocast."""
+    from accelerate.utils import extract_model_from_parallel
+
+    extract_model_from_parallel(model, keep_fp32_wrapper=False)
+
+
 def enable_gradient_checkpointing(model) -> None:
     """Non-reentrant gradient checkpointing, with inputs that require grad so a frozen
     base still back-propagates into adapters (transformers#26377)."""
@@ -170,7 +179,11 @@ def generate_text(model, tok, prompt: str, max_new_tokens: int = 48, chat_templa
     import torch
 
     device = next(p.device for p in model.parameters())
+    from .tokenizer import chat_turn_end_id
+
     text = render_prompt(tok, prompt, chat_template)
+    # Stop at EOS and at the chat template's end of turn, should they differ.
+    stop_ids = sorted({tok.eos_token_id, chat_turn_end_id(tok) or tok.eos_token_id})
     enc = tok(text, return_tensors="pt", add_special_tokens=False).to(device)
     model.eval()
     t0 = time.perf_counter()
@@ -179,12 +192,12 @@ def generate_text(model, tok, prompt: str, max_new_tokens: int = 48, chat_templa
             **enc,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=stop_ids,
             pad_token_id=tok.pad_token_id,
         )
     seconds = time.perf_counter() - t0
     new = out[0, enc["input_ids"].shape[1] :]
-    stopped = bool(len(new) and int(new[-1]) == tok.eos_token_id)
+    stopped = bool(len(new) and int(new[-1]) in stop_ids)
     return {
         "prompt": prompt,
         "completion": tok.decode(new, skip_special_tokens=True),

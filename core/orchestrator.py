@@ -162,7 +162,9 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet) -> dict:
     if ctx.device == "cuda":
         torch.cuda.empty_cache()
 
-    model = load_for_inference(adapter_dir, resolved, registry, ctx)
+    # Reload as trained (same dtype layout as after prepare_for_training) so that the check
+    # measures the adapter's save/load round trip, not bf16-vs-fp32 norm layers.
+    model = load_for_inference(adapter_dir, resolved, registry, ctx, as_trained=True)
     reload_diff = float((logits_for(model, probe, tok.pad_token_id) - trained_logits).abs().max())
     summary["reload_max_abs_logit_diff"] = reload_diff
     sample = generate_text(model, tok, cfg.generate.prompt, cfg.generate.max_new_tokens, cfg.generate.chat_template)
@@ -206,10 +208,16 @@ def read_adapter_metadata(adapter_dir: str | Path) -> dict:
         raise QpeftError(f"{meta_path} is corrupt: {exc.msg}") from None
 
 
-def load_for_inference(adapter_dir: Path, resolved: ResolvedRun, registry: Registry, ctx: RunContext):
-    """A freshly loaded quantized base with the saved adapter on it, in eval mode."""
+def load_for_inference(adapter_dir: Path, resolved: ResolvedRun, registry: Registry, ctx: RunContext, *, as_trained: bool = False):
+    """A freshly loaded quantized base with the saved adapter on it, in eval mode.
+
+    ``as_trained`` also applies the quantizer's training preparation (e.g. fp32 norms and
+    embeddings after ``prepare_model_for_kbit_training``) so numerics match the trained model.
+    """
     model_path = resolve_model_path(resolved.config.model.name_or_path)
-    base = resolved.quantizer.load(model_path, resolved.quantizer_options, ctx, training=False)
+    base = resolved.quantizer.load(model_path, resolved.quantizer_options, ctx, training=as_trained)
+    if as_trained:
+        base = resolved.quantizer.prepare_for_training(base, resolved.quantizer_options, ctx, grad_checkpointing=False)
     model = resolved.peft.load_adapter(base, str(adapter_dir), ctx, trainable=False)
     model.eval()
     return model
@@ -242,12 +250,18 @@ def generate(adapter_dir: str, prompt: str, registry: Registry, overrides=(), ma
     return generate_text(model, tok, prompt, max_new_tokens)
 
 
-def merge(adapter_dir: str, out_dir: str, registry: Registry, *, force: bool = False, overrides=(), say: Say = _quiet) -> dict:
+def merge(
+    adapter_dir: str, out_dir: str, registry: Registry, *, force: bool = False, overrides=(), dtype: str = "float32", say: Say = _quiet
+) -> dict:
     """Merge an adapter into full-precision weights and save a plain transformers model.
 
-    The reference is the adapter on its quantized base; the merged model must reproduce its
-    logits on a fixed prompt, and the max |Δ| is reported.
+    The merge itself runs in float32 (a LoRA delta added to bfloat16 weights is mostly rounded
+    away); the result is saved in ``dtype``. The reference is the adapter on its quantized
+    base; the merged model must reproduce its logits on a fixed prompt, and the max |Δ| is
+    reported.
     """
+    import torch
+
     resolved = resolve_from_adapter(adapter_dir, registry, overrides)
     quant, peft = resolved.quantizer, resolved.peft
     if not peft.capabilities.mergeable:
@@ -266,8 +280,8 @@ def merge(adapter_dir: str, out_dir: str, registry: Registry, *, force: bool = F
     reference = logits_for(model, probe, tok.pad_token_id)
     base = model.unload() if hasattr(model, "unload") else model
     say(f"getting full-precision weights ({quant.capabilities.merge_source}) from {quant.name}")
-    full = quant.full_precision_model(base, model_path, resolved.quantizer_options, ctx)
-    merged = peft.merge(peft.load_adapter(full, str(adapter_dir), ctx))
+    full = quant.full_precision_model(base, model_path, resolved.quantizer_options, ctx).to(torch.float32)
+    merged = peft.merge(peft.load_adapter(full, str(adapter_dir), ctx)).to(getattr(torch, dtype))
     merged_logits = logits_for(merged, probe, tok.pad_token_id)
     delta = float((merged_logits - reference).abs().max())
     with atomic_dir(out, replace=True) as tmp:
@@ -275,10 +289,10 @@ def merge(adapter_dir: str, out_dir: str, registry: Registry, *, force: bool = F
         tok.save_pretrained(tmp)
         atomic_write_json(
             tmp / "qpeft_merge.json",
-            {"adapter": str(adapter_dir), "merge_source": quant.capabilities.merge_source, "max_abs_logit_diff": delta},
+            {"adapter": str(adapter_dir), "merge_source": quant.capabilities.merge_source, "dtype": dtype, "max_abs_logit_diff": delta},
         )
     say(f"merged model written to {out}; max |Δlogit| vs adapter on quantized base = {delta:.3e}")
-    return {"out_dir": str(out), "merge_source": quant.capabilities.merge_source, "max_abs_logit_diff": delta}
+    return {"out_dir": str(out), "merge_source": quant.capabilities.merge_source, "dtype": dtype, "max_abs_logit_diff": delta}
 
 
 def _device_name(device: str) -> str:

@@ -51,3 +51,35 @@ def make_pad_token_safe(tok) -> PadDecision:
             return PadDecision("reused", token, tok.pad_token_id)
     tok.add_special_tokens({"pad_token": "<|pad|>"})
     return PadDecision("added", tok.pad_token, tok.pad_token_id)
+
+
+def chat_turn_end_id(tok) -> int | None:
+    """The special token the chat template puts right after an assistant message, if any."""
+    if not getattr(tok, "chat_template", None):
+        return None
+    marker = "qpeftmarker"
+    try:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception:
+        return None
+    tail = text.split(marker, 1)[-1]
+    ids = tok(tail, add_special_tokens=False)["input_ids"]
+    special = set(tok.all_special_ids)
+    return ids[0] if ids and ids[0] in special else None
+
+
+def align_eos_with_chat_template(tok) -> str | None:
+    """Make EOS the token that ends an assistant turn when the two disagree.
+
+    transformers 5.17's GGUF tokenizer conversion gives SmolLM2 ``eos = <|im_start|>`` (id 1)
+    while its chat template ends turns with ``<|im_end|>`` (id 2); 5.23 gets it right. With the
+    wrong EOS, generation never stops at the end of a turn. Returns what was changed, or None.
+    """
+    end = chat_turn_end_id(tok)
+    if end is None or end == tok.eos_token_id:
+        return None
+    old = tok.eos_token
+    tok.eos_token = tok.convert_ids_to_tokens(end)
+    return f"eos {old!r} -> {tok.eos_token!r} (the chat template's end of turn)"

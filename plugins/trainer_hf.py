@@ -10,6 +10,7 @@ from pydantic import Field
 from qpeft import hookimpl
 from qpeft.api import Capabilities, Options, TrainerPlugin
 from qpeft.context import TrainResult
+from qpeft.modeling import release_model
 from qpeft.data import collate, ordered_examples, plan_steps
 
 
@@ -113,6 +114,7 @@ class HfTrainer(TrainerPlugin):
         t0 = time.perf_counter()
         out = trainer.train()
         seconds = time.perf_counter() - t0
+        release_model(model)
         history = [h for h in trainer.state.log_history if "loss" in h]
         return TrainResult(
             train_loss=float(out.training_loss),

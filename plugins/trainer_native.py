@@ -11,6 +11,7 @@ from pydantic import Field
 from qpeft import hookimpl
 from qpeft.api import Capabilities, Options, TrainerPlugin
 from qpeft.context import TrainResult
+from qpeft.modeling import release_model
 from qpeft.data import IGNORE, collate, ordered_examples, plan_steps
 from qpeft.errors import ConfigError
 
@@ -110,6 +111,7 @@ class NativeTrainer(TrainerPlugin):
                 history.append({"step": step, "loss": step_loss, "learning_rate": scheduler.get_last_lr()[0]})
                 ctx.hooks.qpeft_on_step_end(step=step, max_steps=max_steps, logs={"loss": step_loss, "tokens": tokens}, ctx=ctx)
         seconds = time.perf_counter() - t0
+        release_model(model)
         return TrainResult(
             train_loss=sum(losses) / len(losses), steps=max_steps, tokens=tokens, seconds=seconds, log_history=history
         )

@@ -94,3 +94,26 @@ def test_bad_data_names_file_and_row(tmp_path):
         load_records(DataConfig(path=str(tmp_path / "missing.jsonl")))
     with pytest.raises(ConfigError, match=r"unknown embedded set 'poems'"):
         load_records(DataConfig(path="embedded:poems"))
+
+
+def test_embedded_eos_is_the_chat_templates_end_of_turn(tok, embedded_model_path):
+    """Regression: transformers 5.17's GGUF conversion set SmolLM2's eos to <|im_start|>."""
+    import json
+    from pathlib import Path
+
+    from qpeft.tokenizer import chat_turn_end_id
+
+    tokenizer, _ = tok
+    assert tokenizer.eos_token == "<|im_end|>" and chat_turn_end_id(tokenizer) == tokenizer.eos_token_id
+    assert json.loads((Path(embedded_model_path) / "config.json").read_text())["eos_token_id"] == tokenizer.eos_token_id
+
+
+def test_wrong_eos_is_aligned_with_chat_template(embedded_model_path):
+    from transformers import AutoTokenizer
+
+    from qpeft.tokenizer import align_eos_with_chat_template
+
+    t = AutoTokenizer.from_pretrained(embedded_model_path)
+    t.eos_token = "<|im_start|>"  # what transformers 5.17's GGUF conversion produced
+    assert "<|im_end|>" in align_eos_with_chat_template(t)
+    assert t.eos_token == "<|im_end|>" and align_eos_with_chat_template(t) is None

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, tol
 
 
 @pytest.mark.slow
@@ -22,7 +22,7 @@ def test_quickstart_on_embedded_model(tmp_path, embedded_model_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["quantizer"] == "bnb-nf4" and s["peft"] == "lora" and s["trainer"] == "hf"
     assert s["val_perplexity_after"] < s["val_perplexity_before"], s
-    assert s["reload_max_abs_logit_diff"] < 1e-3
+    assert s["reload_max_abs_logit_diff"] < tol(s["dtype"], 1e-3, 0.25)
     assert s["generation"]["new_tokens"] > 0 and s["generation"]["completion"].strip()
     assert s["pad_token"]["action"] == "reused"  # SmolLM2 ships pad == eos
     assert (out / "adapter" / "adapter_model.safetensors").is_file()

@@ -7,6 +7,8 @@ import pytest
 from qpeft import capability_table, orchestrator
 from qpeft.registry import load_registry
 
+from conftest import tol
+
 REGISTRY = load_registry()
 CELLS = capability_table.table(REGISTRY)
 LR = {"prefix": 3e-2}
@@ -35,7 +37,7 @@ def test_supported_cell(cell, tiny_config, tmp_path):
     s = orchestrator.run(resolved, reg)
     losses = [h["loss"] for h in s["loss_history"]]
     assert losses[-1] < losses[0], losses
-    assert s["reload_max_abs_logit_diff"] < 1e-2, s["reload_max_abs_logit_diff"]
+    assert s["reload_max_abs_logit_diff"] < tol(s["dtype"], 1e-2, 5e-2), s["reload_max_abs_logit_diff"]
     assert s["generation"]["new_tokens"] > 0
     adapter = tmp_path / "run" / "adapter"
     if cell.merge:
@@ -45,6 +47,7 @@ def test_supported_cell(cell, tiny_config, tmp_path):
         # from the float merged model by that (measured 0.012 here). Merging into the original
         # checkpoint (GPTQ) carries the quantization error of the base itself.
         bound = {"self": 1e-3, "dequantize": 5e-2 if cell.quantizer == "bnb-8bit" else 1e-3}.get(result["merge_source"], 0.5)
+        bound = tol(s["dtype"], bound, max(bound, 1e-1))
         assert result["max_abs_logit_diff"] < bound, result
     else:
         with pytest.raises(Exception, match="cannot be merged"):

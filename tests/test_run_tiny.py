@@ -12,6 +12,8 @@ from qpeft import orchestrator
 from qpeft.errors import ConfigError, QpeftError
 from qpeft.registry import load_registry
 
+from conftest import tol
+
 
 @pytest.fixture(scope="module")
 def registry():
@@ -41,7 +43,7 @@ def test_run_trains_and_summarises(nf4_run):
     assert min(losses[-3:]) < losses[0], losses  # 8 epochs over 8 examples: it must fit them
     assert s["val_perplexity_before"] > 0 and s["val_perplexity_after"] > 0
     assert 0 < s["trainable_percent"] < 100
-    assert s["weight_memory_gib"] > 0 and s["peak_rss_gib"] > 0
+    assert s["weight_memory_gib"] > 0 and any(v > 0 for k, v in s.items() if k.startswith("peak_"))
 
 
 def test_adapter_is_peft_format_safetensors_with_metadata(nf4_run):
@@ -60,7 +62,7 @@ def test_adapter_is_peft_format_safetensors_with_metadata(nf4_run):
 
 def test_reload_reproduces_trained_logits(nf4_run):
     s, _ = nf4_run
-    assert s["reload_max_abs_logit_diff"] < 1e-4
+    assert s["reload_max_abs_logit_diff"] < tol(s["dtype"], 1e-4, 5e-2)
 
 
 def test_lora_targets_all_linear_but_head(nf4_run):
@@ -82,10 +84,10 @@ def test_generate_cli_rebuilds_base_from_metadata(nf4_run):
 
 
 def test_merge_into_dequantized_weights(nf4_run, registry, tmp_path):
-    _, out = nf4_run
+    s, out = nf4_run
     result = orchestrator.merge(str(out / "adapter"), str(tmp_path / "merged"), registry)
     assert result["merge_source"] == "dequantize"
-    assert result["max_abs_logit_diff"] < 1e-3, result
+    assert result["max_abs_logit_diff"] < tol(s["dtype"], 1e-3, 1e-1), result
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
