@@ -66,7 +66,10 @@ def chat_turn_end_id(tok) -> int | None:
         return None
     tail = text.split(marker, 1)[-1]
     ids = tok(tail, add_special_tokens=False)["input_ids"]
+    # Added tokens flagged special count too: transformers 5.17 leaves <|im_end|> out of
+    # all_special_ids once EOS points elsewhere.
     special = set(tok.all_special_ids)
+    special |= {i for i, t in (getattr(tok, "added_tokens_decoder", None) or {}).items() if getattr(t, "special", False)}
     return ids[0] if ids and ids[0] in special else None
 
 
