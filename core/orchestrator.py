@@ -194,18 +194,36 @@ def save_adapter(model, peft, adapter_dir: Path, resolved: ResolvedRun, summary:
         atomic_write_text(tmp / "resolved_config.yaml", dump_yaml(resolved.to_dict()))
 
 
+#: peft_type in adapter_config.json -> qpeft PEFT plugin, for adapters trained with plain peft.
+PEFT_TYPES = {"LORA": "lora", "PREFIX_TUNING": "prefix", "QPEFT_BOTTLENECK": "adapters"}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise QpeftError(f"{path} is corrupt: {getattr(exc, 'msg', exc)}") from None
+    if not isinstance(data, dict):
+        raise QpeftError(f"{path} is corrupt: expected a JSON object")
+    return data
+
+
 def read_adapter_metadata(adapter_dir: str | Path) -> dict:
-    """Read ``qpeft.json`` of an adapter folder, with a clear error if it is not one."""
+    """How to rebuild an adapter's base: ``qpeft.json`` when qpeft saved it, else what plain
+    peft's ``adapter_config.json`` says (base model, method; full-precision base)."""
     path = Path(adapter_dir)
-    meta_path = path / METADATA_FILE
     if not (path / "adapter_config.json").is_file():
         raise QpeftError(f"{path} is not an adapter folder (no adapter_config.json)")
-    if not meta_path.is_file():
-        raise QpeftError(f"{path} has no {METADATA_FILE}: pass --model/--quantizer/--peft to say how to rebuild its base")
-    try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise QpeftError(f"{meta_path} is corrupt: {exc.msg}") from None
+    if (path / METADATA_FILE).is_file():
+        return _read_json(path / METADATA_FILE)
+    cfg = _read_json(path / "adapter_config.json")
+    method = PEFT_TYPES.get(str(cfg.get("peft_type")))
+    if method is None or not cfg.get("base_model_name_or_path"):
+        raise QpeftError(
+            f"{path}: adapter_config.json has peft_type {cfg.get('peft_type')!r} and base model "
+            f"{cfg.get('base_model_name_or_path')!r}; qpeft reads {', '.join(PEFT_TYPES)} adapters with a base model path"
+        )
+    return {"model": {"name_or_path": cfg["base_model_name_or_path"]}, "quantizer": {"name": "none"}, "peft": {"name": method}}
 
 
 def load_for_inference(adapter_dir: Path, resolved: ResolvedRun, registry: Registry, ctx: RunContext, *, as_trained: bool = False):
@@ -218,7 +236,15 @@ def load_for_inference(adapter_dir: Path, resolved: ResolvedRun, registry: Regis
     base = resolved.quantizer.load(model_path, resolved.quantizer_options, ctx, training=as_trained)
     if as_trained:
         base = resolved.quantizer.prepare_for_training(base, resolved.quantizer_options, ctx, grad_checkpointing=False)
-    model = resolved.peft.load_adapter(base, str(adapter_dir), ctx, trainable=False)
+    try:
+        model = resolved.peft.load_adapter(base, str(adapter_dir), ctx, trainable=False)
+    except Exception as exc:  # torch size mismatch, safetensors header errors, missing keys...
+        lines = [l.strip() for l in str(exc).splitlines() if l.strip()] or [type(exc).__name__]
+        first = next((l for l in lines if "size mismatch" in l), lines[0])
+        raise QpeftError(
+            f"adapter {adapter_dir} does not load on base {resolved.config.model.name_or_path!r} "
+            f"({type(base).__name__}): {first[:300]}"
+        ) from None
     model.eval()
     return model
 
@@ -227,9 +253,9 @@ def resolve_from_adapter(adapter_dir: str | Path, registry: Registry, overrides=
     """Rebuild a run config from an adapter's metadata (``--set`` may override, e.g. the quantizer)."""
     meta = read_adapter_metadata(adapter_dir)
     data = {
-        "model": meta["model"],
+        "model": dict(meta["model"]),
         "quantizer": meta["quantizer"],
-        "peft": meta["peft"],
+        "peft": {"name": meta["peft"]["name"]},  # options describe training, not loading
         "trainer": {"name": next(iter(sorted(registry.backends["trainer"])), "hf")},
         "output_dir": str(adapter_dir),
     }

@@ -106,3 +106,72 @@ def test_unknown_target_module_lists_candidates(tiny_config, registry):
 def test_not_an_adapter_folder(tmp_path, registry):
     with pytest.raises(QpeftError, match="not an adapter folder"):
         orchestrator.generate(str(tmp_path), "x", registry)
+
+
+def _qpeft_model(adapter, registry, overrides=()):
+    resolved = orchestrator.resolve_from_adapter(adapter, registry, overrides)
+    ctx = orchestrator._context(resolved, registry)
+    return orchestrator.load_for_inference(Path(adapter), resolved, registry, ctx)
+
+
+def _plain_logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits.float().cpu()
+
+
+def test_qpeft_lora_loads_in_plain_peft(nf4_run, registry, tiny_llama_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, out = nf4_run
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32).to(device), out / "adapter")
+    ours = _qpeft_model(str(out / "adapter"), registry, ["quantizer=none", "model.dtype=float32"])
+    assert torch.allclose(_plain_logits(plain, ids.to(device)), _plain_logits(ours, ids.to(device)), atol=1e-5)
+
+
+def test_plain_peft_adapter_loads_in_qpeft(tiny_llama_path, registry, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32)
+    plain = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    plain.save_pretrained(tmp_path / "plain")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    expected = _plain_logits(plain, ids)
+    ours = _qpeft_model(str(tmp_path / "plain"), registry, ["model.dtype=float32", "model.device=cpu"])
+    assert torch.allclose(_plain_logits(ours, ids), expected, atol=1e-5)
+    out = orchestrator.generate(str(tmp_path / "plain"), "Hi", registry, ["model.device=cpu"], max_new_tokens=3)
+    assert out["new_tokens"] > 0
+
+
+def test_adapter_for_another_base_is_a_clear_error(nf4_run, registry, tmp_path, tiny_llama_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    _, out = nf4_run
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    other.save_pretrained(tmp_path / "other")
+    AutoTokenizer.from_pretrained(tiny_llama_path).save_pretrained(tmp_path / "other")
+    with pytest.raises(QpeftError, match=r"does not load on base .*other.*size mismatch"):
+        _qpeft_model(str(out / "adapter"), registry, [f"model={tmp_path / 'other'}"])
+
+
+def test_truncated_adapter_is_a_clear_error(nf4_run, registry, tmp_path):
+    import shutil
+
+    _, out = nf4_run
+    bad = tmp_path / "bad"
+    shutil.copytree(out / "adapter", bad)
+    data = (bad / "adapter_model.safetensors").read_bytes()
+    (bad / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(QpeftError, match=r"does not load on base"):
+        _qpeft_model(str(bad), registry)
+    (bad / "qpeft.json").write_text("{not json")
+    with pytest.raises(QpeftError, match=r"qpeft.json is corrupt"):
+        _qpeft_model(str(bad), registry)
