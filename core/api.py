@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from . import API_VERSION
 
@@ -27,6 +27,30 @@ class Options(BaseModel):
 
 class NoOptions(Options):
     """For plugins that take no options."""
+
+
+class TrainingOptions(Options):
+    """Options every trainer understands; a trainer plugin subclasses it and adds its own."""
+
+    batch_size: int = Field(4, ge=1, le=65536)
+    grad_accum: int = Field(1, ge=1, le=65536)
+    lr: float = Field(2e-4, gt=0, lt=1)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    #: Passes over the data (each in a seed-fixed order); ignored when max_steps is set.
+    epochs: float = Field(1.0, gt=0, le=1000)
+    max_steps: int | None = Field(None, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    logging_steps: int = Field(1, ge=1)
+    #: "auto" = bf16/fp16 autocast when the run dtype is bf16/fp16 on a GPU, else none.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+
+    def resolved_mixed_precision(self, ctx: "RunContext") -> str:
+        """"no", "bf16" or "fp16" for this run."""
+        if self.mixed_precision != "auto":
+            return self.mixed_precision
+        return {"bfloat16": "bf16", "float16": "fp16"}.get(ctx.dtype, "no") if ctx.device == "cuda" else "no"
 
 
 @dataclass(frozen=True)

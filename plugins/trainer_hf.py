@@ -5,30 +5,15 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import Field
-
 from qpeft import hookimpl
-from qpeft.api import Capabilities, Options, TrainerPlugin
+from qpeft.api import Capabilities, TrainerPlugin, TrainingOptions
 from qpeft.context import TrainResult
 from qpeft.modeling import release_model
 from qpeft.data import collate, ordered_examples, plan_steps
 
 
-class HfTrainerOptions(Options):
-    batch_size: int = Field(4, ge=1, le=65536)
-    grad_accum: int = Field(1, ge=1, le=65536)
-    lr: float = Field(2e-4, gt=0, lt=1)
-    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    #: Passes over the data (each in a seed-fixed order); ignored when max_steps is set.
-    epochs: float = Field(1.0, gt=0, le=1000)
-    max_steps: int | None = Field(None, ge=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)
+class HfTrainerOptions(TrainingOptions):
     optim: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_bnb_8bit", "sgd"] = "adamw_torch"
-    logging_steps: int = Field(1, ge=1)
-    #: Mixed precision: "auto" = bf16/fp16 autocast when the run dtype is bf16/fp16 on a GPU.
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
 
 def _qpeft_callback(ctx):
@@ -70,9 +55,7 @@ class HfTrainer(TrainerPlugin):
     def train(self, model, tokenizer, train_data, eval_data, options, ctx):
         from transformers import PrinterCallback, TrainingArguments
 
-        precision = options.mixed_precision
-        if precision == "auto":
-            precision = {"bfloat16": "bf16", "float16": "fp16"}.get(ctx.dtype, "no") if ctx.device == "cuda" else "no"
+        precision = options.resolved_mixed_precision(ctx)
         pad_id = tokenizer.pad_token_id
 
         # qpeft lays out the epochs itself (same order for every trainer); the Trainer reads it in order.

@@ -6,30 +6,17 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import Field
-
 from qpeft import hookimpl
-from qpeft.api import Capabilities, Options, TrainerPlugin
+from qpeft.api import Capabilities, TrainerPlugin, TrainingOptions
 from qpeft.context import TrainResult
 from qpeft.modeling import release_model
 from qpeft.data import IGNORE, collate, ordered_examples, plan_steps
 from qpeft.errors import ConfigError
 
 
-class NativeOptions(Options):
-    batch_size: int = Field(4, ge=1, le=65536)
-    grad_accum: int = Field(1, ge=1, le=65536)
-    lr: float = Field(2e-4, gt=0, lt=1)
-    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    epochs: float = Field(1.0, gt=0, le=1000)
-    max_steps: int | None = Field(None, ge=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)
+class NativeOptions(TrainingOptions):
     #: "adamw_8bit" and "paged_adamw_8bit" need bitsandbytes.
     optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw_torch"
-    logging_steps: int = Field(1, ge=1)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
 
 def _optimizer(params, o: NativeOptions):
@@ -62,9 +49,7 @@ class NativeTrainer(TrainerPlugin):
         from accelerate import Accelerator
         from transformers import get_scheduler
 
-        precision = options.mixed_precision
-        if precision == "auto":
-            precision = {"bfloat16": "bf16", "float16": "fp16"}.get(ctx.dtype, "no") if ctx.device == "cuda" else "no"
+        precision = options.resolved_mixed_precision(ctx)
         acc = Accelerator(mixed_precision=precision, gradient_accumulation_steps=options.grad_accum, cpu=ctx.device == "cpu")
 
         per_step = options.batch_size * options.grad_accum
