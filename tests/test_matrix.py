@@ -3,7 +3,9 @@ the tiny Llama: train (loss down, base untouched), save, reload (same logits), a
 mergeable. docs/methods.md is generated from the same capabilities, so each "yes" is a test."""
 
 import pytest
+import torch
 
+import qpeft
 from qpeft import capability_table, orchestrator
 from qpeft.registry import load_registry
 
@@ -22,6 +24,32 @@ def _skip_missing(quantizer):
         pytest.importorskip("bitsandbytes")
 
 
+ADAPTER_MARKERS = ("lora_", "prompt_encoder", "bottleneck_", "modules_to_save")
+
+
+class BaseWatch:
+    """A lifecycle plugin that snapshots the base model's tensors when it is loaded."""
+
+    model = None
+    before: dict = {}
+
+    @qpeft.hookimpl
+    def qpeft_on_model_loaded(self, model, ctx):
+        self.model = model
+        self.before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def changed(self) -> list[str]:
+        # peft's GPTQ LoRA layer also exposes its base as `quant_linear_module` (same tensors)
+        after = {
+            k.replace(".base_layer", ""): v
+            for k, v in self.model.state_dict().items()
+            if not any(m in k for m in ADAPTER_MARKERS + ("quant_linear_module",))
+        }
+        assert set(after) == set(self.before), set(after) ^ set(self.before)
+        # prepare_for_training may upcast bf16 norms to fp32; casting back must give the same bits
+        return [k for k, v in after.items() if not torch.equal(v.to(self.before[k].dtype), self.before[k])]
+
+
 @pytest.mark.parametrize("cell", [c for c in CELLS if c.train], ids=lambda c: f"{c.quantizer}-{c.peft}")
 def test_supported_cell(cell, tiny_config, tmp_path):
     _skip_missing(cell.quantizer)
@@ -33,10 +61,12 @@ def test_supported_cell(cell, tiny_config, tmp_path):
     )
     cfg["data"].update(max_train_examples=4, max_length=64)
     cfg["generate"]["max_new_tokens"] = 4
-    resolved, reg = orchestrator.prepare(cfg, registry=REGISTRY)
+    watch = BaseWatch()
+    resolved, reg = orchestrator.prepare(cfg, registry=load_registry([watch]))
     s = orchestrator.run(resolved, reg)
     losses = [h["loss"] for h in s["loss_history"]]
     assert losses[-1] < losses[0], losses
+    assert watch.changed() == [], "training changed base weights"
     assert s["reload_max_abs_logit_diff"] < tol(s["dtype"], 1e-2, 5e-2), s["reload_max_abs_logit_diff"]
     assert s["generation"]["new_tokens"] > 0
     adapter = tmp_path / "run" / "adapter"

@@ -175,3 +175,20 @@ def test_truncated_adapter_is_a_clear_error(nf4_run, registry, tmp_path):
     (bad / "qpeft.json").write_text("{not json")
     with pytest.raises(QpeftError, match=r"qpeft.json is corrupt"):
         _qpeft_model(str(bad), registry)
+
+
+def test_qpeft_prefix_loads_in_plain_peft(tiny_config, registry, tiny_llama_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(quantizer="none", peft={"name": "prefix", "options": {"num_virtual_tokens": 4}}, evaluate=False,
+                      model={"name_or_path": tiny_llama_path, "device": "cpu"})
+    cfg["trainer"]["options"].update(max_steps=2, lr=3e-2)
+    resolved, reg = orchestrator.prepare(cfg, registry=registry)
+    orchestrator.run(resolved, reg)
+    adapter = Path(cfg["output_dir"]) / "adapter"
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32), adapter)
+    ours = _qpeft_model(str(adapter), registry, ["model.device=cpu"])
+    assert torch.allclose(_plain_logits(plain, ids), _plain_logits(ours, ids), atol=1e-5)
