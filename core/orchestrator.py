@@ -304,9 +304,14 @@ def merge(
 
     model = load_for_inference(Path(adapter_dir), resolved, registry, ctx)
     reference = logits_for(model, probe, tok.pad_token_id)
+    with model.disable_adapter():
+        quantized_base = logits_for(model, probe, tok.pad_token_id)
     base = model.unload() if hasattr(model, "unload") else model
     say(f"getting full-precision weights ({quant.capabilities.merge_source}) from {quant.name}")
     full = quant.full_precision_model(base, model_path, resolved.quantizer_options, ctx).to(torch.float32)
+    # The floor: how far the quantized inference path is from float32 weights before any merge
+    # (LLM.int8 also quantizes activations; GPTQ merges into the unquantized original).
+    floor = float((logits_for(full, probe, tok.pad_token_id) - quantized_base).abs().max())
     merged = peft.merge(peft.load_adapter(full, str(adapter_dir), ctx)).to(getattr(torch, dtype))
     merged_logits = logits_for(merged, probe, tok.pad_token_id)
     delta = float((merged_logits - reference).abs().max())
@@ -315,10 +320,13 @@ def merge(
         tok.save_pretrained(tmp)
         atomic_write_json(
             tmp / "qpeft_merge.json",
-            {"adapter": str(adapter_dir), "merge_source": quant.capabilities.merge_source, "dtype": dtype, "max_abs_logit_diff": delta},
+            {"adapter": str(adapter_dir), "merge_source": quant.capabilities.merge_source, "dtype": dtype,
+             "max_abs_logit_diff": delta, "base_path_diff": floor},
         )
-    say(f"merged model written to {out}; max |Δlogit| vs adapter on quantized base = {delta:.3e}")
-    return {"out_dir": str(out), "merge_source": quant.capabilities.merge_source, "dtype": dtype, "max_abs_logit_diff": delta}
+    say(f"merged model written to {out}; max |Δlogit| vs adapter on quantized base = {delta:.3e} "
+        f"(quantized vs float32 base without adapter: {floor:.3e})")
+    return {"out_dir": str(out), "merge_source": quant.capabilities.merge_source, "dtype": dtype,
+            "max_abs_logit_diff": delta, "base_path_diff": floor}
 
 
 def _device_name(device: str) -> str:
