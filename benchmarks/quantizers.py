@@ -54,8 +54,8 @@ def main() -> None:
         model = resolved.quantizer.load(model_path, resolved.quantizer_options, ctx, training=False)
         load_s = time.perf_counter() - t0
         ppl = evaluate_perplexity(model, val, tok.pad_token_id)
-        gen = generate_text(model, tok, "Write a short poem about the sea.", args.new_tokens)
-        gen2 = generate_text(model, tok, "Explain what a Python list is.", args.new_tokens)  # warm
+        generate_text(model, tok, "Write a short poem about the sea.", args.new_tokens)  # warm-up
+        gen2 = generate_text(model, tok, "Explain what a Python list is.", args.new_tokens)
         rows.append({
             "quantizer": name,
             "device": resolved.device,

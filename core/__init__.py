@@ -11,3 +11,5 @@ __version__ = "0.1.0"
 API_VERSION = 1
 
 from .hookspecs import hookimpl  # noqa: E402  (the one decorator plugins need)
+
+__all__ = ["API_VERSION", "__version__", "hookimpl"]
