@@ -36,10 +36,17 @@ def embedded_model_path() -> str:
 @pytest.fixture(scope="session")
 def tiny_llama_path(tmp_path_factory, embedded_model_path) -> str:
     """A 2-layer random Llama (hidden 128, MLP 256) saved with SmolLM2's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(embedded_model_path)
+    return save_tiny_llama(tok, tmp_path_factory.mktemp("tiny-llama"))
+
+
+def save_tiny_llama(tok, path, *, tie_word_embeddings: bool = True) -> str:
+    """Save a seeded 2-layer random Llama (hidden 128, MLP 256) with ``tok`` into ``path``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tok),
@@ -49,14 +56,12 @@ def tiny_llama_path(tmp_path_factory, embedded_model_path) -> str:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path, safe_serialization=True)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return str(path)
 

@@ -52,7 +52,9 @@ def cache(tmp_path_factory):
 def tiny_path(tmp_path_factory) -> str:
     """A 2-layer random Llama (hidden 128, MLP 256, vocab 512) with a small BPE tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import save_tiny_llama
 
     from qpeft.data import EMBEDDED_DATA
 
@@ -67,24 +69,7 @@ def tiny_path(tmp_path_factory) -> str:
         ),
     )
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama-gptq")
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tok, tmp_path_factory.mktemp("tiny-llama-gptq"), tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module")
