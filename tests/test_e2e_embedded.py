@@ -26,3 +26,22 @@ def test_quickstart_on_embedded_model(tmp_path, embedded_model_path):
     assert s["generation"]["new_tokens"] > 0 and s["generation"]["completion"].strip()
     assert s["pad_token"]["action"] == "reused"  # SmolLM2 ships pad == eos
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,lr", [("prefix", "1.0e-2"), ("adapters", "1.0e-3")])
+def test_other_methods_on_embedded_model(tmp_path, embedded_model_path, method, lr):
+    out = tmp_path / method
+    proc = subprocess.run(
+        [sys.executable, "-m", "qpeft", "run", str(REPO / "configs" / "quickstart.yaml"), "--set", f"peft={method}",
+         "--set", "trainer.options.max_steps=6", "--set", f"trainer.options.lr={lr}", "--set", "trainer.options.scheduler=constant",
+         "--set", f"output_dir={out}", "--set", "generate.max_new_tokens=16", "--set", "evaluate=false"],
+        capture_output=True, text=True, timeout=900, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["peft"] == method
+    losses = [h["loss"] for h in s["loss_history"]]
+    assert min(losses[-2:]) < losses[0], losses
+    assert s["reload_max_abs_logit_diff"] < tol(s["dtype"], 1e-3, 0.25)
+    assert s["generation"]["new_tokens"] > 0
