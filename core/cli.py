@@ -149,6 +149,7 @@ def merge(
     out_dir: str = typer.Option(..., "--out", help="Folder for the merged full-precision model."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     dtype: str = typer.Option("float32", "--dtype", help="Saved dtype: float32, bfloat16 or float16 (the merge runs in float32)."),
+    requantize: Optional[str] = typer.Option(None, "--requantize", help="Also save the merged model quantized with this quantizer (e.g. bnb-nf4) as OUT-NAME."),
     set_: Optional[List[str]] = typer.Option(None, "--set"),
 ):
     """Merge the adapter into full-precision weights; write a plain transformers model."""
@@ -157,7 +158,7 @@ def merge(
     try:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise QpeftError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
-        result = orchestrator.merge(adapter, out_dir, _registry(), force=force, overrides=set_ or [], dtype=dtype, say=_say_factory())
+        result = orchestrator.merge(adapter, out_dir, _registry(), force=force, overrides=set_ or [], dtype=dtype, requantize=requantize, say=_say_factory())
     except QpeftError as exc:
         _fail(exc)
     out.print_json(json.dumps(result))

@@ -277,14 +277,23 @@ def generate(adapter_dir: str, prompt: str, registry: Registry, overrides=(), ma
 
 
 def merge(
-    adapter_dir: str, out_dir: str, registry: Registry, *, force: bool = False, overrides=(), dtype: str = "float32", say: Say = _quiet
+    adapter_dir: str,
+    out_dir: str,
+    registry: Registry,
+    *,
+    force: bool = False,
+    overrides=(),
+    dtype: str = "float32",
+    requantize: str | None = None,
+    say: Say = _quiet,
 ) -> dict:
     """Merge an adapter into full-precision weights and save a plain transformers model.
 
     The merge itself runs in float32 (a LoRA delta added to bfloat16 weights is mostly rounded
     away); the result is saved in ``dtype``. The reference is the adapter on its quantized
     base; the merged model must reproduce its logits on a fixed prompt, and the max |Δ| is
-    reported.
+    reported. ``requantize`` names a quantizer to load the merged model with; that model is
+    saved beside ``out_dir`` as ``<out_dir>-<quantizer>`` and its Δ to the merged model reported.
     """
     import torch
 
@@ -298,6 +307,13 @@ def merge(
     if out.exists() and not force:
         raise QpeftError(f"{out} exists; pass --force to replace it")
     ctx = _context(resolved, registry)
+    if requantize:
+        rq = registry.get("quantizer", requantize, key="--requantize")
+        rq_options = rq.Options()
+        rq.check(rq_options, ctx)
+        rq_dir = out.with_name(f"{out.name}-{requantize}")
+        if rq_dir.exists() and not force:
+            raise QpeftError(f"{rq_dir} exists; pass --force to replace it")
     model_path = resolve_model_path(resolved.config.model.name_or_path, progress=say)
     tok, _ = load_tokenizer(model_path)
     probe = tokenize([{"text": "The quick brown fox jumps over the lazy dog."}], "text", tok, 64)[0]
@@ -325,8 +341,18 @@ def merge(
         )
     say(f"merged model written to {out}; max |Δlogit| vs adapter on quantized base = {delta:.3e} "
         f"(quantized vs float32 base without adapter: {floor:.3e})")
-    return {"out_dir": str(out), "merge_source": quant.capabilities.merge_source, "dtype": dtype,
-            "max_abs_logit_diff": delta, "base_path_diff": floor}
+    result = {"out_dir": str(out), "merge_source": quant.capabilities.merge_source, "dtype": dtype,
+              "max_abs_logit_diff": delta, "base_path_diff": floor}
+    if requantize:
+        del merged, full, base, model
+        quantized = rq.load(str(out), rq_options, ctx, training=False)
+        rq_delta = float((logits_for(quantized, probe, tok.pad_token_id) - merged_logits).abs().max())
+        with atomic_dir(rq_dir, replace=True) as tmp:
+            quantized.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+        say(f"re-quantized with {requantize} into {rq_dir}; max |Δlogit| vs the merged model = {rq_delta:.3e}")
+        result["requantized"] = {"quantizer": requantize, "out_dir": str(rq_dir), "max_abs_logit_diff_vs_merged": rq_delta}
+    return result
 
 
 def _device_name(device: str) -> str:

@@ -192,3 +192,21 @@ def test_qpeft_prefix_loads_in_plain_peft(tiny_config, registry, tiny_llama_path
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32), adapter)
     ours = _qpeft_model(str(adapter), registry, ["model.device=cpu"])
     assert torch.allclose(_plain_logits(plain, ids), _plain_logits(ours, ids), atol=1e-5)
+
+
+def test_merge_then_requantize(nf4_run, registry, tmp_path):
+    import json as _json
+
+    from transformers import AutoModelForCausalLM
+
+    s, out = nf4_run
+    result = orchestrator.merge(str(out / "adapter"), str(tmp_path / "m"), registry, requantize="bnb-nf4")
+    rq = result["requantized"]
+    assert rq["quantizer"] == "bnb-nf4" and rq["out_dir"].endswith("m-bnb-nf4")
+    # Re-quantizing the merged float32 weights to NF4 costs quantization error, reported, finite.
+    assert 0 < rq["max_abs_logit_diff_vs_merged"] < 5
+    cfg = _json.loads((tmp_path / "m-bnb-nf4" / "config.json").read_text())
+    assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    AutoModelForCausalLM.from_pretrained(tmp_path / "m-bnb-nf4", device_map={"": "cuda" if s["device"] == "cuda" else "cpu"})
+    with pytest.raises(ConfigError, match=r"--requantize: unknown quantizer 'bnb-nf5'"):
+        orchestrator.merge(str(out / "adapter"), str(tmp_path / "m2"), registry, requantize="bnb-nf5")
