@@ -16,6 +16,8 @@ class Cell:
     train: bool
     merge: bool
     reason: str = ""
+    #: Why ``merge`` is False (empty when it is True).
+    merge_reason: str = ""
 
 
 def cell(quant, peft) -> Cell:
@@ -24,8 +26,15 @@ def cell(quant, peft) -> Cell:
     if not reason and not quant.capabilities.trainable:
         reason = f"{quant.name} cannot train adapters"
     train = not reason
-    merge = train and peft.capabilities.mergeable and quant.capabilities.merge_source != "none"
-    return Cell(quant.name, peft.name, train, merge, reason)
+    if not train:
+        merge_reason = reason
+    elif not peft.capabilities.mergeable:
+        merge_reason = f"peft method {peft.name!r} cannot be merged into base weights; serve it with `qpeft generate --adapter`"
+    elif quant.capabilities.merge_source == "none":
+        merge_reason = f"quantizer {quant.name!r} cannot provide full-precision weights to merge into"
+    else:
+        merge_reason = ""
+    return Cell(quant.name, peft.name, train, not merge_reason, reason, merge_reason)
 
 
 def table(registry) -> list[Cell]:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
+from . import __version__, capability_table
 from .config import ResolvedRun, RunConfig, dump_yaml, load_config, resolve
 from .context import RunContext
 from .data import count_label_tokens, load_records, tokenize
@@ -299,10 +299,9 @@ def merge(
 
     resolved = resolve_from_adapter(adapter_dir, registry, overrides)
     quant, peft = resolved.quantizer, resolved.peft
-    if not peft.capabilities.mergeable:
-        raise QpeftError(f"peft method {peft.name!r} cannot be merged into base weights; serve it with `qpeft generate --adapter`")
-    if quant.capabilities.merge_source == "none":
-        raise QpeftError(f"quantizer {quant.name!r} cannot provide full-precision weights to merge into")
+    support = capability_table.cell(quant, peft)  # the same rule the docs and bench use
+    if not support.merge:
+        raise QpeftError(support.merge_reason)
     out = Path(out_dir)
     if out.exists() and not force:
         raise QpeftError(f"{out} exists; pass --force to replace it")
