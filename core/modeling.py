@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import resource
+import time
 from typing import Iterable
 
 from .data import IGNORE, collate
 from .errors import ConfigError, QpeftError
+from .hookspecs import hookimpl
 
 
 def device_map_for(ctx):
@@ -205,6 +207,44 @@ def generate_text(model, tok, prompt: str, max_new_tokens: int = 48, chat_templa
         "stopped_at_eos": stopped,
         "tokens_per_s": len(new) / seconds if seconds > 0 else 0.0,
     }
+
+
+class StepTimer:
+    """Wall-clock time and tokens seen at every step a trainer reports (``qpeft_on_step_end``),
+    for throughput and step time after warm-up. Use as ``with StepTimer(registry.pm) as t:``;
+    it is a lifecycle plugin registered for the duration of the block."""
+
+    def __init__(self, plugin_manager=None):
+        self.plugin_manager = plugin_manager
+        self.marks: list[tuple[int, float, int]] = []
+
+    def __enter__(self) -> "StepTimer":
+        if self.plugin_manager is not None:
+            self.plugin_manager.register(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.plugin_manager is not None:
+            self.plugin_manager.unregister(self)
+
+    @hookimpl
+    def qpeft_on_step_end(self, step, max_steps, logs, ctx):
+        """Record (step, time, tokens) of one logged step."""
+        self.marks.append((int(step), time.perf_counter(), int(logs.get("tokens", 0))))
+
+    def summary(self) -> dict:
+        """Throughput after warm-up: the first fifth of the logged steps (1 to 10 of them) is left
+        out (compilation, allocator and cache warm-up); None when fewer than two were logged."""
+        if len(self.marks) < 2:
+            return {"warmup_steps": None, "tokens_per_s_after_warmup": None, "step_seconds_after_warmup": None}
+        skip = min(10, max(1, len(self.marks) // 5))
+        (s0, t0, k0), (s1, t1, k1) = self.marks[skip - 1], self.marks[-1]
+        seconds = max(t1 - t0, 1e-9)
+        return {
+            "warmup_steps": s0,
+            "tokens_per_s_after_warmup": round((k1 - k0) / seconds, 1),
+            "step_seconds_after_warmup": round(seconds / max(s1 - s0, 1), 4),
+        }
 
 
 def reset_peak_memory(device: str) -> None:

@@ -24,6 +24,7 @@ from .errors import QpeftError
 from .io import atomic_dir, atomic_write_json, atomic_write_text
 from .model_source import resolve_model_path
 from .modeling import (
+    StepTimer,
     count_parameters,
     evaluate_perplexity,
     generate_text,
@@ -114,7 +115,8 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet) -> dict:
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
     reset_peak_memory(ctx.device)
-    result = trainer.train(model, tok, train_data, val_data, resolved.trainer_options, ctx)
+    with StepTimer(registry.pm) as steps:
+        result = trainer.train(model, tok, train_data, val_data, resolved.trainer_options, ctx)
     memory = peak_memory_gib(ctx.device)
     say(f"trained {result.steps} steps, loss {result.train_loss:.4f}, {result.tokens_per_s:.1f} tokens/s")
 
@@ -146,16 +148,20 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet) -> dict:
         "train_tokens": result.tokens,
         "train_seconds": round(result.seconds, 2),
         "tokens_per_s": round(result.tokens_per_s, 1),
+        **steps.summary(),
         **{k: round(v, 3) for k, v in memory.items()},
         "val_tokens": count_label_tokens(val_data),
         "val_perplexity_before": round(before["perplexity"], 4) if before else None,
         "val_perplexity_after": round(after["perplexity"], 4) if after else None,
+        "val_loss_before": round(before["loss"], 4) if before else None,
+        "val_loss_after": round(after["loss"], 4) if after else None,
         "loss_history": [{"step": h.get("step"), "loss": h.get("loss")} for h in result.log_history],
         "notes": ctx.notes,
     }
 
     adapter_dir = out / "adapter"
     save_adapter(model, peft, adapter_dir, resolved, summary)
+    summary["adapter_bytes"] = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file())
     say(f"saved adapter to {adapter_dir}")
     del model
     gc.collect()
