@@ -11,18 +11,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from . import API_VERSION
+from .config import StrictModel
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import RunContext, TrainResult
 
 
-class Options(BaseModel):
-    """Base for plugin options models: unknown keys are errors, values are validated."""
+class Options(StrictModel):
+    """Base for plugin options models: unknown keys are errors, values are validated (numbers
+    finite and within 64 bits, text without NUL: :class:`qpeft.config.StrictModel`)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(validate_assignment=True)
 
 
 class NoOptions(Options):
@@ -45,6 +47,11 @@ class TrainingOptions(Options):
     logging_steps: int = Field(1, ge=1)
     #: "auto" = bf16/fp16 autocast when the run dtype is bf16/fp16 on a GPU, else none.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    #: Write a checkpoint (adapter, optimizer, scheduler, RNG, data position) every this many
+    #: optimizer steps under OUTPUT_DIR/checkpoints/; null = no checkpoints. ``--resume`` uses them.
+    save_steps: int | None = Field(None, ge=1)
+    #: Checkpoints kept (the newest ones).
+    save_total_limit: int = Field(2, ge=1)
 
     def resolved_mixed_precision(self, ctx: "RunContext") -> str:
         """"no", "bf16" or "fp16" for this run."""
@@ -76,6 +83,9 @@ class Capabilities:
     grad_checkpointing: bool = True
     #: Quantizer: bits per weight (for memory reporting); None for full precision.
     bits: float | None = None
+    #: PEFT method: works with packed rows (``data.packing``), i.e. with position ids that
+    #: restart per document and no padding mask.
+    packing: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

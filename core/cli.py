@@ -8,9 +8,11 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import List, Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
 
@@ -25,8 +27,18 @@ out = Console()
 SET_HELP = "Override a config key: --set trainer.options.lr=1e-4 (repeatable)."
 
 
+#: Errors reported as one line with exit status 2: qpeft's own, and the operating system's
+#: (disk full, permission denied, a path that is a file), which the user can act on.
+USER_ERRORS = (QpeftError, OSError)
+
+
 def _fail(exc: BaseException) -> None:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    """Print ``exc`` as one line on stderr (its text is never read as markup) and exit 2."""
+    from rich.markup import escape
+
+    msg = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.strerror and exc.filename else str(exc)
+    msg = " ".join(msg.split()) or type(exc).__name__
+    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -50,7 +62,7 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
     """List installed backends, their capabilities, and broken plugins."""
     try:
         info = _registry().describe()
-    except QpeftError as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     if as_json:
         out.print_json(json.dumps(info))
@@ -75,6 +87,7 @@ def run(
     config: str = typer.Argument(..., help="YAML config file."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     check: bool = typer.Option(False, "--check", help="Validate the config and exit (loads no weights)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in output_dir."),
 ):
     """Fine-tune, save, reload and generate as the config says."""
     from .orchestrator import prepare
@@ -83,7 +96,7 @@ def run(
     progress = TrainingProgress(console)
     try:
         resolved, registry = prepare(config, set_ or [], _registry([progress]))
-    except QpeftError as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     if check:
         out.print(f"config ok: quantizer {resolved.quantizer.name}, peft {resolved.peft.name}, trainer {resolved.trainer.name} on {resolved.device}")
@@ -93,8 +106,10 @@ def run(
     from . import orchestrator
 
     try:
-        summary = orchestrator.run(resolved, registry, say=_say_factory())
-    except QpeftError as exc:
+        summary = orchestrator.run(resolved, registry, say=_say_factory(), resume=resume)
+        if "rank" in summary:  # a data-parallel worker; rank 0 prints the summary
+            return
+    except USER_ERRORS as exc:
         progress.close()
         _fail(exc)
     _print_summary(summary, resolved.config.output_dir)
@@ -137,7 +152,7 @@ def generate(
 
     try:
         result = orchestrator.generate(adapter, prompt, _registry(), set_ or [], max_new_tokens, say=_say_factory())
-    except QpeftError as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     out.print(result["completion"], highlight=False)
     console.print(f"[dim]{result['new_tokens']} tokens, {result['tokens_per_s']:.1f} tokens/s, stopped at EOS: {result['stopped_at_eos']}[/]")
@@ -159,7 +174,7 @@ def merge(
         if dtype not in ("float32", "bfloat16", "float16"):
             raise QpeftError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
         result = orchestrator.merge(adapter, out_dir, _registry(), force=force, overrides=set_ or [], dtype=dtype, requantize=requantize, say=_say_factory())
-    except QpeftError as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     out.print_json(json.dumps(result))
 
@@ -177,8 +192,151 @@ def config_schema(backend: Optional[str] = typer.Argument(None, help="kind:name,
         if kind not in ("quantizer", "peft", "trainer") or not name:
             raise QpeftError(f"expected kind:name with kind in quantizer, peft, trainer; got {backend!r}")
         out.print_json(json.dumps(_registry().get(kind, name).Options.model_json_schema()))
+    except USER_ERRORS as exc:
+        _fail(exc)
+
+
+# ---------------------------------------------------------------------------- qpeft bench
+
+
+class _BenchGroup(typer.core.TyperGroup):
+    """``qpeft bench MATRIX.yaml`` is ``qpeft bench run MATRIX.yaml``; ``qpeft bench report DIR`` reports."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+bench_app = typer.Typer(cls=_BenchGroup, no_args_is_help=True, help="Benchmark matrices: quantizer × PEFT method × trainer × any config key.")
+app.add_typer(bench_app, name="bench")
+
+
+class _BenchDisplay:
+    """Live display of ``qpeft bench``: a bar over the cells to run, one for the running cell,
+    and a line per finished cell."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress = None
+        self.matrix_task = None
+        self.cell_task = None
+        self.prefix = ""
+
+    @staticmethod
+    def _name(labels: dict) -> str:
+        return " · ".join(labels.values())
+
+    def __call__(self, event: dict) -> None:
+        from rich.markup import escape
+
+        kind, say = event["type"], self.console.print
+        if kind == "plan":
+            actions = [c["action"] for c in event["cells"]]
+            n_run = actions.count("run")
+            say(f"matrix [bold]{escape(event['matrix'])}[/]: {len(actions)} cells — {n_run} to run, {actions.count('done')} "
+                f"finished before, {actions.count('unsupported')} not supported; results in {escape(event['directory'])}", highlight=False)
+            if n_run and self.progress is None:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+                self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                         TimeElapsedColumn(), console=self.console, transient=True)
+                self.progress.start()
+                self.matrix_task = self.progress.add_task("cells", total=n_run)
+        elif kind == "unsupported":
+            say(f"  [yellow]–[/] {escape(self._name(event['labels']))}: not supported: {escape(event['reason'])}", highlight=False)
+        elif kind == "done":
+            say(f"  [dim]✓ {escape(self._name(event['labels']))}: finished before ({event['record'].get('status')})[/]", highlight=False)
+        elif kind == "start" and self.progress is not None:
+            self.prefix = f"[{event['index']}/{event['total']}] {escape(self._name(event['labels']))}"
+            self.cell_task = self.progress.add_task(f"{self.prefix}: starting", total=None)
+        elif kind == "progress" and self.cell_task is not None:
+            if event.get("kind") == "step":
+                self.progress.update(self.cell_task, total=event["max_steps"], completed=event["step"],
+                                     description=f"{self.prefix}: training, loss {event['loss']:.3f}")
+            elif event.get("kind") == "message":
+                self.progress.update(self.cell_task, description=f"{self.prefix}: {escape(event['text'][:70])}")
+        elif kind == "end":
+            if self.cell_task is not None:
+                self.progress.remove_task(self.cell_task)
+                self.progress.advance(self.matrix_task)
+                self.cell_task = None
+            r, name = event["record"], escape(self._name(event["labels"]))
+            if r["status"] == "ok":
+                m = r["metrics"]
+                peak = m.get("peak_reserved_gib", m.get("peak_rss_gib"))
+                tps = m.get("tokens_per_s_after_warmup") or m.get("tokens_per_s")
+                say(f"  [green]✓[/] {name}: {tps} tok/s, peak {peak} GiB, val ppl {m.get('val_perplexity_before')} → "
+                    f"{m.get('val_perplexity_after')} ({r['wall_seconds']:.0f} s)", highlight=False)
+            else:
+                say(f"  [red]✗[/] {name}: {escape(r['error'])} (log: {escape(r['log'])})", highlight=False)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+@bench_app.command("run")
+def bench_run(
+    matrix: str = typer.Argument(..., help="Matrix YAML file (see configs/bench/)."),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="Results folder (default: the matrix's output_dir, else runs/bench/NAME)."),
+    only: Optional[List[str]] = typer.Option(None, "--only", help="Run only matching cells: 'quantizer=bnb-nf4,peft=lora' or a glob on the cell id (repeatable)."),
+    rerun: Optional[List[str]] = typer.Option(None, "--rerun", help="Run matching cells again even if finished (same syntax; '*' for all)."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Run the cells that failed before again."),
+    list_cells: bool = typer.Option(False, "--list", help="List the cells and what a run would do; run nothing."),
+    stop_after: Optional[float] = typer.Option(None, "--stop-after", help="Start no new cell after this many seconds (run again to resume)."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write the report (Markdown, CSV, plots) at the end."),
+):
+    """Run every cell of a matrix in its own process; resume where an earlier run stopped."""
+    import shlex
+    import signal
+
+    from . import bench
+
+    display = _BenchDisplay(console)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        result = bench.run_matrix(matrix, out_dir=out_dir, only=only or [], rerun=rerun or [], retry_failed=retry_failed,
+                                  dry_run=list_cells, stop_after_s=stop_after, on_event=display if not list_cells else bench._no_event,
+                                  command="qpeft " + shlex.join(sys.argv[1:]))
+    except QpeftError as exc:
+        display.close()
+        _fail(exc)
+    except KeyboardInterrupt:
+        display.close()
+        raise
+    display.close()
+    if list_cells:
+        table = Table(title=f"cells of {matrix} (results in {result['directory']})", title_justify="left")
+        table.add_column("cell")
+        table.add_column("would")
+        for cell_id, action in result["actions"]:
+            table.add_row(cell_id, action)
+        out.print(table)
+        return
+    out.print(f"{result['ok']} ok, {result['failed']} failed, {result['unsupported']} not supported, "
+              f"{result['done']} finished before, {result['not_started']} not started; results in {result['directory']}", highlight=False)
+    if report and (Path(result["directory"]) / bench.RESULTS_FILE).is_file():
+        _bench_report(result["directory"])
+
+
+def _bench_report(directory: str) -> None:
+    from .bench_report import write_report
+
+    try:
+        written = write_report(directory)
     except QpeftError as exc:
         _fail(exc)
+    out.print(f"report: {written['markdown']}, {written['csv']}" + "".join(f", {p}" for p in written["plots"]), highlight=False)
+    if written["note"]:
+        console.print(written["note"], highlight=False)
+
+
+@bench_app.command("report")
+def bench_report(directory: str = typer.Argument(..., help="Results folder of a qpeft bench run.")):
+    """Write report.md, results.csv and the PNG plots of a results folder."""
+    _bench_report(directory)
 
 
 def main() -> None:

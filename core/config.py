@@ -18,15 +18,41 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
 DEFAULT_MODEL = "smollm2"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+INT64_MAX = 2**63 - 1
+
+
+class StrictModel(BaseModel):
+    """Base of every config and plugin options model: unknown keys are errors, numbers are
+    finite and fit in 64 bits, text holds no NUL character (each would fail later, after the
+    weights were loaded, deep inside torch or the OS)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _sane_scalars(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+            raise ValueError(f"{value:.3g} is out of range (at most {INT64_MAX:,} in absolute value)")
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("must not contain a NUL character")
+        return value
+
+
+_Strict = StrictModel
 
 
 class ModelConfig(_Strict):
@@ -43,6 +69,9 @@ class ModelConfig(_Strict):
     device_map: str | dict[str, Any] | None = None
     #: Allow a model folder's own Python code to run. Off unless asked; logged when on.
     trust_remote_code: bool = False
+    #: Read pickled checkpoints (``pytorch_model.bin``, ``adapter_model.bin``), which can run
+    #: code when loaded. Off unless asked (safetensors only); logged when on.
+    allow_pickle: bool = False
 
 
 class BackendRef(_Strict):
@@ -55,7 +84,8 @@ class BackendRef(_Strict):
 class DataConfig(_Strict):
     """Training and validation data."""
 
-    #: "embedded:instruct" / "embedded:text" (shipped with qpeft) or a .jsonl/.json/.txt file.
+    #: "embedded:instruct" / "embedded:text" (shipped with qpeft), a .jsonl/.json/.csv/
+    #: .parquet/.txt file, or a folder written by ``datasets.Dataset.save_to_disk``.
     path: str = "embedded:instruct"
     #: Validation file; default: the embedded set's own val split, or a tail of ``path``.
     val_path: str | None = None
@@ -63,8 +93,15 @@ class DataConfig(_Strict):
     format: Literal["auto", "text", "prompt_response", "chat"] = "auto"
     #: Fraction of ``path`` held out for validation when no ``val_path`` is given.
     val_fraction: float = Field(0.1, gt=0, lt=1)
-    #: Sequences are cut to this many tokens.
+    #: Sequences are cut to this many tokens (with ``packing``: the width of a packed row).
     max_length: int = Field(256, ge=8, le=1_048_576)
+    #: What to do with a record longer than ``max_length``: cut it (and say which rows were
+    #: cut), drop it, or stop with an error naming the file and row.
+    too_long: Literal["truncate", "drop", "error"] = "truncate"
+    #: Concatenate training records into rows of ``max_length`` tokens. Attention never
+    #: crosses documents: position ids restart per document and transformers builds a
+    #: block-diagonal mask from them; each document's first token is never a target.
+    packing: bool = False
     #: Use at most this many training / validation examples (null = all).
     max_train_examples: int | None = Field(None, ge=1)
     max_val_examples: int | None = Field(32, ge=1)
@@ -133,10 +170,28 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return sorted(getattr(current, "model_fields", {}) or [])
 
 
+def _field_loc(model: type[BaseModel], loc: tuple) -> tuple:
+    """``loc`` without pydantic's union-member tags (``gradient_checkpointing.bool``,
+    ``target_modules.list[str]``): keep field names, unknown keys and list indices."""
+    out: list = []
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if fields is not None:
+            out.append(part)
+            ann = fields[part].annotation if part in fields else None
+            current = next((a for a in getattr(ann, "__args__", (ann,)) if hasattr(a, "model_fields")), ann)
+        elif isinstance(part, int):
+            out.append(part)
+        # else: a union member's tag (current stays the union's field)
+    return tuple(out)
+
+
 def validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> ConfigError:
     """Turn pydantic's first error into a one-line ConfigError naming the key."""
-    err = exc.errors()[0]
-    loc = tuple(err["loc"])
+    errors = exc.errors()
+    err = errors[0]
+    loc = _field_loc(model, tuple(err["loc"]))
     key = ".".join(p for p in (prefix, _key(loc)) if p)
     if err["type"] == "extra_forbidden":
         valid = _fields_at(model, loc[:-1])
@@ -153,7 +208,9 @@ def validation_error(exc: ValidationError, model: type[BaseModel], prefix: str =
     shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
     if len(shown) > 60:
         shown = shown[:57] + "..."
-    return ConfigError(key, f"{err['msg']} (got {shown})")
+    # A value no member of a union accepts: say what each member wanted.
+    msgs = list(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors if _field_loc(model, tuple(e["loc"]))[: len(loc)] == loc))
+    return ConfigError(key, f"{'; or: '.join(msgs[:4])} (got {shown})")
 
 
 # ---------------------------------------------------------------------------- loading
@@ -317,6 +374,9 @@ def resolve(config: RunConfig, registry, *, device: str | None = None) -> Resolv
         gc = not blockers
         if blockers:
             notes.append(f"gradient checkpointing turned off: {blockers[0].name!r} does not support it")
+
+    if config.data.packing and not peft.capabilities.packing:
+        raise ConfigError("data.packing", f"peft {peft.name!r} does not work with packed rows; set data.packing to false")
 
     ctx = RunContext(config=config, device=dev, dtype=dtype, output_dir=config.output_dir)
     quant.check(q_opts, ctx)

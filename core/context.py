@@ -24,6 +24,8 @@ class RunContext:
     tokenizer: Any = None
     #: Free-form notes plugins add for the run summary (e.g. "gradient checkpointing off").
     notes: list[str] = field(default_factory=list)
+    #: A complete checkpoint folder to resume training from (``qpeft run --resume``), or None.
+    resume_from: str | None = None
 
     @property
     def torch_dtype(self):

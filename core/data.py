@@ -23,9 +23,68 @@ IGNORE = -100
 
 
 def _records_from_file(path: Path, key: str) -> list[dict]:
+    """Rows of a local data file or saved dataset folder, read through ``datasets`` when it is
+    installed (the core works without it); a file ``datasets`` cannot parse is read again by
+    the built-in reader, whose error names the bad row."""
+    if path.is_dir():
+        return _records_from_saved_dataset(path, key)
     if not path.is_file():
         raise ConfigError(key, f"data file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".txt", ".csv", ".parquet"):
+        raise ConfigError(key, f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .parquet or .txt")
+    rows = None
+    if suffix != ".txt" and path.stat().st_size > 0:
+        rows = _records_via_datasets(path, suffix)
+    if rows is None:
+        rows = _records_builtin(path, suffix, key)
+    if not rows:
+        raise ConfigError(key, f"{path}: no records")
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise ConfigError(key, f"{path}: row {n} is {type(row).__name__}, expected an object")
+    return rows
+
+
+def _records_via_datasets(path: Path, suffix: str) -> list[dict] | None:
+    """Rows read by ``datasets.load_dataset``; None when it is not installed or fails."""
+    try:
+        import datasets
+    except ImportError:
+        return None
+    builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}[suffix]
+    try:
+        datasets.disable_progress_bars()
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception:  # noqa: BLE001 - the built-in reader then reports the precise problem
+        return None
+    rows = ds.to_list()
+    if suffix == ".json" and len(rows) == 1 and set(rows[0]) == {"data"} and isinstance(rows[0]["data"], list):
+        rows = rows[0]["data"]
+    # Arrow gives every row every column (None where a row lacks it); qpeft's checks want
+    # a missing column to look missing.
+    return [{k: v for k, v in r.items() if v is not None} if isinstance(r, dict) else r for r in rows]
+
+
+def _records_from_saved_dataset(path: Path, key: str) -> list[dict]:
+    if not (path / "dataset_info.json").is_file() and not (path / "dataset_dict.json").is_file():
+        raise ConfigError(key, f"{path} is a folder but not one written by datasets' save_to_disk (no dataset_info.json)")
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(key, f"{path} is a saved dataset folder; reading it needs `pip install datasets`") from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ConfigError(key, f"{path}: dataset has splits {sorted(ds)}, none named 'train'")
+        ds = ds["train"]
+    rows = ds.to_list()
+    if not rows:
+        raise ConfigError(key, f"{path}: no records")
+    return rows
+
+
+def _records_builtin(path: Path, suffix: str, key: str) -> list[dict]:
     try:
         if suffix == ".jsonl":
             rows = []
@@ -38,7 +97,10 @@ def _records_from_file(path: Path, key: str) -> list[dict]:
                     except json.JSONDecodeError as exc:
                         raise ConfigError(key, f"{path}: row {n} is not valid JSON: {exc.msg}") from None
         elif suffix == ".json":
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            try:
+                rows = json.loads(path.read_text(encoding="utf-8") or "[]")
+            except json.JSONDecodeError as exc:
+                raise ConfigError(key, f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
             if isinstance(rows, dict) and "data" in rows:
                 rows = rows["data"]
             if not isinstance(rows, list):
@@ -49,19 +111,15 @@ def _records_from_file(path: Path, key: str) -> list[dict]:
         elif suffix == ".csv":
             with path.open(encoding="utf-8", newline="") as f:
                 rows = list(csv.DictReader(f))
-        elif suffix == ".parquet":
+        else:
             import pyarrow.parquet as pq
 
-            rows = pq.read_table(path).to_pylist()
-        else:
-            raise ConfigError(key, f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .parquet or .txt")
+            try:
+                rows = pq.read_table(path).to_pylist()
+            except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for bad files
+                raise ConfigError(key, f"{path}: not a readable parquet file ({exc})") from None
     except UnicodeDecodeError:
         raise ConfigError(key, f"{path}: not UTF-8 text") from None
-    if not rows:
-        raise ConfigError(key, f"{path}: no records")
-    for n, row in enumerate(rows, 1):
-        if not isinstance(row, dict):
-            raise ConfigError(key, f"{path}: row {n} is {type(row).__name__}, expected an object")
     return rows
 
 
@@ -125,8 +183,9 @@ def _chat_ids(tok, messages, add_generation_prompt=False) -> list[int]:
     return list(out)
 
 
-def encode(row: dict, fmt: str, tok, max_length: int) -> Example:
-    """Tokenize one record with labels = input ids where loss is taken, ``-100`` elsewhere."""
+def encode(row: dict, fmt: str, tok, max_length: int | None = None) -> Example:
+    """Tokenize one record with labels = input ids where loss is taken, ``-100`` elsewhere;
+    cut to ``max_length`` tokens when given."""
     eos = tok.eos_token_id
     has_template = bool(getattr(tok, "chat_template", None))
     if fmt == "text":
@@ -158,30 +217,100 @@ def _encode_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def tokenize(rows: list[dict], fmt: str, tok, max_length: int) -> list[dict]:
-    """Encode every row; drop rows left with no label after truncation."""
-    out = []
-    for row in rows:
-        ex = encode(row, fmt, tok, max_length)
+def tokenize(rows: list[dict], fmt: str, tok, max_length: int, *, too_long: str = "truncate", source: str = "data", say=None) -> list[dict]:
+    """Encode every row; apply the ``too_long`` policy ("truncate", "drop" or "error") to rows
+    over ``max_length`` tokens; drop rows left with no label after truncation. ``source`` names
+    the file in messages; ``say`` (if given) is told which rows were cut or dropped."""
+    out, long_rows, empty_rows = [], [], []
+    for n, row in enumerate(rows, 1):
+        ex = encode(row, fmt, tok)
+        if len(ex.input_ids) > max_length:
+            if too_long == "error":
+                raise ConfigError(
+                    "data.too_long",
+                    f"{source}: row {n} has {len(ex.input_ids)} tokens, more than data.max_length={max_length}; "
+                    "raise max_length or set data.too_long to truncate or drop",
+                )
+            long_rows.append(n)
+            if too_long == "drop":
+                continue
+            ex = Example(ex.input_ids[:max_length], ex.labels[:max_length])
         if any(l != IGNORE for l in ex.labels):
             out.append({"input_ids": ex.input_ids, "labels": ex.labels})
+        else:
+            empty_rows.append(n)
+    if say and long_rows:
+        verb = "dropped" if too_long == "drop" else "truncated to"
+        say(f"{source}: {len(long_rows)} rows longer than {max_length} tokens {verb}{'' if too_long == 'drop' else f' {max_length}'} (rows {_row_list(long_rows)})")
+    if say and empty_rows:
+        say(f"{source}: {len(empty_rows)} rows have no target token left after truncation and were skipped (rows {_row_list(empty_rows)})")
     return out
 
 
+def _row_list(rows: list[int], limit: int = 5) -> str:
+    head = ", ".join(map(str, rows[:limit]))
+    return head + (f", … {len(rows) - limit} more" if len(rows) > limit else "")
+
+
+def pack(data: list[dict], max_length: int) -> list[dict]:
+    """Concatenate tokenized documents into rows of at most ``max_length`` tokens.
+
+    Each row gets ``position_ids`` that restart at 0 for every document; given position ids
+    and no attention mask, transformers' mask builder (``find_packed_sequence_indices``) makes
+    attention block-diagonal, so no token attends across documents. The first token of each
+    document is never a target (it would be predicted from the previous document), which is
+    also true of an unpacked row. Documents are never split.
+    """
+    rows: list[dict] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    pos: list[int] = []
+    for d in data:
+        n = len(d["input_ids"])
+        if ids and len(ids) + n > max_length:
+            rows.append({"input_ids": ids, "labels": labels, "position_ids": pos})
+            ids, labels, pos = [], [], []
+        ids = ids + d["input_ids"]
+        labels = labels + [IGNORE] + d["labels"][1:]
+        pos = pos + list(range(n))
+    if ids:
+        rows.append({"input_ids": ids, "labels": labels, "position_ids": pos})
+    return rows
+
+
 def collate(batch: list[dict], pad_id: int) -> dict:
-    """Right-pad a batch; padding gets attention 0 and label -100 (masked by position, not id)."""
+    """Right-pad a batch; padding gets label -100 (masked by position, not id).
+
+    Unpacked rows get an attention mask (0 on padding). Packed rows (with ``position_ids``)
+    get no attention mask — that is what makes transformers build per-document masks — and
+    their padding is one more "document" whose positions restart at 0 and whose labels are
+    all -100, so no real token attends to it.
+    """
     import torch
 
     width = max(len(b["input_ids"]) for b in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    packed = "position_ids" in batch[0]
+    extra = torch.zeros((len(batch), width), dtype=torch.long)
     for i, b in enumerate(batch):
         n = len(b["input_ids"])
         ids[i, :n] = torch.tensor(b["input_ids"])
         labels[i, :n] = torch.tensor(b["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if packed:
+            extra[i, :n] = torch.tensor(b["position_ids"])
+            extra[i, n:] = torch.arange(width - n)
+        else:
+            extra[i, :n] = 1
+    key = "position_ids" if packed else "attention_mask"
+    return {"input_ids": ids, "labels": labels, key: extra}
+
+
+def count_input_tokens(batch: dict, pad_id: int) -> int:
+    """Non-padding tokens of a collated batch (packed or not)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int((batch["input_ids"] != pad_id).sum())
 
 
 def count_label_tokens(data: list[dict]) -> int:

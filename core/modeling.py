@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
 import resource
 import time
 from typing import Iterable
@@ -17,25 +20,33 @@ def device_map_for(ctx):
     dm = ctx.config.model.device_map
     if dm is not None:
         return dm
-    return {"": 0} if ctx.device == "cuda" else {"": "cpu"}
+    # Under `accelerate launch` each rank holds a whole (quantized) copy on its own GPU.
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))} if ctx.device == "cuda" else {"": "cpu"}
 
 
 def load_causal_lm(model_path: str, ctx, **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` with qpeft's dtype/device/remote-code policy.
 
     Only safetensors checkpoints are read (``use_safetensors=True``): pickled ``.bin`` files
-    can run code when loaded.
+    can run code when loaded; ``model.allow_pickle`` opts in, with a warning. The folder's
+    weight files are checked first (:func:`qpeft.model_source.check_weight_files`).
     """
     from transformers import AutoModelForCausalLM
 
-    trust = ctx.config.model.trust_remote_code
+    from .model_source import check_weight_files
+
+    trust, allow_pickle = ctx.config.model.trust_remote_code, ctx.config.model.allow_pickle
+    check_weight_files(model_path, allow_pickle=allow_pickle)
+    for flag, on in (("trust_remote_code", trust), ("allow_pickle", allow_pickle)):
+        if on:
+            logging.getLogger("qpeft").warning("model.%s is on: loading %s may run code it contains", flag, model_path)
     kwargs.setdefault("dtype", ctx.torch_dtype)
     try:
         return AutoModelForCausalLM.from_pretrained(
             model_path,
             device_map=device_map_for(ctx),
             trust_remote_code=trust,
-            use_safetensors=True,
+            use_safetensors=None if allow_pickle else True,
             **kwargs,
         )
     except OSError as exc:
@@ -207,6 +218,27 @@ def generate_text(model, tok, prompt: str, max_new_tokens: int = 48, chat_templa
         "stopped_at_eos": stopped,
         "tokens_per_s": len(new) / seconds if seconds > 0 else 0.0,
     }
+
+
+@contextlib.contextmanager
+def kv_cache_off(model):
+    """Turn the model's KV cache off for training, restoring the setting afterwards.
+
+    Training needs no cache, and with one transformers silently ignores the per-document
+    structure of packed rows: it derives block-diagonal masks from position ids only when no
+    past key values exist, and Llama-style models create an empty cache whenever
+    ``config.use_cache`` is true — packed documents would then attend to each other.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    old = getattr(config, "use_cache", None)
+    if config is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if config is not None and old is not None:
+            config.use_cache = old
 
 
 class StepTimer:

@@ -11,23 +11,26 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import platform
 import time
 from pathlib import Path
 from typing import Callable
 
 from . import __version__, capability_table
+from .checkpoint import find_resume_point
 from .config import ResolvedRun, RunConfig, dump_yaml, load_config, resolve
 from .context import RunContext
-from .data import count_label_tokens, load_records, tokenize
+from .data import count_label_tokens, load_records, pack, tokenize
 from .errors import QpeftError
 from .io import atomic_dir, atomic_write_json, atomic_write_text
-from .model_source import resolve_model_path
+from .model_source import check_weight_files, resolve_model_path
 from .modeling import (
     StepTimer,
     count_parameters,
     evaluate_perplexity,
     generate_text,
+    kv_cache_off,
     logits_for,
     peak_memory_gib,
     reset_peak_memory,
@@ -64,8 +67,13 @@ def prepare(config: RunConfig | str | dict, overrides=(), registry: Registry | N
     return resolve(config, registry), registry
 
 
-def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet) -> dict:
-    """Fine-tune, save, reload and generate; return (and write) the run summary."""
+def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet, *, resume: bool = False) -> dict:
+    """Fine-tune, save, reload and generate; return (and write) the run summary.
+
+    ``resume``: continue from the newest complete checkpoint in ``output_dir/checkpoints``
+    (see :mod:`qpeft.checkpoint`); without one, train from step 0. Under ``accelerate launch``
+    every rank trains (data parallel) and only rank 0 saves, reloads and generates.
+    """
     import torch
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
@@ -74,6 +82,15 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet) -> dict:
 
     cfg = resolved.config
     ctx = _context(resolved, registry)
+    if resume:
+        path, notes = find_resume_point(cfg, resolved.trainer.name)
+        ctx.resume_from = str(path) if path else None
+        for note in notes:
+            say(note)
+        ctx.notes.extend(notes)
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if ctx.device == "cuda":
+        torch.cuda.set_device(local_rank)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "resolved_config.yaml", dump_yaml(resolved.to_dict()))
@@ -90,9 +107,17 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet) -> dict:
     say(f"pad token: {pad.action} {pad.token!r} (id {pad.token_id}); eos {tok.eos_token!r} (id {tok.eos_token_id})")
 
     train_rows, val_rows, fmt = load_records(cfg.data)
-    train_data = tokenize(train_rows, fmt, tok, cfg.data.max_length)
-    val_data = tokenize(val_rows, fmt, tok, cfg.data.max_length)
-    say(f"data {cfg.data.path} ({fmt}): {len(train_data)} train / {len(val_data)} val examples")
+    d = cfg.data
+    train_data = tokenize(train_rows, fmt, tok, d.max_length, too_long=d.too_long, source=d.path, say=say)
+    val_data = tokenize(val_rows, fmt, tok, d.max_length, too_long=d.too_long, source=d.val_path or d.path, say=say)
+    say(f"data {d.path} ({fmt}): {len(train_data)} train / {len(val_data)} val examples")
+    for kind, rows, path in (("training", train_data, d.path), ("validation", val_data, d.val_path or d.path)):
+        if not rows:  # checked before any weight loads (training would divide by zero)
+            raise QpeftError(f"data.max_length: no {kind} example of {path} keeps a target token within {d.max_length} tokens; raise data.max_length")
+    if d.packing:
+        n_docs = len(train_data)
+        train_data = pack(train_data, d.max_length)
+        say(f"packed {n_docs} training documents into {len(train_data)} rows of up to {d.max_length} tokens")
 
     t0 = time.perf_counter()
     model = quant.load(model_path, q_opts, ctx, training=True)
@@ -115,10 +140,12 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet) -> dict:
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
     reset_peak_memory(ctx.device)
-    with StepTimer(registry.pm) as steps:
+    with kv_cache_off(model), StepTimer(registry.pm) as steps:
         result = trainer.train(model, tok, train_data, val_data, resolved.trainer_options, ctx)
     memory = peak_memory_gib(ctx.device)
     say(f"trained {result.steps} steps, loss {result.train_loss:.4f}, {result.tokens_per_s:.1f} tokens/s")
+    if rank != 0:  # data-parallel worker: rank 0 evaluates, saves, reloads and generates
+        return {"rank": rank, "train_steps": result.steps, "train_loss": result.train_loss}
 
     after = None
     if cfg.evaluate:
@@ -238,6 +265,7 @@ def load_for_inference(adapter_dir: Path, resolved: ResolvedRun, registry: Regis
     ``as_trained`` also applies the quantizer's training preparation (e.g. fp32 norms and
     embeddings after ``prepare_model_for_kbit_training``) so numerics match the trained model.
     """
+    check_weight_files(adapter_dir, allow_pickle=resolved.config.model.allow_pickle)  # before any weight loads
     model_path = resolve_model_path(resolved.config.model.name_or_path)
     base = resolved.quantizer.load(model_path, resolved.quantizer_options, ctx, training=as_trained)
     if as_trained:

@@ -170,7 +170,10 @@ class Prefix(PeftPlugin):
     name = "prefix"
     description = "Prefix tuning (learned key/value prefixes per layer) via peft"
     Options = PrefixOptions
-    capabilities = Capabilities(mergeable=False, grad_checkpointing=False)
+    # packing=False: transformers only builds per-document masks from position ids when no
+    # past key values are given, and prefix tuning passes its prefix as past key values, so
+    # packed documents would silently attend to each other.
+    capabilities = Capabilities(mergeable=False, grad_checkpointing=False, packing=False)
 
     def check(self, options, ctx):
         if options.encoder_hidden_size is not None and not options.reparameterize:

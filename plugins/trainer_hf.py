@@ -17,10 +17,21 @@ class HfTrainerOptions(TrainingOptions):
 
 
 def _qpeft_callback(ctx):
-    """A TrainerCallback that feeds the Trainer's logged steps to qpeft's lifecycle hooks."""
+    """A TrainerCallback that feeds the Trainer's logged steps to qpeft's lifecycle hooks and
+    marks each checkpoint complete once the Trainer has finished writing it."""
     from transformers import TrainerCallback
 
+    from qpeft.checkpoint import checkpoint_dir, fingerprint, mark_complete
+
     class QpeftCallback(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            # The Trainer writes checkpoints in place; without this marker (written last,
+            # atomically) a checkpoint interrupted mid-write would look resumable.
+            if state.is_world_process_zero:
+                path = checkpoint_dir(ctx.output_dir, state.global_step)
+                if path.is_dir():
+                    mark_complete(path, step=state.global_step, trainer="hf", config_fingerprint=fingerprint(ctx.config))
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 extra = {k: v for k, v in logs.items() if k != "loss"}
@@ -55,6 +66,8 @@ class HfTrainer(TrainerPlugin):
     def train(self, model, tokenizer, train_data, eval_data, options, ctx):
         from transformers import PrinterCallback, TrainingArguments
 
+        from qpeft.checkpoint import checkpoint_root
+
         precision = options.resolved_mixed_precision(ctx)
         pad_id = tokenizer.pad_token_id
 
@@ -63,7 +76,7 @@ class HfTrainer(TrainerPlugin):
         examples = ordered_examples(train_data, ctx.config.seed, epochs)
 
         args = TrainingArguments(
-            output_dir=f"{ctx.output_dir}/hf-trainer",
+            output_dir=str(checkpoint_root(ctx.output_dir)),
             per_device_train_batch_size=options.batch_size,
             gradient_accumulation_steps=options.grad_accum,
             learning_rate=options.lr,
@@ -74,7 +87,9 @@ class HfTrainer(TrainerPlugin):
             max_grad_norm=options.max_grad_norm,
             optim=options.optim,
             logging_steps=options.logging_steps,
-            save_strategy="no",
+            save_strategy="steps" if options.save_steps else "no",
+            save_steps=options.save_steps or 500,
+            save_total_limit=options.save_total_limit,
             report_to=[],
             bf16=precision == "bf16",
             fp16=precision == "fp16",
@@ -91,11 +106,12 @@ class HfTrainer(TrainerPlugin):
             args=args,
             train_dataset=examples,
             data_collator=lambda batch: collate(batch, pad_id),
+            processing_class=tokenizer,  # lets the Trainer count non-pad tokens of packed rows
             callbacks=[_qpeft_callback(ctx)],
         )
         trainer.remove_callback(PrinterCallback)  # qpeft's progress display replaces its prints
         t0 = time.perf_counter()
-        out = trainer.train()
+        out = trainer.train(resume_from_checkpoint=ctx.resume_from)
         seconds = time.perf_counter() - t0
         release_model(model)
         history = [h for h in trainer.state.log_history if "loss" in h]

@@ -1,22 +1,32 @@
 """Trainer ``native``: a lean loop on accelerate — mixed precision, gradient accumulation,
-clipping, linear/cosine schedules, optional 8-bit/paged optimizers."""
+clipping, linear/cosine schedules, optional 8-bit/paged optimizers, packed rows, a chunked
+cross-entropy that never holds the full-vocabulary logits, atomic checkpoints and resume,
+and data-parallel training under ``accelerate launch``."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Literal
+
+from pydantic import Field
 
 from qpeft import hookimpl
 from qpeft.api import Capabilities, TrainerPlugin, TrainingOptions
 from qpeft.context import TrainResult
-from qpeft.modeling import release_model
-from qpeft.data import IGNORE, collate, ordered_examples, plan_steps
+from qpeft.data import IGNORE, collate, count_input_tokens, ordered_examples, plan_steps
 from qpeft.errors import ConfigError
+from qpeft.modeling import release_model
 
 
 class NativeOptions(TrainingOptions):
     #: "adamw_8bit" and "paged_adamw_8bit" need bitsandbytes.
     optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw_torch"
+    #: "full": cross-entropy on the float32 logits of the whole batch (as the HF Trainer).
+    #: "chunked": the output head and cross-entropy run on ``loss_chunk`` tokens at a time and
+    #: are recomputed in the backward pass, so full-vocabulary logits never exist at once.
+    loss: Literal["full", "chunked"] = "full"
+    loss_chunk: int = Field(1024, ge=16)
 
 
 def _optimizer(params, o: NativeOptions):
@@ -30,6 +40,92 @@ def _optimizer(params, o: NativeOptions):
     if o.optim == "sgd":
         return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=o.optim == "adamw_torch_fused")
+
+
+def _passthrough_head(model):
+    """Swap the output head for one that can hand back its input (the final hidden states)
+    instead of logits; return (wrapper, original head). The wrapper owns the original, so
+    parameter names change only under ``lm_head`` and trainable adapters are unaffected."""
+    import torch
+
+    head = model.get_output_embeddings()
+
+    class PassthroughHead(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.passthrough = True
+
+        def forward(self, x):
+            return x if self.passthrough else self.inner(x)
+
+    wrapper = PassthroughHead(head)
+    model.set_output_embeddings(wrapper)
+    return wrapper, head
+
+
+def _chunked_ce_sum(hidden, head, labels, chunk: int):
+    """Sum of token cross-entropies of ``head(hidden)`` against ``labels`` (already shifted),
+    ``chunk`` rows at a time; each chunk's logits are recomputed in backward (checkpointing)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_loss(h, y):
+        return torch.nn.functional.cross_entropy(head(h).float(), y, ignore_index=IGNORE, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.size(0), chunk):
+        y = labels[i : i + chunk]
+        if bool((y != IGNORE).any()):
+            total = total + checkpoint(chunk_loss, hidden[i : i + chunk], y, use_reentrant=False)
+    return total
+
+
+def _save_state(path: Path, trainable: dict, optimizer, scheduler, step: int, ctx) -> None:
+    """A checkpoint: trainable tensors (safetensors), optimizer/scheduler/RNG state, step."""
+    import random
+
+    import torch
+    from safetensors.torch import save_file
+
+    from qpeft.checkpoint import fingerprint, mark_complete
+    from qpeft.io import atomic_dir
+
+    with atomic_dir(path) as tmp:
+        save_file({k: p.detach().contiguous().cpu() for k, p in trainable.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        mark_complete(tmp, step=step, trainer="native", config_fingerprint=fingerprint(ctx.config))
+
+
+def _load_state(path: Path, trainable: dict, optimizer, scheduler) -> int:
+    """Restore a checkpoint written by :func:`_save_state`; return its step."""
+    import random
+
+    import torch
+    from safetensors.torch import load_file
+
+    from qpeft.checkpoint import read_marker
+
+    saved = load_file(str(path / "trainable.safetensors"))
+    missing = sorted(set(trainable) - set(saved))
+    if missing:
+        raise ConfigError("--resume", f"{path} lacks trainable tensors such as {missing[0]!r}; it belongs to another adapter")
+    with torch.no_grad():
+        for k, p in trainable.items():
+            p.copy_(saved[k].to(p.device, p.dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=False)  # python's RNG state is a tuple; qpeft wrote it
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(read_marker(path)["step"])
 
 
 class NativeTrainer(TrainerPlugin):
@@ -49,56 +145,90 @@ class NativeTrainer(TrainerPlugin):
         from accelerate import Accelerator
         from transformers import get_scheduler
 
+        from qpeft.checkpoint import checkpoint_dir, prune
+
         precision = options.resolved_mixed_precision(ctx)
         acc = Accelerator(mixed_precision=precision, gradient_accumulation_steps=options.grad_accum, cpu=ctx.device == "cpu")
+        world, rank = acc.num_processes, acc.process_index
 
-        per_step = options.batch_size * options.grad_accum
+        # One optimizer step consumes batch_size × grad_accum examples on each of `world` ranks.
+        per_rank = options.batch_size * options.grad_accum
+        per_step = per_rank * world
         max_steps, epochs = plan_steps(len(train_data), per_step, options.epochs, options.max_steps)
         examples = ordered_examples(train_data, ctx.config.seed, epochs)
         pad_id = tokenizer.pad_token_id
 
-        params = [p for p in model.parameters() if p.requires_grad]
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        params = list(trainable.values())
         optimizer = _optimizer(params, options)
         scheduler = get_scheduler(options.scheduler, optimizer, num_warmup_steps=options.warmup_steps, num_training_steps=max_steps)
+        start = 0
+        if ctx.resume_from:
+            start = _load_state(Path(ctx.resume_from), trainable, optimizer, scheduler)
+        head = wrapper = None
+        if options.loss == "chunked":
+            wrapper, head = _passthrough_head(model)
         model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
         model.train()
 
         tokens, history, losses = 0, [], []
         t0 = time.perf_counter()
-        pos = 0
-        for step in range(1, max_steps + 1):
-            micro = [examples[(pos + i) % len(examples)] for i in range(per_step)]
-            pos += per_step
-            # Token-weighted loss over the whole accumulated batch, as the HF Trainer does.
-            n_label = sum(sum(1 for l in ex["labels"][1:] if l != IGNORE) for ex in micro)
-            step_loss = 0.0
-            for i in range(options.grad_accum):
-                batch = collate(micro[i * options.batch_size : (i + 1) * options.batch_size], pad_id)
-                batch = {k: v.to(acc.device) for k, v in batch.items()}
-                tokens += int(batch["attention_mask"].sum())
-                with acc.accumulate(model):
-                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                    logits = out.logits.float()
-                    loss_sum = torch.nn.functional.cross_entropy(
-                        logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
-                        ignore_index=IGNORE, reduction="sum",
-                    )
-                    loss = loss_sum / max(n_label, 1)
-                    acc.backward(loss * options.grad_accum)  # accumulate() divides by grad_accum
-                    if acc.sync_gradients and options.max_grad_norm > 0:
-                        acc.clip_grad_norm_(params, options.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                step_loss += loss.item()
-            losses.append(step_loss)
-            if step % options.logging_steps == 0 or step == max_steps:
-                history.append({"step": step, "loss": step_loss, "learning_rate": scheduler.get_last_lr()[0]})
-                ctx.hooks.qpeft_on_step_end(step=step, max_steps=max_steps, logs={"loss": step_loss, "tokens": tokens}, ctx=ctx)
+        try:
+            for step in range(start + 1, max_steps + 1):
+                pos = (step - 1) * per_step
+                micro = [examples[(pos + i) % len(examples)] for i in range(per_step)]
+                # Token-weighted loss over the whole step (all ranks), as the HF Trainer does;
+                # DDP averages gradients over ranks, hence the factor `world`.
+                n_label = sum(sum(1 for l in ex["labels"][1:] if l != IGNORE) for ex in micro)
+                mine = micro[rank * per_rank : (rank + 1) * per_rank]
+                step_loss = 0.0
+                for i in range(options.grad_accum):
+                    batch = collate(mine[i * options.batch_size : (i + 1) * options.batch_size], pad_id)
+                    batch = {k: v.to(acc.device) for k, v in batch.items()}
+                    tokens += count_input_tokens(batch, pad_id) * world
+                    inputs = {k: v for k, v in batch.items() if k != "labels"}
+                    labels = batch["labels"][:, 1:].reshape(-1)
+                    with acc.accumulate(model):
+                        out = model(**inputs)
+                        if head is not None:
+                            hidden = out.logits[:, :-1].reshape(-1, out.logits.size(-1))
+                            loss_sum = _chunked_ce_sum(hidden, head, labels, options.loss_chunk)
+                        else:
+                            logits = out.logits.float()
+                            loss_sum = torch.nn.functional.cross_entropy(
+                                logits[:, :-1].reshape(-1, logits.size(-1)), labels, ignore_index=IGNORE, reduction="sum"
+                            )
+                        loss = loss_sum / max(n_label, 1)
+                        acc.backward(loss * options.grad_accum * world)  # accumulate() divides by grad_accum
+                        if acc.sync_gradients and options.max_grad_norm > 0:
+                            acc.clip_grad_norm_(params, options.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    step_loss += loss.item()
+                if world > 1:
+                    step_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), reduction="sum"))
+                losses.append(step_loss)
+                if step % options.logging_steps == 0 or step == max_steps:
+                    history.append({"step": step, "loss": step_loss, "learning_rate": scheduler.get_last_lr()[0]})
+                    ctx.hooks.qpeft_on_step_end(step=step, max_steps=max_steps, logs={"loss": step_loss, "tokens": tokens}, ctx=ctx)
+                if options.save_steps and (step % options.save_steps == 0 or step == max_steps):
+                    acc.wait_for_everyone()
+                    if acc.is_main_process:
+                        _save_state(checkpoint_dir(ctx.output_dir, step), trainable, optimizer, scheduler, step, ctx)
+                        prune(ctx.output_dir, options.save_total_limit)
+        finally:
+            if wrapper is not None:
+                release_model(model)
+                acc.unwrap_model(model).set_output_embeddings(head)
         seconds = time.perf_counter() - t0
         release_model(model)
         return TrainResult(
-            train_loss=sum(losses) / len(losses), steps=max_steps, tokens=tokens, seconds=seconds, log_history=history
+            train_loss=sum(losses) / max(len(losses), 1),
+            steps=max_steps,
+            tokens=tokens,
+            seconds=seconds,
+            log_history=history,
         )
 
 
