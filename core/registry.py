@@ -3,6 +3,10 @@
 A plugin module that fails to import, targets another API version, or registers an invalid
 backend is recorded as *broken* (with the reason) and skipped: it never breaks qpeft.
 Two backends of one kind claiming the same name is a :class:`PluginError` naming both.
+
+Backends of third-party packages must state the plugin API they target (``api_version = 1``
+on the class); qpeft's own backends ship with the core and target its version by definition.
+See docs/plugins.md.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any, Iterable
 import pluggy
 
 from . import API_VERSION, hookspecs
-from .api import PLUGIN_KINDS
+from .api import PLUGIN_KINDS, Capabilities, PeftPlugin, QuantizerPlugin, TrainerPlugin, _Plugin
 from .errors import ConfigError, PluginError
 
 ENTRY_POINT_GROUP = "qpeft"
@@ -89,6 +93,51 @@ def _dist_name(ep) -> str:
     return f"{dist.name} {dist.version}" if dist is not None else "?"
 
 
+_API_BASES = (_Plugin, QuantizerPlugin, PeftPlugin, TrainerPlugin)
+
+
+def declared_api_version(backend: Any):
+    """The ``api_version`` a backend's own class (or a base of its package) states, or None
+    when it only inherits qpeft's default."""
+    if "api_version" in getattr(backend, "__dict__", {}):
+        return backend.__dict__["api_version"]
+    for cls in type(backend).__mro__:
+        if cls in _API_BASES:
+            return None
+        if "api_version" in vars(cls):
+            return vars(cls)["api_version"]
+    return None
+
+
+def _is_builtin(source: str) -> bool:
+    return source.split(" ", 1)[0] == "qpeft"
+
+
+def _malformed(kind: str, backend: Any, source: str) -> str | None:
+    """Why a registered backend cannot be used (None if it can), checked before indexing it."""
+    from pydantic import BaseModel
+
+    name = getattr(backend, "name", None)
+    if not isinstance(name, str) or not name.strip() or name != name.strip():
+        return f"registered a {kind} whose name is {name!r}; set name = \"...\" (what configs write) on {type(backend).__name__}"
+    stated = declared_api_version(backend)
+    if stated is None and not _is_builtin(source) and source != "(in-process)":
+        return f"{kind} {name!r} does not state the qpeft plugin API it targets; set api_version = {API_VERSION} on {type(backend).__name__}"
+    version = getattr(backend, "api_version", None)
+    if version != API_VERSION:
+        return f"{kind} {name!r} targets qpeft plugin API {version!r}, this qpeft has {API_VERSION}; install a {source.split(' ', 1)[0]} release for API {API_VERSION}"
+    opts = getattr(backend, "Options", None)
+    if not (isinstance(opts, type) and issubclass(opts, BaseModel)):
+        return f"{kind} {name!r}: Options is {opts!r}, not a pydantic model (subclass qpeft.api.Options)"
+    if not isinstance(getattr(backend, "capabilities", None), Capabilities):
+        return f"{kind} {name!r}: capabilities is not a qpeft.api.Capabilities"
+    try:
+        opts.model_json_schema()
+    except Exception as exc:
+        return f"{kind} {name!r}: its Options model has no JSON schema ({type(exc).__name__}: {exc})"
+    return None
+
+
 def load_registry(extra_plugins: Iterable[Any] = (), use_entry_points: bool = True) -> Registry:
     """Build the registry from the ``qpeft`` entry points plus ``extra_plugins`` (objects or
     modules with hook implementations, e.g. for tests)."""
@@ -102,7 +151,7 @@ def load_registry(extra_plugins: Iterable[Any] = (), use_entry_points: bool = Tr
             source = _dist_name(ep)
             try:
                 candidates.append((ep.name, source, ep.load()))
-            except Exception as exc:  # a broken plugin must never break qpeft
+            except (Exception, SystemExit) as exc:  # a broken plugin must never break qpeft
                 reg.broken.append(BrokenPlugin(ep.name, source, f"import failed: {type(exc).__name__}: {exc}"))
     for obj in extra_plugins:
         candidates.append((getattr(obj, "__name__", type(obj).__name__), "(in-process)", obj))
@@ -122,7 +171,7 @@ def load_registry(extra_plugins: Iterable[Any] = (), use_entry_points: bool = Tr
             collected: list[Any] = []
             try:
                 impl(register=collected.append)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 reg.broken.append(BrokenPlugin(name, source, f"{hook_name} failed: {type(exc).__name__}: {exc}"))
                 continue
             for backend in collected:
@@ -136,14 +185,9 @@ def _add_backend(reg: Registry, kind: str, backend: Any, plugin_name: str, sourc
     if not isinstance(backend, base):
         reg.broken.append(BrokenPlugin(plugin_name, source, f"registered {backend!r}, which is not a {base.__name__}"))
         return
-    if getattr(backend, "api_version", None) != API_VERSION:
-        reg.broken.append(
-            BrokenPlugin(
-                plugin_name,
-                source,
-                f"{kind} {backend.name!r} targets qpeft plugin API {backend.api_version}, this qpeft has {API_VERSION}",
-            )
-        )
+    problem = _malformed(kind, backend, source)
+    if problem:
+        reg.broken.append(BrokenPlugin(plugin_name, source, problem))
         return
     existing = reg.backends[kind].get(backend.name)
     if existing is not None:

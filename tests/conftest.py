@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random Llama (layer widths multiples of 128, as bitsandbytes'
-4-bit CPU kernels need) with the embedded SmolLM2 tokenizer, and config helpers."""
+4-bit CPU kernels need; built by :func:`qpeft.testing.save_tiny_llama`) with the embedded
+SmolLM2 tokenizer, and config helpers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from qpeft.testing import save_tiny_llama  # noqa: F401  (the builder lives in the conformance kit)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,30 +43,6 @@ def tiny_llama_path(tmp_path_factory, embedded_model_path) -> str:
 
     tok = AutoTokenizer.from_pretrained(embedded_model_path)
     return save_tiny_llama(tok, tmp_path_factory.mktemp("tiny-llama"))
-
-
-def save_tiny_llama(tok, path, *, tie_word_embeddings: bool = True) -> str:
-    """Save a seeded 2-layer random Llama (hidden 128, MLP 256) with ``tok`` into ``path``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture()

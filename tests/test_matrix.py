@@ -3,11 +3,11 @@ the tiny Llama: train (loss down, base untouched), save, reload (same logits), a
 mergeable. docs/methods.md is generated from the same capabilities, so each "yes" is a test."""
 
 import pytest
-import torch
 
 import qpeft
 from qpeft import capability_table, orchestrator
 from qpeft.registry import load_registry
+from qpeft.testing import flat_tensors, same_tensors
 
 from conftest import tol
 
@@ -36,18 +36,18 @@ class BaseWatch:
     @qpeft.hookimpl
     def qpeft_on_model_loaded(self, model, ctx):
         self.model = model
-        self.before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.before = {k: flat_tensors(v) for k, v in model.state_dict().items()}  # tensor subclasses too
 
     def changed(self) -> list[str]:
         # peft's GPTQ LoRA layer also exposes its base as `quant_linear_module` (same tensors)
         after = {
-            k.replace(".base_layer", ""): v
+            k.replace(".base_layer", ""): flat_tensors(v)
             for k, v in self.model.state_dict().items()
             if not any(m in k for m in ADAPTER_MARKERS + ("quant_linear_module",))
         }
         assert set(after) == set(self.before), set(after) ^ set(self.before)
         # prepare_for_training may upcast bf16 norms to fp32; casting back must give the same bits
-        return [k for k, v in after.items() if not torch.equal(v.to(self.before[k].dtype), self.before[k])]
+        return [k for k, v in after.items() if not same_tensors(v, self.before[k])]
 
 
 @pytest.mark.parametrize("cell", [c for c in CELLS if c.train], ids=lambda c: f"{c.quantizer}-{c.peft}")

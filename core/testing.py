@@ -1,0 +1,882 @@
+"""``qpeft.testing``: the conformance kit plugin authors run in their own test suite.
+
+A quantizer plugin passes when it is registered and usable the way qpeft will use it::
+
+    # tests/test_conformance.py of your package
+    from qpeft.testing import QuantizerConformance
+
+    class TestMyQuantizer(QuantizerConformance):
+        quantizer = "my-int8"          # the name your plugin registers
+        options = {"group_size": 64}   # quantizer.options for the kit's runs (default: none)
+
+pytest collects the inherited ``test_*`` methods; each runs one check on a tiny random Llama
+(2 layers, hidden 128, MLP 256, vocabulary 512, built offline and cached under
+``<qpeft cache>/testing``) in float32:
+
+=============================  ===================================================================
+``test_registration``          found by name through the ``qpeft`` entry points, a
+                               ``QuantizerPlugin`` targeting this qpeft's plugin API, declared
+                               capabilities well-formed, plugin module imports no torch
+``test_options_schema``        options model: defaults/given options validate, unknown keys are
+                               refused naming the key, JSON schema, JSON round trip, a run config
+                               naming the quantizer resolves without loading a weight
+``test_load_tiny_model``       ``load()`` gives a causal LM whose logits are finite and close to
+                               the float32 model; LoRA's ``all-linear`` finds the same layers
+``test_weight_memory_saved``   bytes held by the quantized linear layers ≈ ``capabilities.bits``
+                               / 32 of float32, and qpeft's reported weight memory is true
+``test_lora_gradients``        after an eval-mode forward and ``ensure_training_kernels``, LoRA
+                               gradients on every layer equal those of the same LoRA on a float32
+                               model holding the quantized weights (the full-precision reference)
+``test_train_save_reload``     ``qpeft run``: loss goes down, base weights untouched, the saved
+                               adapter reloads on a fresh quantized base with the same logits
+``test_merge``                 ``qpeft merge`` reproduces the adapter's logits with a plain
+                               float model, or, for ``merge_source="none"``, refuses clearly
+=============================  ===================================================================
+
+Without pytest, :func:`check_quantizer` runs the same checks and returns what they measured;
+``python -m qpeft.testing NAME [--options JSON]`` prints it.
+
+This module imports neither pytest nor torch at import time; both are imported when used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .hookspecs import hookimpl
+
+#: Bumped when the tiny model changes, so cached copies (and GPTQ caches keyed on them) renew.
+TINY_LAYOUT = 1
+#: Modules a quantizer plugin's module must not import at import time (listing plugins and
+#: rejecting configs must not pay for loading a backend library).
+HEAVY_MODULES = ("torch", "transformers", "peft")
+#: Default tolerances per ``merge_source`` for the merged model's max |Δlogit| to the adapter on
+#: its quantized base: exact float error when merging into the very weights the adapter trained
+#: against; the base's own quantization error when merging into the original checkpoint.
+MERGE_TOLERANCE = {"self": 1e-3, "dequantize": 1e-3, "original": 0.5}
+
+
+class ConformanceError(AssertionError):
+    """A plugin does not do what qpeft relies on; the message says what and by how much."""
+
+
+# ---------------------------------------------------------------------------- tiny models
+
+
+def tiny_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on qpeft's embedded text (offline, about a second).
+
+    Special tokens: ``<unk>`` (0), ``<s>`` (1), ``</s>`` (2, EOS) and ``<pad>`` (3).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .data import EMBEDDED_DATA
+
+    rows = (EMBEDDED_DATA / "text_train.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = [json.loads(line)["text"] for line in rows if line.strip()]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def save_tiny_llama(tok, path, *, tie_word_embeddings: bool = True) -> str:
+    """Save a seeded 2-layer random Llama (hidden 128, MLP 256) with ``tok`` into ``path``.
+
+    Layer widths are multiples of 128, as bitsandbytes' 4-bit CPU kernels and GPTQ packing need.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def tiny_model_path(root: str | Path | None = None) -> str:
+    """The kit's tiny Llama (untied head, BPE vocabulary 512), built once and cached.
+
+    ``root`` defaults to ``<qpeft cache>/testing``; a stable path lets quantizers that cache
+    their quantized models by source path (``gptq``) reuse them across test runs.
+    """
+    from .io import atomic_dir
+    from .model_source import cache_root
+
+    target = Path(root or cache_root() / "testing") / f"tiny-llama-v{TINY_LAYOUT}"
+    if not (target / "config.json").is_file():
+        with atomic_dir(target, replace=True) as tmp:
+            save_tiny_llama(tiny_tokenizer(), tmp, tie_word_embeddings=False)
+    return str(target)
+
+
+# ---------------------------------------------------------------------------- measurements
+
+
+def tensor_nbytes(t) -> int:
+    """Bytes a tensor really holds: tensor subclasses (torchao's quantized tensors and the
+    like) are counted by their inner tensors, not by their logical float shape."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_nbytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)
+    return t.nelement() * t.element_size()
+
+
+def module_nbytes(module) -> int:
+    """Bytes held by a module's parameters and buffers (recursively), by :func:`tensor_nbytes`."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += tensor_nbytes(t)
+    return total
+
+
+def linear_modules(model) -> dict:
+    """Every linear layer (``torch.nn.Linear`` or a quantized layer with ``in_features`` and
+    ``out_features``, e.g. GPTQ's QuantLinear) by its full name, output head included."""
+    import torch
+
+    found = {}
+    for name, module in model.named_modules():
+        linear = isinstance(module, torch.nn.Linear) or (
+            type(module).__name__.endswith("Linear") and hasattr(module, "in_features") and hasattr(module, "out_features")
+        )
+        if linear and name and not any(name.startswith(p + ".") for p in found):
+            found[name] = module
+    return found
+
+
+def effective_weights(model) -> dict:
+    """The float32 weight each linear layer of ``model`` actually applies, read by probing it
+    with the identity matrix (no_grad, train mode): ``W.T = layer(I) - layer(0)``.
+
+    Quantizer-agnostic: whatever a layer stores (packed ints, scales, tensor subclasses), this
+    is the matrix its kernel multiplies by, so a float32 model holding these weights is the
+    exact full-precision reference for gradients through the quantized model.
+    """
+    import torch
+
+    out = {}
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        for name, layer in linear_modules(model).items():
+            ref = next((p for p in layer.parameters()), None)
+            ref = ref if ref is not None else next(layer.buffers())
+            dtype = ref.dtype if ref.is_floating_point() else torch.float32
+            eye = torch.eye(layer.in_features, dtype=dtype, device=ref.device)
+            zero = torch.zeros(1, layer.in_features, dtype=dtype, device=ref.device)
+            out[name] = (layer(eye).float() - layer(zero).float()).T.contiguous().cpu()
+    model.train(was_training)
+    return out
+
+
+def reference_model(model_path: str, weights: dict):
+    """The float32 model at ``model_path`` with ``weights`` (from :func:`effective_weights`)
+    copied into its linear layers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    with torch.no_grad():
+        for name, w in weights.items():
+            ref.get_submodule(name).weight.copy_(w)
+    return ref
+
+
+def _batch(vocab_size: int, device, seed: int = 0) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab_size, (2, 24), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+
+
+def _device_of(model):
+    return next(p.device for p in model.parameters())
+
+
+def _logits(model, batch):
+    import torch
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch).logits.float().cpu()
+    model.train(was_training)
+    return out
+
+
+def _set_lora_weights(peft_model, seed: int = 1) -> None:
+    """Deterministic nonzero LoRA A and B (B = 0 would leave A without gradient)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(peft_model.named_parameters()):
+            if "lora_" in name:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.05).to(p.dtype))
+
+
+def _lora_grads(peft_model, batch) -> dict:
+    peft_model.train()
+    peft_model.zero_grad(set_to_none=True)
+    peft_model(**batch, labels=batch["input_ids"]).loss.backward()
+    return {
+        n: (p.grad.detach().float().cpu() if p.grad is not None else None)
+        for n, p in peft_model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def flat_tensors(t) -> list:
+    """Detached CPU copies of the tensors ``t`` stores: itself, or for a tensor subclass
+    (e.g. torchao's ``Int8Tensor``, which implements neither ``torch.equal`` nor ``clone``
+    for every layout) its inner tensors, recursively."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return [x for n in names if getattr(t, n, None) is not None for x in flat_tensors(getattr(t, n))]
+    return [t.detach().cpu().clone()]
+
+
+def same_tensors(after: list, before: list) -> bool:
+    """Whether two :func:`flat_tensors` lists hold the same values (``after`` cast to the
+    dtypes of ``before``: bf16 norms upcast to fp32 for training must cast back bit-exactly)."""
+    import torch
+
+    return len(after) == len(before) and all(torch.equal(a.to(b.dtype), b) for a, b in zip(after, before))
+
+
+def _flat_state(model, skip=("lora_",)) -> dict:
+    """Every base tensor of ``model`` as :func:`flat_tensors`, by name without ``.base_layer``."""
+    return {
+        k.replace(".base_layer", ""): flat_tensors(v)
+        for k, v in model.state_dict(keep_vars=True).items()
+        if not any(s in k for s in skip + ("quant_linear_module",))
+    }
+
+
+def _skip(reason: str):
+    try:
+        import pytest
+    except ImportError:  # pragma: no cover - without pytest (unittest or check_quantizer)
+        import unittest
+
+        raise unittest.SkipTest(reason) from None
+    pytest.skip(reason)
+
+
+# ---------------------------------------------------------------------------- the checker
+
+
+class QuantizerChecker:
+    """Runs the conformance checks of one quantizer; each ``check_*`` returns what it measured
+    and raises :class:`ConformanceError` when the plugin falls short.
+
+    ``plugins`` are extra in-process plugin modules/objects (for plugins not installed yet; set
+    ``require_entry_point=False`` with them). Loaded models and the trained adapter are kept
+    between checks; call :meth:`close` to free them and the temporary folder.
+    """
+
+    def __init__(
+        self,
+        quantizer: str,
+        options: dict | None = None,
+        *,
+        device: str = "cpu",
+        model_path: str | None = None,
+        plugins: tuple = (),
+        require_entry_point: bool = True,
+        grad_tolerance: float = 1e-3,
+        logit_tolerance: float = 0.5,
+        reload_tolerance: float = 1e-3,
+        merge_tolerance: float | None = None,
+        memory_slack: float = 1.3,
+    ):
+        self.name = quantizer
+        self.options = dict(options or {})
+        self.device = device
+        self.model_path = model_path
+        self.plugins = tuple(plugins)
+        self.require_entry_point = require_entry_point
+        self.grad_tolerance = grad_tolerance
+        self.logit_tolerance = logit_tolerance
+        self.reload_tolerance = reload_tolerance
+        self.merge_tolerance = merge_tolerance
+        self.memory_slack = memory_slack
+        self._tmp: Path | None = None
+        self._state: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ plumbing
+
+    def fail(self, message: str):
+        """Raise a :class:`ConformanceError` prefixed with the quantizer's name."""
+        raise ConformanceError(f"[{self.name}] {message}")
+
+    def expect(self, condition: bool, message: str) -> None:
+        """:meth:`fail` with ``message`` unless ``condition``."""
+        if not condition:
+            self.fail(message)
+
+    @property
+    def tmp(self) -> Path:
+        """A private temporary folder, removed by :meth:`close`."""
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix=f"qpeft-conformance-{self.name}-"))
+        return self._tmp
+
+    def close(self) -> None:
+        """Drop loaded models and remove the temporary folder."""
+        self._state.clear()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def _cached(self, key: str, make):
+        if key not in self._state:
+            self._state[key] = make()
+        return self._state[key]
+
+    @property
+    def registry(self):
+        """The registry as qpeft builds it: entry points plus ``plugins``."""
+        from .registry import load_registry
+
+        return self._cached("registry", lambda: load_registry(self.plugins))
+
+    @property
+    def plugin(self):
+        """The registered quantizer backend (ConformanceError, with broken-plugin reasons, if absent)."""
+        found = self.registry.backends["quantizer"].get(self.name)
+        if found is None:
+            broken = [f"{b.name} ({b.source}): {b.reason}" for b in self.registry.broken]
+            self.fail(
+                f"no quantizer of this name is registered; installed: {', '.join(sorted(self.registry.backends['quantizer']))}"
+                + (f"; broken plugins: {'; '.join(broken)}" if broken else "")
+            )
+        return found
+
+    @property
+    def tiny_path(self) -> str:
+        """The model the kit loads (``model_path``, default :func:`tiny_model_path`)."""
+        return self._cached("tiny_path", lambda: self.model_path or tiny_model_path())
+
+    def config_dict(self, **overrides) -> dict:
+        """A run config for the tiny model with this quantizer, LoRA and a few training steps."""
+        cfg = {
+            "model": {"name_or_path": self.tiny_path, "device": self.device, "dtype": "float32"},
+            "quantizer": {"name": self.name, "options": self.options},
+            "peft": {"name": "lora", "options": {"r": 8, "alpha": 16}},
+            "trainer": {
+                "name": "native",
+                "options": {"batch_size": 4, "max_steps": 4, "lr": 1e-2, "scheduler": "constant"},
+            },
+            "data": {"path": "embedded:text", "max_length": 48, "max_train_examples": 8, "max_val_examples": 2},
+            "output_dir": str(self.tmp / "run"),
+            "seed": 0,
+            "generate": {"max_new_tokens": 4, "chat_template": False},
+        }
+        cfg.update(overrides)
+        return cfg
+
+    @property
+    def resolved(self):
+        """The run config resolved against the registry (device checked, ``check()`` run)."""
+        from .config import load_config, resolve
+
+        def make():
+            self.plugin  # noqa: B018  (a clear error if the name is not registered)
+            if self.device not in self.plugin.capabilities.devices:
+                _skip(f"{self.name} does not run on {self.device} (capabilities.devices)")
+            return resolve(load_config(self.config_dict()), self.registry)
+
+        return self._cached("resolved", make)
+
+    def context(self):
+        """A fresh :class:`qpeft.context.RunContext` for the resolved run."""
+        from .context import RunContext
+
+        r = self.resolved
+        return RunContext(config=r.config, device=r.device, dtype=r.dtype, output_dir=str(self.tmp / "run"), hooks=self.registry.hooks)
+
+    def float_model(self):
+        """The tiny model in float32, unquantized."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return self._cached(
+            "float_model", lambda: AutoModelForCausalLM.from_pretrained(self.tiny_path, dtype=torch.float32).to(self.device).eval()
+        )
+
+    def quantized_model(self):
+        """The plugin's ``load(training=True)`` of the tiny model (loaded once per checker)."""
+        return self._cached(
+            "quantized",
+            lambda: self.plugin.load(self.tiny_path, self.resolved.quantizer_options, self.context(), training=True),
+        )
+
+    # ------------------------------------------------------------------ checks
+
+    def check_registration(self) -> dict:
+        """Found through the entry points, well-formed, light to import."""
+        from . import API_VERSION
+        from .api import Capabilities, QuantizerPlugin
+        from .registry import declared_api_version
+
+        plugin = self.plugin
+        source = self.registry.origins[("quantizer", self.name)]
+        if self.require_entry_point:
+            self.expect(
+                "(in-process)" not in source,
+                "registered in-process only; a package registers through [project.entry-points.qpeft] in pyproject.toml",
+            )
+        self.expect(isinstance(plugin, QuantizerPlugin), f"{type(plugin).__name__} is not a qpeft.api.QuantizerPlugin")
+        self.expect(plugin.api_version == API_VERSION, f"targets plugin API {plugin.api_version}, this qpeft has {API_VERSION}")
+        is_builtin = type(plugin).__module__.startswith("qpeft.")
+        self.expect(
+            is_builtin or declared_api_version(plugin) is not None,
+            f"does not state the plugin API it targets: set api_version = {API_VERSION} on {type(plugin).__name__}",
+        )
+        self.expect(isinstance(plugin.description, str) and plugin.description.strip() != "", "has no description (shown by `qpeft plugins`)")
+        caps = plugin.capabilities
+        self.expect(isinstance(caps, Capabilities), "capabilities is not a qpeft.api.Capabilities")
+        self.expect(bool(caps.devices) and set(caps.devices) <= {"cpu", "cuda"}, f"capabilities.devices {caps.devices!r}: use 'cpu' and/or 'cuda'")
+        self.expect(caps.trainable, "capabilities.trainable is False: the kit tests adapter training, which such a quantizer refuses")
+        self.expect(caps.bits is None or 0 < caps.bits <= 16, f"capabilities.bits {caps.bits!r}: bits per weight, or None for full precision")
+        self.expect(type(plugin).load is not QuantizerPlugin.load, "does not implement load()")
+        if caps.merge_source != "none":
+            self.expect(
+                type(plugin).full_precision_model is not QuantizerPlugin.full_precision_model,
+                f"merge_source is {caps.merge_source!r} but full_precision_model() is not implemented (declare merge_source='none' to refuse merges)",
+            )
+        module = type(plugin).__module__
+        heavy = []
+        if "(in-process)" not in source:
+            code = (
+                f"import importlib, json, sys; importlib.import_module({module!r}); "
+                f"print(json.dumps([m for m in {list(HEAVY_MODULES)!r} if m in sys.modules]))"
+            )
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            self.expect(proc.returncode == 0, f"importing {module} in a fresh interpreter failed: {proc.stderr.strip()[-400:]}")
+            heavy = json.loads(proc.stdout.strip().splitlines()[-1])
+            self.expect(
+                not heavy,
+                f"importing {module} imports {', '.join(heavy)}; import backend libraries inside load() so `qpeft plugins` and config checks stay fast",
+            )
+        return {"source": source, "api_version": plugin.api_version, "module": module}
+
+    def check_options_schema(self) -> dict:
+        """Options: validated, unknown keys refused by name, JSON schema, JSON round trip."""
+        from pydantic import BaseModel
+
+        from .api import Options
+        from .config import validate_options
+        from .errors import ConfigError
+
+        plugin = self.plugin
+        self.expect(isinstance(plugin.Options, type) and issubclass(plugin.Options, BaseModel), "Options is not a pydantic model")
+        self.expect(issubclass(plugin.Options, Options), "Options should subclass qpeft.api.Options (unknown keys are errors)")
+        try:
+            opts = validate_options(plugin, self.options, "quantizer.options")
+        except ConfigError as exc:
+            self.fail(f"the kit's options {self.options!r} do not validate: {exc}")
+        bogus = "qpeft_conformance_no_such_option"
+        try:
+            validate_options(plugin, {**self.options, bogus: 1}, "quantizer.options")
+        except ConfigError as exc:
+            self.expect(exc.key == f"quantizer.options.{bogus}", f"an unknown option was reported as {exc.key!r}")
+        else:
+            self.fail(f"the unknown option {bogus!r} was accepted; options models must forbid extra keys")
+        schema = plugin.Options.model_json_schema()
+        self.expect(schema.get("type") == "object", "Options' JSON schema is not an object")
+        dumped = opts.model_dump(mode="json")
+        json.dumps(dumped)  # qpeft writes it into qpeft.json beside every adapter
+        again = validate_options(plugin, dumped, "quantizer.options")
+        self.expect(again == opts, f"options do not survive a JSON round trip (saved in qpeft.json): {dumped!r}")
+        resolved = self.resolved  # resolve(): combination checks and plugin.check(), no weights
+        return {"fields": sorted(schema.get("properties", {})), "options": dumped, "device": resolved.device}
+
+    def check_load(self) -> dict:
+        """A causal LM with finite logits close to the float32 model; same linear targets."""
+        from transformers import PreTrainedModel
+
+        from .modeling import find_linear_targets
+
+        model = self.quantized_model()
+        self.expect(isinstance(model, PreTrainedModel), f"load() returned {type(model).__name__}, not a transformers PreTrainedModel")
+        full = self.float_model()
+        batch = _batch(full.config.vocab_size, _device_of(model))
+        got, want = _logits(model, batch), _logits(full, batch)
+        self.expect(got.shape == want.shape, f"logits shape {tuple(got.shape)} != {tuple(want.shape)}")
+        self.expect(bool(got.isfinite().all()), "logits are not finite")
+        rel = float((got - want).norm() / want.norm())
+        self.expect(rel <= self.logit_tolerance, f"logits are {rel:.3f} (relative L2) from the float32 model's (tolerance {self.logit_tolerance})")
+        self.expect(
+            find_linear_targets(model) == find_linear_targets(full),
+            f"LoRA's all-linear targets differ after quantizing: {find_linear_targets(model)} vs {find_linear_targets(full)}",
+        )
+        return {"logit_rel_err_vs_fp32": rel, "targets": find_linear_targets(model)}
+
+    def check_memory(self) -> dict:
+        """Bytes of the quantized linear layers vs float32, against ``capabilities.bits``."""
+        from .modeling import find_linear_targets, weight_memory_gib
+
+        model, full = self.quantized_model(), self.float_model()
+        targets = set(find_linear_targets(full))
+        q_layers = {n: m for n, m in linear_modules(model).items() if n.rsplit(".", 1)[-1] in targets}
+        f_layers = {n: m for n, m in linear_modules(full).items() if n.rsplit(".", 1)[-1] in targets}
+        self.expect(q_layers.keys() == f_layers.keys(), "the quantized model's linear layers are not the float model's")
+        q_bytes = sum(module_nbytes(m) for m in q_layers.values())
+        f_bytes = sum(module_nbytes(m) for m in f_layers.values())
+        ratio = q_bytes / f_bytes
+        bits = self.plugin.capabilities.bits
+        if bits is None:
+            self.expect(ratio > 0.99, f"capabilities.bits is None (full precision) but linear layers hold {ratio:.3f} of float32")
+        else:
+            lo, hi = bits / 32 * 0.9, bits / 32 * self.memory_slack + 0.01
+            self.expect(
+                lo <= ratio <= hi,
+                f"linear layers hold {q_bytes} B = {ratio:.3f} of float32 ({f_bytes} B); capabilities.bits={bits:g} "
+                f"expects {lo:.3f}..{hi:.3f}",
+            )
+        true_total = module_nbytes(model)
+        reported = weight_memory_gib(model) * 2**30
+        self.expect(
+            abs(reported - true_total) <= 0.05 * true_total,
+            f"qpeft would report {reported / 2**20:.3f} MiB of weights (model.get_memory_footprint()) but they hold "
+            f"{true_total / 2**20:.3f} MiB; make get_memory_footprint count the quantized storage",
+        )
+        return {"linear_bytes": q_bytes, "linear_bytes_fp32": f_bytes, "ratio": ratio, "model_bytes": true_total, "model_bytes_fp32": module_nbytes(full)}
+
+    def check_lora_gradients(self) -> dict:
+        """LoRA gradients through the quantized base equal those through a float32 model that
+        holds the quantized weights, after an eval forward + ``ensure_training_kernels``."""
+        import torch
+
+        from .modeling import freeze
+
+        plugin, opts = self.plugin, self.resolved.quantizer_options
+        lora = self.registry.get("peft", "lora")
+        lora_opts = lora.Options(r=4, alpha=8)
+        ctx = self.context()
+        model = plugin.load(self.tiny_path, opts, ctx, training=True)
+        weights = effective_weights(model)
+        ref = reference_model(self.tiny_path, weights).to(self.device)
+        batch = _batch(ref.config.vocab_size, _device_of(model), seed=1)
+
+        _logits(model, batch)  # what evaluation does before training: an eval-mode no-grad forward
+        plugin.ensure_training_kernels(model, opts)
+        model = plugin.prepare_for_training(model, opts, ctx, grad_checkpointing=True)
+        leaked = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.expect(not leaked, f"prepare_for_training left base parameters trainable: {leaked[:3]}")
+        freeze(ref)
+        pm, pr = lora.attach(model, lora_opts, ctx), lora.attach(ref, lora_opts, ctx)
+        _set_lora_weights(pm)
+        _set_lora_weights(pr)
+        got, want = _lora_grads(pm, batch), _lora_grads(pr, batch)
+        self.expect(got.keys() == want.keys() and len(want) > 0, "LoRA was attached to other layers than on the float model")
+        missing = [n for n, g in got.items() if g is None or not bool(g.abs().sum() > 0)]
+        self.expect(not missing, f"no gradient reached {len(missing)} LoRA parameters, e.g. {missing[0] if missing else ''}")
+        errors = {n: float((got[n] - want[n]).norm() / want[n].norm()) for n in want}
+        worst = max(errors, key=errors.get)
+        self.expect(
+            errors[worst] <= self.grad_tolerance,
+            f"LoRA gradients differ from the float32 reference holding the quantized weights: relative error "
+            f"{errors[worst]:.2e} at {worst} (tolerance {self.grad_tolerance:g})",
+        )
+        # For information: how far quantization moves gradients from the unquantized model's.
+        orig = self.float_model()
+        po = lora.attach(reference_model(self.tiny_path, {n: m.weight.detach().float().cpu() for n, m in linear_modules(orig).items()}).to(self.device), lora_opts, ctx)
+        _set_lora_weights(po)
+        vs_orig = _lora_grads(po, batch)
+        quant_effect = max(float((got[n] - vs_orig[n]).norm() / vs_orig[n].norm()) for n in vs_orig)
+        del pm, pr, po, model, ref
+        torch.manual_seed(0)
+        return {"grad_rel_err": errors[worst], "params": len(want), "grad_rel_err_vs_unquantized": quant_effect}
+
+    def _run(self) -> dict:
+        def make():
+            from . import orchestrator
+            from .registry import load_registry
+
+            watch = _BaseWatch()
+            registry = load_registry(self.plugins + (watch,))
+            resolved, registry = orchestrator.prepare(self.config_dict(), registry=registry)
+            summary = orchestrator.run(resolved, registry)
+            return {"summary": summary, "watch": watch}
+
+        return self._cached("run", make)
+
+    def check_train_save_reload(self) -> dict:
+        """``qpeft run`` on the tiny model: trains, leaves the base alone, reloads exactly."""
+        import torch
+
+        from .orchestrator import METADATA_FILE, resolve_from_adapter
+
+        self.resolved  # noqa: B018  (skips when the device is not supported)
+        state = self._run()
+        s, watch = state["summary"], state["watch"]
+        losses = [h["loss"] for h in s["loss_history"] if h.get("loss") is not None]
+        self.expect(len(losses) >= 2 and losses[-1] < losses[0], f"training loss did not go down: {losses}")
+        self.expect(watch.before is not None, "qpeft_on_model_loaded was not called")
+        after = _flat_state(watch.model)
+        self.expect(after.keys() == watch.before.keys(), f"base tensors changed names: {sorted(after.keys() ^ watch.before.keys())[:4]}")
+        changed = [k for k in after if not same_tensors(after[k], watch.before[k])]
+        self.expect(not changed, f"training changed base tensors: {changed[:4]}")
+        self.expect(
+            s["reload_max_abs_logit_diff"] <= self.reload_tolerance,
+            f"the saved adapter on a freshly loaded base gives logits {s['reload_max_abs_logit_diff']:.2e} from the trained "
+            f"model's (tolerance {self.reload_tolerance:g})",
+        )
+        adapter = Path(s.get("adapter_dir") or self.tmp / "run" / "adapter")
+        files = sorted(p.name for p in adapter.iterdir())
+        self.expect(not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))], f"pickle files in the adapter: {files}")
+        meta = json.loads((adapter / METADATA_FILE).read_text())
+        self.expect(meta["quantizer"]["name"] == self.name, f"qpeft.json names quantizer {meta['quantizer']['name']!r}")
+        rebuilt = resolve_from_adapter(adapter, self.registry)
+        self.expect(
+            rebuilt.quantizer_options == self.resolved.quantizer_options,
+            "the quantizer options saved in qpeft.json rebuild other options",
+        )
+        self.expect(s["generation"]["new_tokens"] > 0, "generation after reload produced no token")
+        return {
+            "losses": losses,
+            "reload_max_abs_logit_diff": s["reload_max_abs_logit_diff"],
+            "weight_memory_gib": s["weight_memory_gib"],
+            "train_seconds": s["train_seconds"],
+        }
+
+    def check_merge(self) -> dict:
+        """``qpeft merge``: a plain float model reproducing the adapter's logits, or a clear refusal."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from . import capability_table, orchestrator
+        from .errors import QpeftError
+
+        self.resolved  # noqa: B018
+        self._run()
+        adapter, out = self.tmp / "run" / "adapter", self.tmp / "merged"
+        cell = capability_table.cell(self.plugin, self.registry.get("peft", "lora"))
+        source = self.plugin.capabilities.merge_source
+        if not cell.merge:
+            try:
+                orchestrator.merge(str(adapter), str(out), self.registry)
+            except QpeftError as exc:
+                self.expect(self.name in str(exc), f"the merge refusal does not name the quantizer: {exc}")
+                self.expect(not out.exists(), "a refused merge left an output folder")
+                return {"merge": "refused", "reason": str(exc)}
+            self.fail(f"merge_source is {source!r}, yet qpeft merge did not refuse")
+        result = orchestrator.merge(str(adapter), str(out), self.registry, force=True)
+        bound = self.merge_tolerance if self.merge_tolerance is not None else MERGE_TOLERANCE[source]
+        self.expect(
+            result["max_abs_logit_diff"] <= bound,
+            f"the merged model's logits are {result['max_abs_logit_diff']:.2e} from the adapter on its quantized base "
+            f"(merge_source {source!r}, tolerance {bound:g})",
+        )
+        cfg = json.loads((out / "config.json").read_text())
+        self.expect("quantization_config" not in cfg, "the merged model still carries a quantization_config")
+        self.expect(not list(out.glob("*.bin")), "the merged model was saved with pickle files")
+        merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        odd = [n for n, p in merged.named_parameters() if type(p.data) is not torch.Tensor or not p.is_floating_point()]
+        self.expect(not odd, f"the merged model has non-float or subclassed weights: {odd[:3]}")
+        return {"merge": "ok", "merge_source": source, "max_abs_logit_diff": result["max_abs_logit_diff"], "base_path_diff": result["base_path_diff"]}
+
+    CHECKS: ClassVar[tuple[str, ...]] = (
+        "registration",
+        "options_schema",
+        "load",
+        "memory",
+        "lora_gradients",
+        "train_save_reload",
+        "merge",
+    )
+
+    def run_all(self) -> dict:
+        """Every check in order; returns ``{check: measurements}`` with each check's seconds
+        (the first failure raises)."""
+        import time
+
+        out = {}
+        for name in self.CHECKS:
+            t0 = time.perf_counter()
+            out[name] = getattr(self, f"check_{name}")()
+            out[name]["seconds"] = round(time.perf_counter() - t0, 2)
+        return out
+
+
+class _BaseWatch:
+    """A lifecycle plugin that snapshots the base model's tensors when the quantizer loaded it."""
+
+    model = None
+    before = None
+
+    @hookimpl
+    def qpeft_on_model_loaded(self, model, ctx):
+        """Remember the model and a copy of its tensors."""
+        self.model = model
+        self.before = _flat_state(model)
+
+
+def check_quantizer(quantizer: str, options: dict | None = None, **kwargs) -> dict:
+    """Run every conformance check on ``quantizer``; return ``{check: measurements}``.
+
+    Keyword arguments are those of :class:`QuantizerChecker` (device, tolerances, plugins...).
+    Raises :class:`ConformanceError` at the first check that fails.
+    """
+    checker = QuantizerChecker(quantizer, options, **kwargs)
+    try:
+        return checker.run_all()
+    finally:
+        checker.close()
+
+
+# ---------------------------------------------------------------------------- pytest base class
+
+
+class QuantizerConformance:
+    """Base class for a pytest (or unittest-style) conformance suite of one quantizer.
+
+    Subclass it in a class named ``Test...`` and set :attr:`quantizer`; override the other
+    class attributes to pass options or adjust tolerances (say why in a comment).
+    """
+
+    #: The quantizer name under test (what users write as ``quantizer.name``).
+    quantizer: ClassVar[str]
+    #: ``quantizer.options`` for every run of the kit.
+    options: ClassVar[dict] = {}
+    #: "cpu" or "cuda"; the kit always computes in float32 so comparisons are exact.
+    device: ClassVar[str] = "cpu"
+    #: A model folder to use instead of the kit's tiny Llama.
+    model_path: ClassVar[str | None] = None
+    #: Extra in-process plugins (with ``require_entry_point = False``) for unpackaged code.
+    plugins: ClassVar[tuple] = ()
+    require_entry_point: ClassVar[bool] = True
+    #: Max relative L2 error of LoRA gradients vs the float32 reference with the same weights.
+    grad_tolerance: ClassVar[float] = 1e-3
+    #: Max relative L2 distance of the quantized model's logits from the float32 model's.
+    logit_tolerance: ClassVar[float] = 0.5
+    #: Max |Δlogit| between the trained model and its saved adapter reloaded on a fresh base.
+    reload_tolerance: ClassVar[float] = 1e-3
+    #: Max |Δlogit| of a merged model vs the adapter on its quantized base (None: by merge_source).
+    merge_tolerance: ClassVar[float | None] = None
+    #: Linear-layer bytes may exceed ``bits / 32`` of float32 by this factor (scales, zero points).
+    memory_slack: ClassVar[float] = 1.3
+
+    _checkers: ClassVar[dict] = {}
+
+    @classmethod
+    def checker(cls) -> QuantizerChecker:
+        """The :class:`QuantizerChecker` shared by this class's tests (built on first use)."""
+        if cls not in QuantizerConformance._checkers:
+            QuantizerConformance._checkers[cls] = QuantizerChecker(
+                cls.quantizer,
+                cls.options,
+                device=cls.device,
+                model_path=cls.model_path,
+                plugins=cls.plugins,
+                require_entry_point=cls.require_entry_point,
+                grad_tolerance=cls.grad_tolerance,
+                logit_tolerance=cls.logit_tolerance,
+                reload_tolerance=cls.reload_tolerance,
+                merge_tolerance=cls.merge_tolerance,
+                memory_slack=cls.memory_slack,
+            )
+        return QuantizerConformance._checkers[cls]
+
+    @classmethod
+    def teardown_class(cls):
+        """Free the models and temporary files of this class's checks."""
+        checker = QuantizerConformance._checkers.pop(cls, None)
+        if checker is not None:
+            checker.close()
+
+    def _report(self, name: str, result: dict) -> None:
+        print(f"[{self.quantizer}] {name}: {json.dumps(result, default=str)}")
+
+    def test_registration(self):
+        """Registered through the entry points, well-formed, light to import."""
+        self._report("registration", self.checker().check_registration())
+
+    def test_options_schema(self):
+        """Options validate, refuse unknown keys by name, and survive JSON."""
+        self._report("options", self.checker().check_options_schema())
+
+    def test_load_tiny_model(self):
+        """load() gives a causal LM close to the float32 model."""
+        self._report("load", self.checker().check_load())
+
+    def test_weight_memory_saved(self):
+        """The quantized layers hold about bits/32 of float32's bytes, and qpeft reports it."""
+        self._report("memory", self.checker().check_memory())
+
+    def test_lora_gradients(self):
+        """LoRA gradients equal the full-precision reference's, after an eval forward."""
+        self._report("gradients", self.checker().check_lora_gradients())
+
+    def test_train_save_reload(self):
+        """qpeft run trains, leaves the base untouched, and reloads exactly."""
+        self._report("train/save/reload", self.checker().check_train_save_reload())
+
+    def test_merge(self):
+        """qpeft merge reproduces the adapter's logits, or refuses clearly."""
+        self._report("merge", self.checker().check_merge())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qpeft.testing NAME [--options JSON] [--device D]``: run the kit, print JSON."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m qpeft.testing", description="qpeft quantizer conformance kit")
+    parser.add_argument("quantizer")
+    parser.add_argument("--options", default="{}", help="quantizer.options as JSON")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        result = check_quantizer(args.quantizer, json.loads(args.options), device=args.device)
+    except ConformanceError as exc:
+        print(f"FAIL {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
