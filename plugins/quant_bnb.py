@@ -11,13 +11,22 @@ from pydantic import Field
 from qpeft import hookimpl
 from qpeft.api import Capabilities, Options, QuantizerPlugin
 from qpeft.errors import ConfigError
-from qpeft.modeling import load_causal_lm
+from qpeft.modeling import enable_gradient_checkpointing, freeze, load_causal_lm
 
 DTYPES = Literal["auto", "float32", "bfloat16", "float16"]
 INSTALL_HINT = "bitsandbytes is not installed: pip install 'qpeft[bnb]' (bitsandbytes>=0.49 has CPU and CUDA kernels)"
 
 
-class Bnb4bitPresetOptions(Options):
+class _PrepareOptions(Options):
+    #: Cast the non-quantized weights (embeddings, norms, output head) to float32 before
+    #: training, as peft's prepare_model_for_kbit_training does. "auto": only for float16
+    #: runs (whose range needs it); bfloat16 runs keep them in bfloat16 — they are frozen, and
+    #: float32 copies make the output head's matmul and the residual stream float32 (slower,
+    #: more memory) for no gain in the gradients of the adapter.
+    upcast_non_quantized: Literal["auto", True, False] = "auto"
+
+
+class Bnb4bitPresetOptions(_PrepareOptions):
     #: Quantize the quantization constants too (QLoRA's double quantization, ~0.4 bit/weight saved).
     double_quant: bool = True
     #: dtype of the matmuls; "auto" = the run's dtype (bfloat16 on modern GPUs, float32 on CPU).
@@ -32,9 +41,15 @@ class Bnb4bitOptions(Bnb4bitPresetOptions):
     quant_type: Literal["nf4", "fp4"] = "nf4"
 
 
-class Bnb8bitOptions(Options):
+class Bnb8bitOptions(_PrepareOptions):
     #: Outlier threshold of LLM.int8 (activations above it run in 16-bit).
     threshold: float = Field(6.0, ge=0)
+    #: How the 8-bit weights are multiplied. "int8": LLM.int8's int8 matmul with outlier
+    #: decomposition (activations quantized too). "dequantize": each weight is dequantized
+    #: row-wise to the compute dtype right before a 16-bit matmul and again in backward (never
+    #: stored): exact with respect to the int8 weights, several times faster to train on GPUs,
+    #: same weight memory. "auto": dequantize on CUDA, int8 on CPU.
+    matmul: Literal["auto", "int8", "dequantize"] = "auto"
     skip_modules: list[str] | None = None
     #: Keep modules that do not fit on the GPU in float32 on the CPU (CUDA only).
     cpu_offload: bool = False
@@ -56,13 +71,23 @@ class _BnbBase(QuantizerPlugin):
         _require_bnb()
 
     def prepare_for_training(self, model, options, ctx, *, grad_checkpointing):
-        from peft import prepare_model_for_kbit_training
+        upcast = options.upcast_non_quantized
+        if upcast == "auto":
+            upcast = ctx.dtype == "float16"
+        if upcast:
+            from peft import prepare_model_for_kbit_training
 
-        return prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=grad_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+            return prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=grad_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        # prepare_model_for_kbit_training without its float32 cast: freeze the base, and
+        # checkpoint with inputs that require grad so a frozen base back-propagates.
+        freeze(model)
+        if grad_checkpointing:
+            enable_gradient_checkpointing(model)
+        return model
 
     def full_precision_model(self, model, model_path, options, ctx):
         # Merging into the dequantized weights reproduces exactly what the adapter was
@@ -158,7 +183,84 @@ class Bnb8bit(_BnbBase):
             llm_int8_skip_modules=options.skip_modules,
             llm_int8_enable_fp32_cpu_offload=options.cpu_offload,
         )
-        return load_causal_lm(model_path, ctx, quantization_config=cfg)
+        model = load_causal_lm(model_path, ctx, quantization_config=cfg)
+        matmul = options.matmul if options.matmul != "auto" else ("dequantize" if ctx.device == "cuda" else "int8")
+        if matmul == "dequantize":
+            use_dequantize_matmul(model)
+        return model
+
+
+def use_dequantize_matmul(model) -> int:
+    """Make every bnb ``Linear8bitLt`` of ``model`` multiply with its int8 weight dequantized
+    to the compute dtype (see ``Bnb8bitOptions.matmul``); return the number of layers."""
+    import types
+
+    import bitsandbytes as bnb
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            module.forward = types.MethodType(_dequantize_forward, module)
+            n += 1
+    return n
+
+
+def _int8_parts(module):
+    """(int8 weight, row scales) of a Linear8bitLt, wherever bnb keeps them at this point."""
+    weight = module.weight
+    scb = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+    cb = weight.CB if getattr(weight, "CB", None) is not None else weight.data
+    return cb, scb
+
+
+def _dequantize_forward(self, x):
+    import torch
+
+    cb, scb = _int8_parts(self)
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    out = _Int8DequantizeMatmul.apply(x.to(dtype), cb, scb)
+    if self.bias is not None:
+        out = out + self.bias.to(out.dtype)
+    return out
+
+
+def _int8_dequantize(cb, scb, dtype):
+    # Row-wise: w = cb * scb / 127, computed in float32 and rounded once to the compute dtype.
+    return (cb.float() * (scb.float() / 127.0).unsqueeze(1)).to(dtype)
+
+
+def _autograd_function():
+    import torch
+
+    class Int8DequantizeMatmul(torch.autograd.Function):
+        """x @ dequantize(W).T, saving only the int8 weight for backward (the 16-bit copy is
+        made again there), so no dequantized weight outlives its matmul."""
+
+        @staticmethod
+        def forward(ctx, x, cb, scb):
+            ctx.save_for_backward(cb, scb)
+            with torch.autocast(x.device.type, enabled=False):
+                return torch.nn.functional.linear(x, _int8_dequantize(cb, scb, x.dtype))
+
+        @staticmethod
+        def backward(ctx, grad):
+            cb, scb = ctx.saved_tensors
+            with torch.autocast(grad.device.type, enabled=False):
+                return grad @ _int8_dequantize(cb, scb, grad.dtype), None, None
+
+    return Int8DequantizeMatmul
+
+
+class _LazyFunction:
+    fn = None
+
+    def apply(self, *args):
+        if self.fn is None:
+            self.fn = _autograd_function()
+        return self.fn.apply(*args)
+
+
+_Int8DequantizeMatmul = _LazyFunction()
 
 
 @hookimpl

@@ -25,7 +25,8 @@ class NativeOptions(TrainingOptions):
     #: "full": cross-entropy on the float32 logits of the whole batch (as the HF Trainer).
     #: "chunked": the output head and cross-entropy run on ``loss_chunk`` tokens at a time and
     #: are recomputed in the backward pass, so full-vocabulary logits never exist at once.
-    loss: Literal["full", "chunked"] = "full"
+    #: "auto": chunked on CUDA (memory), full on CPU.
+    loss: Literal["auto", "full", "chunked"] = "auto"
     loss_chunk: int = Field(1024, ge=16)
 
 
@@ -166,7 +167,7 @@ class NativeTrainer(TrainerPlugin):
         if ctx.resume_from:
             start = _load_state(Path(ctx.resume_from), trainable, optimizer, scheduler)
         head = wrapper = None
-        if options.loss == "chunked":
+        if options.loss == "chunked" or (options.loss == "auto" and ctx.device == "cuda"):
             wrapper, head = _passthrough_head(model)
         model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
         model.train()
