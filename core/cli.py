@@ -246,7 +246,8 @@ class _BenchDisplay:
         elif kind == "unsupported":
             say(f"  [yellow]–[/] {escape(self._name(event['labels']))}: not supported: {escape(event['reason'])}", highlight=False)
         elif kind == "done":
-            say(f"  [dim]✓ {escape(self._name(event['labels']))}: finished before ({event['record'].get('status')})[/]", highlight=False)
+            status = event["record"].get("status")
+            say(f"  [dim]{'✓' if status == 'ok' else '✗'} {escape(self._name(event['labels']))}: finished before ({status})[/]", highlight=False)
         elif kind == "start" and self.progress is not None:
             self.prefix = f"[{event['index']}/{event['total']}] {escape(self._name(event['labels']))}"
             self.cell_task = self.progress.add_task(f"{self.prefix}: starting", total=None)
@@ -277,6 +278,10 @@ class _BenchDisplay:
             self.progress = None
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 @bench_app.command("run")
 def bench_run(
     matrix: str = typer.Argument(..., help="Matrix YAML file (see configs/bench/)."),
@@ -295,7 +300,7 @@ def bench_run(
     from . import bench
 
     display = _BenchDisplay(console)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)  # e.g. `timeout`: stop the running cell, record nothing for it
     try:
         result = bench.run_matrix(matrix, out_dir=out_dir, only=only or [], rerun=rerun or [], retry_failed=retry_failed,
                                   dry_run=list_cells, stop_after_s=stop_after, on_event=display if not list_cells else bench._no_event,
@@ -309,10 +314,10 @@ def bench_run(
     display.close()
     if list_cells:
         table = Table(title=f"cells of {matrix} (results in {result['directory']})", title_justify="left")
-        table.add_column("cell")
-        table.add_column("would")
-        for cell_id, action in result["actions"]:
-            table.add_row(cell_id, action)
+        for col in ("cell", "would", "reason"):
+            table.add_column(col)
+        for cell_id, action, reason in result["actions"]:
+            table.add_row(cell_id, action, reason)
         out.print(table)
         return
     out.print(f"{result['ok']} ok, {result['failed']} failed, {result['unsupported']} not supported, "

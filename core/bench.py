@@ -1,0 +1,774 @@
+"""``qpeft bench``: a matrix of quantizer × PEFT method × trainer (× any config key) cells, each
+run in its own process, one comparable record per cell.
+
+A matrix file names a base run config and the axes to vary::
+
+    name: cpu-smoke
+    base: ../quickstart.yaml          # a run config (path relative to this file) or a mapping
+    set: [trainer.options.max_steps=4]  # overrides applied to every cell
+    axes:                             # config key -> values (a mapping gives each value a label)
+      quantizer: [none, bnb-nf4]
+      peft: [lora, prefix]
+      trainer.options.batch_size: {b2: 2, b4: 4}
+    exclude: [{quantizer: none, peft: prefix}]   # cells to leave out of the matrix
+    merge: true                       # also merge mergeable cells and measure max |Δlogit|
+
+Expansion reuses the run config's own machinery: a cell's config is the base with ``set`` and
+the cell's values applied as ``--set`` overrides (:func:`qpeft.config.apply_overrides`), and it
+is resolved with :func:`qpeft.config.resolve`, so a combination that capabilities rule out is
+listed as "not supported" with resolve's own reason, without a second copy of the rules.
+A value that is wrong whatever it is combined with (an unknown key, a backend that does not
+exist) is an error in the matrix: exit 2, naming ``axes.<key>``.
+
+Each supported cell runs ``python -m qpeft.bench CELL.json`` (:func:`cell_main`), which calls
+:func:`qpeft.orchestrator.run` (and ``merge``) and writes the cell's metrics; a crash or an
+out-of-memory in one cell is recorded and the others go on. Records are appended atomically
+to ``DIR/results.jsonl``; running the same command again skips finished cells.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import importlib.metadata
+import itertools
+import json
+import os
+import platform
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import (
+    apply_overrides,
+    load_config,
+    read_yaml,
+    resolve,
+    validate_options,
+    validation_error,
+)
+from .errors import ConfigError, QpeftError
+from .hookspecs import hookimpl
+from .io import atomic_write_json, atomic_write_text
+
+RESULTS_FILE = "results.jsonl"
+MATRIX_FILE = "matrix.json"
+EVENT_PREFIX = "@qpeft-bench "
+_BACKEND_KINDS = ("quantizer", "peft", "trainer")
+
+Event = Callable[[dict], None]
+
+
+def _no_event(event: dict) -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------- the matrix file
+
+
+class MatrixConfig(BaseModel):
+    """Top level of a ``qpeft bench`` matrix file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Names the default output folder ``runs/bench/<name>``.
+    name: str = Field("bench", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    description: str = ""
+    #: The base run config: a YAML file (relative to the matrix file) or an inline mapping.
+    base: str | dict[str, Any]
+    #: ``key.path=value`` overrides applied to every cell (before the axes).
+    set: list[str] = Field(default_factory=list)
+    #: Config key -> values. A list labels each value by itself (a backend by its name); a
+    #: mapping gives ``label: value``.
+    axes: dict[str, list[Any] | dict[str, Any]] = Field(min_length=1)
+    #: Partial cells (``{axis: label or [labels]}``, glob patterns allowed) left out of the matrix.
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
+    #: Merge the adapter of every mergeable cell and record the max |Δlogit| of the merge.
+    merge: bool = True
+    #: dtype the merged model is computed in and checked in (it is deleted afterwards).
+    merge_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    #: A cell still running after this many seconds is stopped and recorded as failed.
+    timeout_s: float | None = Field(None, gt=0)
+    #: Results folder (default ``runs/bench/<name>``); ``--out`` overrides it.
+    output_dir: str | None = None
+
+
+@dataclass
+class Cell:
+    """One combination of axis values, expanded and resolved (no weights loaded)."""
+
+    id: str
+    labels: dict[str, str]
+    #: The cell's ``key=value`` overrides (``set`` first, then the axes), without output_dir.
+    overrides: list[str]
+    slug: str
+    #: The run config as a mapping, output_dir included.
+    config: dict
+    #: "pending" (supported) or "unsupported".
+    status: str = "pending"
+    reason: str = ""
+    #: Hash of the resolved config (output_dir left out): a finished record counts only if it matches.
+    fingerprint: str = ""
+    mergeable: bool = False
+    device: str = ""
+
+
+@dataclass
+class Matrix:
+    """A loaded matrix: its file, its validated content and the base run config after ``set``."""
+
+    path: Path
+    config: MatrixConfig
+    base: dict
+    axes: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)
+
+
+def load_matrix(path: str | Path) -> Matrix:
+    """Read and validate a matrix file; every error is a ConfigError naming the key."""
+    path = Path(path)
+    data = read_yaml(path)
+    try:
+        cfg = MatrixConfig.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, MatrixConfig) from None
+    if isinstance(cfg.base, str):
+        base_path = (path.parent / cfg.base) if not Path(cfg.base).is_absolute() else Path(cfg.base)
+        try:
+            base = read_yaml(base_path)
+        except ConfigError as exc:
+            raise ConfigError("base", exc.message) from None
+    else:
+        base = dict(cfg.base)
+    try:
+        base = apply_overrides(base, cfg.set)
+    except ConfigError as exc:
+        raise ConfigError("set", str(exc)) from None
+    for key, values in cfg.axes.items():
+        if any(not part or not re.fullmatch(r"[A-Za-z0-9_-]+", part) for part in key.split(".")):
+            raise ConfigError(f"axes.{key}", "is not a config key path like trainer.options.batch_size")
+        if key == "output_dir":
+            raise ConfigError("axes.output_dir", "cannot be an axis: qpeft bench gives every cell its own output_dir")
+        if not values:
+            raise ConfigError(f"axes.{key}", "has no values")
+    axes = {key: axis_values(key, values) for key, values in cfg.axes.items()}
+    axis_keys = list(axes)
+    for i, rule in enumerate(cfg.exclude):
+        for key in rule:
+            if _axis_for(key, axis_keys) is None:
+                raise ConfigError(f"exclude[{i}]", f"unknown axis {key!r}; axes: {', '.join(map(axis_title, axis_keys))}")
+    return Matrix(path, cfg, base, axes)
+
+
+def axis_values(key: str, values: list | dict) -> list[tuple[str, Any]]:
+    """(label, value) pairs of one axis; labels must be unique within it."""
+    if isinstance(values, dict):
+        pairs = [(str(label), value) for label, value in values.items()]
+    else:
+        pairs = [(_label(v), v) for v in values]
+        names = [v["name"] if isinstance(v, dict) and isinstance(v.get("name"), str) else None for v in values]
+        # A backend with options is labelled by its name when no other value of the axis has that name.
+        pairs = [(n if n and names.count(n) == 1 else label, v) for (label, v), n in zip(pairs, names)]
+    seen: set[str] = set()
+    for label, _ in pairs:
+        if label in seen:
+            raise ConfigError(f"axes.{key}", f"two values have the label {label!r}; give labels as a mapping (label: value)")
+        seen.add(label)
+    return pairs
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return str(value)
+
+
+def _override(key: str, value: Any) -> str:
+    """``key=value`` in the form :func:`qpeft.config.parse_override` reads (JSON is YAML)."""
+    return f"{key}={json.dumps(value)}"
+
+
+def axis_title(key: str) -> str:
+    """How an axis is shown and selected: ``trainer.name`` is ``trainer``."""
+    return key.removesuffix(".name")
+
+
+def _axis_for(key: str, axis_keys: list[str]) -> str | None:
+    """The axis a selector or exclude rule names: its key, its title (``trainer`` for
+    ``trainer.name``), or its last part when that is unique."""
+    for axis in axis_keys:
+        if key in (axis, axis_title(axis)):
+            return axis
+    matches = [a for a in axis_keys if a.rsplit(".", 1)[-1] == key]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _check_schema(data: dict, registry, key: str) -> None:
+    """Errors that no combination can fix: the config's schema, backend names, option keys."""
+    try:
+        cfg = load_config(data)
+        for kind in _BACKEND_KINDS:
+            ref = getattr(cfg, kind)
+            validate_options(registry.get(kind, ref.name), ref.options, f"{kind}.options")
+    except ConfigError as exc:
+        raise ConfigError(key, str(exc)) from None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:120] or "cell"
+
+
+def _fingerprint(data: dict) -> str:
+    data = {k: v for k, v in data.items() if k != "output_dir"}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def expand(matrix: Matrix, registry, directory: Path) -> list[Cell]:
+    """Every cell of the matrix in axis order (``exclude`` left out), each resolved: supported
+    cells are "pending", the others "unsupported" with the reason resolve gave."""
+    from . import capability_table
+
+    cfg = matrix.config
+    _check_schema(matrix.base, registry, "base")
+    for key, pairs in matrix.axes.items():
+        for label, value in pairs:
+            _check_schema(apply_overrides(matrix.base, [_override(key, value)]), registry, f"axes.{key}[{label}]")
+
+    keys = list(matrix.axes)
+    # Whole sections (``peft``) before keys inside them (``peft.options.r``), so both apply.
+    order = sorted(range(len(keys)), key=lambda i: keys[i].count("."))
+    cells: list[Cell] = []
+    slugs: set[str] = set()
+    for combo in itertools.product(*(matrix.axes[k] for k in keys)):
+        labels = {k: label for k, (label, _) in zip(keys, combo)}
+        if any(_excluded(rule, labels, keys) for rule in cfg.exclude):
+            continue
+        overrides = [_override(keys[i], combo[i][1]) for i in order]
+        cell_id = ",".join(f"{axis_title(k)}={labels[k]}" for k in keys)
+        slug = base_slug = _slug("__".join(labels.values()))
+        n = 2
+        while slug in slugs:
+            slug, n = f"{base_slug}-{n}", n + 1
+        slugs.add(slug)
+        run_dir = directory / "cells" / slug / "run"
+        data = apply_overrides(matrix.base, overrides + [_override("output_dir", str(run_dir))])
+        cell = Cell(cell_id, labels, list(cfg.set) + overrides, slug, data)
+        try:
+            resolved = resolve(load_config(data), registry)
+        except ConfigError as exc:
+            cell.status, cell.reason = "unsupported", str(exc)
+            cell.fingerprint = _fingerprint(data)
+        else:
+            cell.fingerprint = _fingerprint(resolved.to_dict())
+            cell.mergeable = capability_table.cell(resolved.quantizer, resolved.peft).merge
+            cell.device = resolved.device
+        cells.append(cell)
+    return cells
+
+
+def _excluded(rule: dict, labels: dict[str, str], keys: list[str]) -> bool:
+    for key, want in rule.items():
+        axis = _axis_for(key, keys)
+        wants = want if isinstance(want, list) else [want]
+        if not any(fnmatch.fnmatchcase(labels[axis], _label(w) if not isinstance(w, str) else w) for w in wants):
+            return False
+    return True
+
+
+def select(cells: list[Cell], patterns: list[str] | tuple[str, ...], option: str = "--only") -> list[Cell]:
+    """Cells matching any pattern. A pattern is comma-separated terms that must all match:
+    ``axis=glob`` (axis by full key or last part) or a glob on the cell id or folder name."""
+    if not patterns:
+        return list(cells)
+    keys = list(cells[0].labels) if cells else []
+    chosen: list[Cell] = []
+    for pattern in patterns:
+        terms = [t.strip() for t in pattern.split(",") if t.strip()]
+        hits = []
+        for cell in cells:
+            ok = True
+            for term in terms:
+                if "=" in term:
+                    key, glob = term.split("=", 1)
+                    axis = _axis_for(key.strip(), keys)
+                    if axis is None:
+                        raise QpeftError(f"{option} {pattern!r}: unknown axis {key.strip()!r}; axes: {', '.join(map(axis_title, keys))}")
+                    ok = fnmatch.fnmatchcase(cell.labels[axis], glob.strip())
+                else:
+                    ok = fnmatch.fnmatchcase(cell.id, term) or fnmatch.fnmatchcase(cell.slug, term)
+                if not ok:
+                    break
+            if ok:
+                hits.append(cell)
+        if not hits:
+            raise QpeftError(f"{option} {pattern!r} matches no cell of the matrix")
+        chosen.extend(c for c in hits if c not in chosen)
+    return [c for c in cells if c in chosen]
+
+
+# ---------------------------------------------------------------------------- results file
+
+
+def read_records(directory: str | Path) -> list[dict]:
+    """Every record of ``DIR/results.jsonl`` in order (an unparsable line is skipped)."""
+    path = Path(directory) / RESULTS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "cell" in record:
+            records.append(record)
+    return records
+
+
+def latest_records(records: list[dict]) -> dict[str, dict]:
+    """The newest record of each cell, in the order cells first appear."""
+    latest: dict[str, dict] = {}
+    for r in records:
+        latest[r["cell"]] = r
+    return latest
+
+
+def append_record(directory: str | Path, record: dict) -> None:
+    """Append one JSON line to ``DIR/results.jsonl`` atomically: the file is rewritten to a
+    temp file and renamed, so a reader or a crash never sees half a line."""
+    path = Path(directory) / RESULTS_FILE
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if old and not old.endswith("\n"):
+        old += "\n"
+    atomic_write_text(path, old + json.dumps(record, sort_keys=False, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def _lock(directory: Path):
+    """One ``qpeft bench`` per results folder at a time."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".bench.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise QpeftError(f"another qpeft bench is writing to {directory}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def output_directory(matrix: Matrix, out_dir: str | Path | None = None) -> Path:
+    """Where results go: ``--out``, else the matrix's ``output_dir``, else ``runs/bench/<name>``."""
+    return Path(out_dir or matrix.config.output_dir or f"runs/bench/{matrix.config.name}")
+
+
+def plan(cells: list[Cell], latest: dict[str, dict], rerun: set[str], retry_failed: bool) -> list[tuple[Cell, str]]:
+    """(cell, action) with action "run", "done" (a matching finished record exists) or
+    "unsupported"."""
+    actions = []
+    for cell in cells:
+        prev = latest.get(cell.id)
+        if cell.status == "unsupported":
+            action = "unsupported"
+        elif cell.id in rerun:
+            action = "run"
+        elif prev and prev.get("fingerprint") == cell.fingerprint and (
+            prev.get("status") == "ok" or (prev.get("status") == "failed" and not retry_failed)
+        ):
+            action = "done"
+        else:
+            action = "run"
+        actions.append((cell, action))
+    return actions
+
+
+def run_matrix(
+    matrix_path: str | Path,
+    *,
+    out_dir: str | Path | None = None,
+    only: list[str] | tuple[str, ...] = (),
+    rerun: list[str] | tuple[str, ...] = (),
+    retry_failed: bool = False,
+    dry_run: bool = False,
+    stop_after_s: float | None = None,
+    on_event: Event = _no_event,
+    command: str = "",
+    registry=None,
+    python: str = sys.executable,
+) -> dict:
+    """Expand the matrix, record unsupported cells, run the others one process each; return
+    counts and the results folder. ``only`` selects cells, ``rerun`` runs finished cells again,
+    ``retry_failed`` runs failed ones again; ``stop_after_s`` starts no cell after that long."""
+    from .registry import load_registry
+
+    matrix = load_matrix(matrix_path)
+    registry = registry or load_registry()
+    directory = output_directory(matrix, out_dir)
+    cells = expand(matrix, registry, directory)
+    selected = select(cells, only, "--only")
+    forced = {c.id for c in select(cells, rerun, "--rerun")} if rerun else set()
+    counts = {"cells": len(cells), "selected": len(selected), "ok": 0, "failed": 0, "unsupported": 0, "done": 0, "not_started": 0}
+
+    def announce(actions):
+        on_event({"type": "plan", "directory": str(directory), "matrix": matrix.config.name,
+                  "cells": [{"cell": c.id, "labels": c.labels, "action": a, "reason": c.reason} for c, a in actions]})
+
+    if dry_run:
+        actions = plan(selected, latest_records(read_records(directory)), forced, retry_failed)
+        announce(actions)
+        return {"directory": str(directory), "actions": [(c.id, a, c.reason) for c, a in actions], **counts}
+
+    started = time.monotonic()
+    with _lock(directory):
+        latest = latest_records(read_records(directory))
+        actions = plan(selected, latest, forced, retry_failed)
+        announce(actions)
+        to_run, index = sum(1 for _, a in actions if a == "run"), 0
+        atomic_write_json(directory / MATRIX_FILE, {
+            "name": matrix.config.name,
+            "description": matrix.config.description,
+            "matrix_file": str(matrix.path),
+            "axes": {k: [label for label, _ in pairs] for k, pairs in matrix.axes.items()},
+            "cells": [c.id for c in cells],
+            "base": matrix.base,
+        })
+        commit = _git_commit(matrix.path)
+        for cell, action in actions:
+            prev = latest.get(cell.id)
+            if action == "unsupported":
+                counts["unsupported"] += 1
+                if not (prev and prev.get("status") == "unsupported" and prev.get("reason") == cell.reason):
+                    record = _base_record(cell, matrix, command, commit)
+                    record.update(status="unsupported", reason=cell.reason)
+                    append_record(directory, record)
+                on_event({"type": "unsupported", "cell": cell.id, "labels": cell.labels, "reason": cell.reason})
+                continue
+            if action == "done":
+                counts["done"] += 1
+                on_event({"type": "done", "cell": cell.id, "labels": cell.labels, "record": prev})
+                continue
+            if stop_after_s is not None and time.monotonic() - started > stop_after_s:
+                counts["not_started"] += 1
+                continue
+            index += 1
+            on_event({"type": "start", "cell": cell.id, "labels": cell.labels, "index": index, "total": to_run})
+            outcome = run_cell(cell, matrix, directory, on_event=on_event, python=python)
+            record = {**_base_record(cell, matrix, command, commit), **outcome}
+            append_record(directory, record)
+            counts[record["status"]] += 1
+            on_event({"type": "end", "cell": cell.id, "labels": cell.labels, "record": record})
+    return {"directory": str(directory), **counts}
+
+
+def _base_record(cell: Cell, matrix: Matrix, command: str, commit: str | None) -> dict:
+    return {
+        "cell": cell.id,
+        "labels": cell.labels,
+        "matrix": matrix.config.name,
+        "fingerprint": cell.fingerprint,
+        "overrides": cell.overrides,
+        "command": command,
+        "qpeft_commit": commit,
+        "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _git_commit(path: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=path.resolve().parent,
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def child_environment() -> dict[str, str]:
+    """The environment a cell process runs with: offline, quiet, unbuffered (as ``qpeft run``)."""
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if env.get("QPEFT_ALLOW_HUB") != "1":
+        env.setdefault("HF_HUB_OFFLINE", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_cell(cell: Cell, matrix: Matrix, directory: Path, *, on_event: Event = _no_event, python: str = sys.executable) -> dict:
+    """Run one cell in a fresh process; return its record (status "ok" or "failed").
+
+    The process's stderr goes to ``cells/<slug>/log.txt``; its stdout carries progress events
+    (lines starting with ``@qpeft-bench``) that are passed to ``on_event``. An interrupt of this
+    process stops the cell and records nothing, so the next run starts it again."""
+    cell_dir = directory / "cells" / cell.slug
+    if cell_dir.exists():
+        shutil.rmtree(cell_dir)  # leftovers of an earlier attempt
+    cell_dir.mkdir(parents=True)
+    result_path = cell_dir / "result.json"
+    spec = {
+        "cell": cell.id,
+        "config": cell.config,
+        "merge": bool(matrix.config.merge and cell.mergeable),
+        "merge_dtype": matrix.config.merge_dtype,
+        "result": str(result_path),
+    }
+    atomic_write_json(cell_dir / "cell.json", spec)
+    log_path = cell_dir / "log.txt"
+    timeout = matrix.config.timeout_s
+    events: queue.Queue = queue.Queue()
+    t0 = time.monotonic()
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [python, "-m", "qpeft.bench", str(cell_dir / "cell.json")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+            env=child_environment(), start_new_session=True,
+        )
+        reader = threading.Thread(target=_read_events, args=(proc.stdout, log, events), daemon=True)
+        reader.start()
+        timed_out = False
+        try:
+            while True:
+                try:
+                    event = events.get(timeout=0.5)
+                except queue.Empty:
+                    event = None
+                if event is not None:
+                    on_event({"type": "progress", "cell": cell.id, **event})
+                    continue
+                if proc.poll() is not None and not reader.is_alive():
+                    break
+                if timeout and time.monotonic() - t0 > timeout and not timed_out:
+                    timed_out = True
+                    _kill(proc)
+        except BaseException:
+            _kill(proc)
+            raise
+        reader.join(timeout=5)
+    wall = time.monotonic() - t0
+    record: dict[str, Any] = {"wall_seconds": round(wall, 1), "returncode": proc.returncode,
+                              "log": str(log_path.relative_to(directory))}
+    if proc.returncode == 0 and result_path.is_file():
+        result = json.loads(result_path.read_text(encoding="utf-8"))
+        record.update(status="ok", metrics=result["metrics"], environment=result["environment"])
+    else:
+        error = _failure(proc.returncode, log_path, timed_out, timeout)
+        record.update(status="failed", error=error, oom=_is_oom(error))
+    return record
+
+
+def _read_events(stream, log, events: queue.Queue) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode("utf-8", errors="replace")
+        if line.startswith(EVENT_PREFIX):
+            try:
+                events.put(json.loads(line[len(EVENT_PREFIX):]))
+                continue
+            except json.JSONDecodeError:
+                pass
+        log.write(raw)
+        log.flush()
+    stream.close()
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Stop a cell process and everything it started."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*|error: .+)$")
+
+
+def _failure(rc: int | None, log_path: Path, timed_out: bool, timeout: float | None) -> str:
+    """One line saying why a cell failed: timeout, signal, or the exception that ended it."""
+    if timed_out:
+        return f"timed out after {timeout:g} s"
+    lines = [l.strip() for l in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if l.strip()]
+    if rc is not None and rc < 0:
+        name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
+        hint = " (the system's out-of-memory killer?)" if -rc == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    found = next((l for l in reversed(lines) if _EXCEPTION_LINE.match(l)), None)
+    message = found or (lines[-1] if lines else f"exit status {rc}, no output")
+    return message.removeprefix("error: ")[:500]
+
+
+def _is_oom(error: str) -> bool:
+    e = error.lower()
+    return "out of memory" in e or "outofmemory" in e or "out-of-memory" in e
+
+
+# ---------------------------------------------------------------------------- the cell process
+
+
+SUMMARY_METRICS = (
+    "device", "device_name", "dtype", "gradient_checkpointing",
+    "load_seconds", "weight_memory_gib", "peak_allocated_gib", "peak_reserved_gib", "peak_rss_gib",
+    "trainable_params", "total_params", "trainable_percent",
+    "train_steps", "train_tokens", "train_seconds", "tokens_per_s",
+    "warmup_steps", "tokens_per_s_after_warmup", "step_seconds_after_warmup", "train_loss",
+    "val_tokens", "val_loss_before", "val_loss_after", "val_perplexity_before", "val_perplexity_after",
+    "reload_max_abs_logit_diff", "adapter_bytes",
+)
+
+
+def cell_metrics(summary: dict, merge: dict | None) -> dict:
+    """The flat metrics of one cell from the run summary and the merge result."""
+    metrics = {k: summary[k] for k in SUMMARY_METRICS if k in summary}
+    gen = summary.get("generation") or {}
+    metrics["generation_tokens_per_s"] = round(gen["tokens_per_s"], 2) if "tokens_per_s" in gen else None
+    metrics["generation_new_tokens"] = gen.get("new_tokens")
+    if merge:
+        metrics["merge_max_abs_logit_diff"] = merge["max_abs_logit_diff"]
+        metrics["merge_base_path_diff"] = merge.get("base_path_diff")
+        metrics["merge_seconds"] = merge.get("seconds")
+        metrics["merge_dtype"] = merge.get("dtype")
+    return metrics
+
+
+def environment() -> dict:
+    """Device, driver and library versions of this process's machine."""
+    import torch
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    for dist in ("qpeft", "transformers", "peft", "accelerate", "bitsandbytes", "gptqmodel", "optimum", "safetensors"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            env[dist] = importlib.metadata.version(dist)
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   gpu_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda, driver=_nvidia_driver())
+    return env
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+class _StepEvents:
+    """Lifecycle plugin of the cell process: each logged step as a progress event."""
+
+    def __init__(self, emit: Callable[[dict], None]):
+        self.emit = emit
+
+    @hookimpl
+    def qpeft_on_step_end(self, step, max_steps, logs, ctx):
+        """Send the step, the planned number of steps, the loss and the tokens seen."""
+        self.emit({"kind": "step", "step": int(step), "max_steps": int(max_steps),
+                   "loss": float(logs.get("loss", float("nan"))), "tokens": int(logs.get("tokens", 0))})
+
+
+def cell_main(argv: list[str] | None = None) -> int:
+    """Entry of a cell process (``python -m qpeft.bench CELL.json``): run, merge where asked,
+    write the metrics to the spec's ``result`` path. Exit 0 on success, 2 on a qpeft error
+    (one line), 1 on a crash (traceback in the log)."""
+    import gc
+    import logging
+    import traceback
+    import warnings
+
+    args = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(args[0]).read_text(encoding="utf-8"))
+    os.environ.update({k: v for k, v in child_environment().items() if k not in os.environ})
+    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    start = time.perf_counter()
+
+    def emit(event: dict) -> None:
+        sys.stdout.write(EVENT_PREFIX + json.dumps(event) + "\n")
+        sys.stdout.flush()
+
+    def say(msg: str) -> None:
+        text = re.sub(r"\[/?[a-z ]*\]", "", msg)  # rich markup the orchestrator uses
+        print(f"{time.perf_counter() - start:7.1f}s {text}", file=sys.stderr, flush=True)
+        emit({"kind": "message", "text": text})
+
+    try:
+        from . import orchestrator
+        from .registry import load_registry
+
+        resolved, registry = orchestrator.prepare(spec["config"], registry=load_registry([_StepEvents(emit)]))
+        summary = orchestrator.run(resolved, registry, say=say)
+        merge = None
+        if spec.get("merge"):
+            gc.collect()
+            _empty_cuda_cache()
+            say("merging the adapter to measure the merge's max |Δlogit|")
+            merged_dir = Path(resolved.config.output_dir) / "merged"
+            t0 = time.perf_counter()
+            merge = orchestrator.merge(str(Path(resolved.config.output_dir) / "adapter"), str(merged_dir), registry,
+                                       force=True, dtype=spec.get("merge_dtype", "float32"), say=say)
+            merge["seconds"] = round(time.perf_counter() - t0, 2)
+            shutil.rmtree(merged_dir, ignore_errors=True)  # the Δ is the measurement; the weights are not kept
+        atomic_write_json(spec["result"], {"cell": spec["cell"], "metrics": cell_metrics(summary, merge), "environment": environment()})
+        return 0
+    except QpeftError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except BaseException:  # noqa: BLE001 - recorded by the parent from this traceback
+        traceback.print_exc()
+        sys.stderr.flush()
+        return 1
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    sys.exit(cell_main())

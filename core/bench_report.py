@@ -1,0 +1,309 @@
+"""``qpeft bench report DIR``: the newest record of every cell in ``DIR/results.jsonl`` as a
+Markdown table (``report.md``), a CSV (``results.csv``) and two PNG plots (matplotlib):
+peak memory vs training tokens/s, and validation perplexity vs base weight memory."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from .bench import (
+    MATRIX_FILE,
+    RESULTS_FILE,
+    SUMMARY_METRICS,
+    axis_title,
+    latest_records,
+    read_records,
+)
+from .errors import QpeftError
+from .io import atomic_write_text
+
+REPORT_MD = "report.md"
+REPORT_CSV = "results.csv"
+PLOT_SPEED = "memory_vs_tokens_per_s.png"
+PLOT_QUALITY = "quality_vs_memory.png"
+
+ENV_ROWS = (
+    ("gpu", "GPU"), ("gpu_memory_gib", "GPU memory (GiB)"), ("driver", "NVIDIA driver"), ("cuda", "CUDA (torch build)"),
+    ("cpu", "CPU"), ("cpu_count", "CPU cores"), ("torch_threads", "torch threads"), ("platform", "platform"),
+    ("python", "Python"), ("torch", "torch"), ("transformers", "transformers"), ("peft", "peft"),
+    ("accelerate", "accelerate"), ("bitsandbytes", "bitsandbytes"), ("gptqmodel", "gptqmodel"), ("optimum", "optimum"),
+    ("qpeft", "qpeft"),
+)
+
+METRIC_NOTES = """\
+* **tokens/s**: training tokens (non-padding) per second after warm-up: the first fifth of the
+  logged steps (1 to 10) is left out; **step s** is the mean optimizer-step time over the same steps.
+* **peak memory**: on CUDA, `torch.cuda.max_memory_allocated` / `max_memory_reserved` during
+  training; on CPU, the cell process's peak RSS (loading included).
+* **weights**: memory held by the loaded base model's parameters and buffers (what quantization shrinks).
+* **load s**: loading (and quantizing) the base model.
+* **val ppl**: validation perplexity on the label tokens, before and after training.
+* **gen tok/s**: greedy generation with the saved adapter reloaded on a fresh quantized base.
+* **adapter MiB**: the saved adapter folder on disk (safetensors + configs).
+* **merge Δ**: max |Δlogit| between the merged full-precision model and the adapter on its
+  quantized base ("n/m": the method or quantizer cannot merge).
+"""
+
+
+def load(directory: str | Path) -> tuple[dict, list[dict]]:
+    """The matrix description (``matrix.json``, may be empty) and the newest record of each
+    cell, in the matrix's cell order (cells of earlier matrix versions after them)."""
+    directory = Path(directory)
+    if not (directory / RESULTS_FILE).is_file():
+        raise QpeftError(f"{directory} has no {RESULTS_FILE}: run `qpeft bench MATRIX.yaml --out {directory}` first")
+    meta: dict = {}
+    if (directory / MATRIX_FILE).is_file():
+        try:
+            meta = json.loads((directory / MATRIX_FILE).read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            meta = {}
+    records = read_records(directory)
+    latest = latest_records(records)
+    order = [c for c in meta.get("cells", []) if c in latest]
+    order += [c for c in latest if c not in order]
+    rows = [latest[c] for c in order]
+    for row in rows:
+        row["_commands"] = sorted({r.get("command", "") for r in records if r["cell"] == row["cell"] and r.get("command")})
+    return meta, rows
+
+
+def _axes(meta: dict, rows: list[dict]) -> list[str]:
+    keys = list(meta.get("axes", {}))
+    for r in rows:
+        keys += [k for k in r.get("labels", {}) if k not in keys]
+    return keys
+
+
+def _fmt(value: Any, spec: str = ".3g") -> str:
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        return format(value, spec)
+    return str(value)
+
+
+def _ppl(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.2f}"
+
+
+def _peak(m: dict) -> float | None:
+    """Peak training memory in GiB: reserved on CUDA, RSS on CPU."""
+    for key in ("peak_reserved_gib", "peak_rss_gib", "peak_allocated_gib"):
+        if m.get(key) is not None:
+            return m[key]
+    return None
+
+
+def _tokens_per_s(m: dict) -> float | None:
+    return m.get("tokens_per_s_after_warmup") if m.get("tokens_per_s_after_warmup") is not None else m.get("tokens_per_s")
+
+
+def _peak_text(m: dict) -> str:
+    if m.get("peak_allocated_gib") is not None:
+        return f"{m['peak_allocated_gib']:.2f} / {m.get('peak_reserved_gib', 0):.2f}"
+    if m.get("peak_rss_gib") is not None:
+        return f"{m['peak_rss_gib']:.2f} (RSS)"
+    return "–"
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(meta: dict, rows: list[dict], plots: list[str], directory: Path, plot_note: str = "") -> str:
+    """The report as Markdown."""
+    axes = _axes(meta, rows)
+    ok = [r for r in rows if r.get("status") == "ok"]
+    failed = [r for r in rows if r.get("status") == "failed"]
+    unsupported = [r for r in rows if r.get("status") == "unsupported"]
+    name = meta.get("name") or (rows[0].get("matrix") if rows else "") or directory.name
+    lines = [f"# qpeft bench: {name}", ""]
+    if meta.get("description"):
+        lines += [meta["description"].strip(), ""]
+    commands = []
+    for r in rows:
+        commands += [c for c in r["_commands"] if c not in commands]
+    if commands:
+        lines += ["Produced by:", "", "```bash", *commands, f"qpeft bench report {directory}", "```", ""]
+    lines += [f"{len(rows)} cells: {len(ok)} ok, {len(failed)} failed, {len(unsupported)} not supported.", ""]
+
+    envs = [r.get("environment") or {} for r in ok]
+    if envs:
+        lines += ["## Environment", "", "| | |", "|---|---|"]
+        for key, title in ENV_ROWS:
+            values = sorted({str(e[key]) for e in envs if e.get(key) is not None})
+            if values:
+                lines.append(f"| {title} | {_md_escape(', '.join(values))} |")
+        commits = sorted({r.get("qpeft_commit") for r in ok if r.get("qpeft_commit")})
+        if commits:
+            lines.append(f"| qpeft commit | {', '.join(commits)} |")
+        devices = sorted({f"{r['metrics'].get('device')} ({r['metrics'].get('dtype')})" for r in ok})
+        lines += [f"| device (dtype) | {', '.join(devices)} |", ""]
+
+    if ok or failed:
+        on_cuda = any(r.get("metrics", {}).get("peak_allocated_gib") is not None for r in ok)
+        peak_title = "peak alloc / reserved GiB" if on_cuda else "peak GiB"
+        header = [*map(axis_title, axes), "status", "tokens/s", "step s", peak_title, "weights GiB", "load s", "trainable",
+                  "val ppl before → after", "gen tok/s", "adapter MiB", "merge Δ", "wall s"]
+        lines += ["## Results", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for r in ok + failed:
+            labels = [_md_escape(r.get("labels", {}).get(a, "")) for a in axes]
+            if r.get("status") != "ok":
+                err = "OOM" if r.get("oom") else "failed"
+                lines.append("| " + " | ".join(labels + [f"**{err}**"] + ["–"] * (len(header) - len(axes) - 2)
+                                                 + [_fmt(r.get("wall_seconds"), ".0f")]) + " |")
+                continue
+            m = r.get("metrics", {})
+            trainable = m.get("trainable_params")
+            trainable_text = f"{trainable / 1e6:.2f} M ({m.get('trainable_percent', 0):.2f}%)" if trainable else "–"
+            ppl = f"{_ppl(m.get('val_perplexity_before'))} → {_ppl(m.get('val_perplexity_after'))}"
+            adapter = m.get("adapter_bytes")
+            merge = _fmt(m.get("merge_max_abs_logit_diff"), ".2e") if "merge_max_abs_logit_diff" in m else "n/m"
+            lines.append("| " + " | ".join(labels + [
+                "ok", _fmt(_tokens_per_s(m), ".1f"), _fmt(m.get("step_seconds_after_warmup"), ".3g"), _peak_text(m),
+                _fmt(m.get("weight_memory_gib"), ".3f"), _fmt(m.get("load_seconds"), ".1f"), trainable_text, ppl,
+                _fmt(m.get("generation_tokens_per_s"), ".1f"), _fmt(adapter / 2**20 if adapter else None, ".2f"),
+                merge, _fmt(r.get("wall_seconds"), ".0f"),
+            ]) + " |")
+        lines.append("")
+    if unsupported:
+        lines += ["## Not supported", "", "Refused by the capability checks before loading any weight (not failures).", "",
+                  "| cell | reason |", "|---|---|"]
+        lines += [f"| {_md_escape(r['cell'])} | {_md_escape(r.get('reason', ''))} |" for r in unsupported]
+        lines.append("")
+    if failed:
+        lines += ["## Failed", "", "| cell | error | log |", "|---|---|---|"]
+        lines += [f"| {_md_escape(r['cell'])} | {_md_escape(r.get('error', ''))} | `{r.get('log', '')}` |" for r in failed]
+        lines.append("")
+    if plots or plot_note:
+        lines += ["## Plots", ""]
+        lines += [f"![{p}]({p})" for p in plots]
+        if plot_note:
+            lines.append(plot_note)
+        lines.append("")
+    lines += ["## What the columns mean", "", METRIC_NOTES]
+    return "\n".join(lines)
+
+
+def csv_text(meta: dict, rows: list[dict]) -> str:
+    """One CSV row per cell: labels, status, every metric, the environment."""
+    axes = _axes(meta, rows)
+    metric_keys = list(SUMMARY_METRICS)
+    for r in rows:
+        metric_keys += [k for k in r.get("metrics", {}) if k not in metric_keys]
+    env_keys: list[str] = []
+    for r in rows:
+        env_keys += [k for k in r.get("environment", {}) if k not in env_keys]
+    columns = ["cell", *map(axis_title, axes), "status", "reason", "error", "oom", "wall_seconds", *metric_keys,
+               *(f"env.{k}" for k in env_keys), "qpeft_commit", "command", "recorded_at", "log"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        row = {"cell": r["cell"], **{axis_title(k): v for k, v in r.get("labels", {}).items()}, "status": r.get("status"), "reason": r.get("reason"),
+               "error": r.get("error"), "oom": r.get("oom"), "wall_seconds": r.get("wall_seconds"),
+               **r.get("metrics", {}), **{f"env.{k}": v for k, v in r.get("environment", {}).items()},
+               "qpeft_commit": r.get("qpeft_commit"), "command": r.get("command"), "recorded_at": r.get("recorded_at"),
+               "log": r.get("log")}
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+def _style_axes(axes: list[str]) -> tuple[str | None, str | None]:
+    """The axis shown by colour (the quantizer's, else the first) and by marker (the PEFT method's, else the next)."""
+    by_title = {axis_title(a): a for a in axes}
+    color = by_title.get("quantizer", axes[0] if axes else None)
+    rest = [a for a in axes if a != color]
+    marker = by_title.get("peft") if by_title.get("peft") in rest else (rest[0] if rest else None)
+    return color, marker
+
+
+def plots(meta: dict, rows: list[dict], directory: Path) -> list[str]:
+    """Write the two PNG plots; return their file names (none when no cell succeeded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        return []
+    axes = _axes(meta, rows)
+    color_axis, marker_axis = _style_axes(axes)
+    palette = plt.get_cmap("tab10").colors
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+    colors = {v: palette[i % len(palette)] for i, v in enumerate(dict.fromkeys(r["labels"].get(color_axis) for r in ok))}
+    shapes = {v: markers[i % len(markers)] for i, v in enumerate(dict.fromkeys(r["labels"].get(marker_axis) for r in ok))}
+    others = [a for a in axes if a not in (color_axis, marker_axis)]
+    name = meta.get("name") or directory.name
+    device = ", ".join(sorted({str(r.get("environment", {}).get("gpu") or r.get("environment", {}).get("cpu")
+                                   or r["metrics"].get("device_name")) for r in ok}))
+
+    def draw(filename: str, xy, xlabel: str, ylabel: str, title: str, logy: bool = False) -> str | None:
+        points = [(r, *xy(r["metrics"])) for r in ok]
+        points = [(r, x, y) for r, x, y in points if x is not None and y is not None]
+        if not points:
+            return None
+        fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+        for r, x, y in points:
+            ax.scatter([x], [y], s=60, color=colors[r["labels"].get(color_axis)], marker=shapes[r["labels"].get(marker_axis)],
+                       edgecolors="black", linewidths=0.5, zorder=3)
+            tag = "/".join(r["labels"].get(a, "") for a in others)
+            if tag:
+                ax.annotate(tag, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color="0.25")
+        if logy:
+            ys = [y for _, _, y in points]
+            if min(ys) > 0 and max(ys) / min(ys) > 10:
+                ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}\n{name} on {device}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        handles = [Line2D([], [], marker="o", linestyle="", color=c, label=f"{axis_title(color_axis)}={v}") for v, c in colors.items()]
+        if marker_axis:
+            handles += [Line2D([], [], marker=m, linestyle="", color="0.4", label=f"{axis_title(marker_axis)}={v}") for v, m in shapes.items()]
+        ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.8)
+        fig.tight_layout()
+        fig.savefig(directory / filename)
+        plt.close(fig)
+        return filename
+
+    on_cuda = any(r["metrics"].get("peak_reserved_gib") is not None for r in ok)
+    mem_label = "peak reserved GPU memory during training (GiB)" if on_cuda else "peak RSS of the cell process (GiB)"
+    written = [
+        draw(PLOT_SPEED, lambda m: (_peak(m), _tokens_per_s(m)), mem_label, "training tokens/s after warm-up",
+             "memory vs training throughput (up and left is better)"),
+        draw(PLOT_QUALITY, lambda m: (m.get("weight_memory_gib"), m.get("val_perplexity_after")),
+             "base model weight memory (GiB)", "validation perplexity after training",
+             "quality vs memory (down and left is better)", logy=True),
+    ]
+    return [w for w in written if w]
+
+
+def write_report(directory: str | Path) -> dict:
+    """Write ``report.md``, ``results.csv`` and the PNG plots into ``directory``; return their paths."""
+    directory = Path(directory)
+    meta, rows = load(directory)
+    note = ""
+    try:
+        pngs = plots(meta, rows, directory)
+    except ImportError:
+        pngs, note = [], "(plots need matplotlib: `pip install 'qpeft[bench]'`, then run `qpeft bench report` again)"
+    atomic_write_text(directory / REPORT_CSV, csv_text(meta, rows))
+    atomic_write_text(directory / REPORT_MD, markdown(meta, rows, pngs, directory, note))
+    return {
+        "markdown": str(directory / REPORT_MD),
+        "csv": str(directory / REPORT_CSV),
+        "plots": [str(directory / p) for p in pngs],
+        "cells": len(rows),
+        "note": note,
+    }

@@ -1,0 +1,280 @@
+"""qpeft bench on a tiny random Llama (the 7B builder's tiny shape): matrix expansion, cells
+refused by capabilities listed with the reason, a crashing cell recorded while the others go
+on, resume, --only/--rerun, the JSONL results file, the report; and the random-model builder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+from qpeft import bench, orchestrator
+from qpeft.bench_report import PLOT_QUALITY, PLOT_SPEED
+from qpeft.cli import app
+from qpeft.errors import ConfigError, QpeftError
+from qpeft.registry import load_registry
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import make_random_model
+
+REGISTRY = load_registry()
+
+
+@pytest.fixture(scope="module")
+def random_tiny(tmp_path_factory, embedded_model_path) -> str:
+    """The builder's tiny shape: Llama-2's layout and 32,000-token vocabulary, 2 small layers."""
+    return make_random_model.build("tiny", tmp_path_factory.mktemp("random") / "tiny", dtype="float32", device="cpu")
+
+
+def _base(model: str) -> dict:
+    return {
+        "model": model,
+        "quantizer": "none",
+        "peft": {"name": "lora", "options": {"r": 4, "alpha": 8}},
+        "trainer": {"name": "native", "options": {"batch_size": 2, "max_steps": 3, "lr": 1e-3, "scheduler": "constant"}},
+        "data": {"path": "embedded:text", "max_length": 32, "max_train_examples": 6, "max_val_examples": 2},
+        # prefix tuning cannot use gradient checkpointing: its cells are refused by resolve()
+        "gradient_checkpointing": True,
+        "generate": {"max_new_tokens": 2, "chat_template": False},
+    }
+
+
+def _write(path, data) -> str:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------- the builder
+
+
+def test_random_model_builder(random_tiny, tmp_path):
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    cfg = AutoConfig.from_pretrained(random_tiny)
+    tok = AutoTokenizer.from_pretrained(random_tiny)
+    assert cfg.vocab_size == len(tok) == 32000 and not cfg.tie_word_embeddings
+    ids = tok("Résumé: the quick brown fox — 日本語 ✓", add_special_tokens=False)["input_ids"]
+    assert max(ids) < 32000 and tok.decode(ids) == "Résumé: the quick brown fox — 日本語 ✓"
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).count("<|im_start|>") >= 2
+    # Llama-2-7B's shape: 6.74 B parameters (counted on the meta device, nothing allocated).
+    with torch.device("meta"):
+        big = LlamaForCausalLM(LlamaConfig(**make_random_model.SHAPES["llama-2-7b"], tie_word_embeddings=False))
+    assert sum(p.numel() for p in big.parameters()) == 6_738_415_616
+    # A second build of the same spec is a no-op.
+    before = os.stat(os.path.join(random_tiny, "model.safetensors")).st_mtime_ns
+    make_random_model.build("tiny", random_tiny, dtype="float32", device="cpu")
+    assert os.stat(os.path.join(random_tiny, "model.safetensors")).st_mtime_ns == before
+
+
+# ---------------------------------------------------------------------------- expansion
+
+
+def test_expansion_overrides_and_capability_skips(random_tiny, tmp_path):
+    matrix = {
+        "name": "expand",
+        "base": _base(random_tiny),
+        "set": ["trainer.options.lr=0.002"],
+        "axes": {
+            "quantizer": ["none", {"name": "bnb-nf4", "options": {"double_quant": False}}],
+            "peft": ["lora", "prefix"],
+            "trainer.name": ["hf", "native"],
+            "trainer.options.batch_size": {"b1": 1},
+        },
+        "exclude": [{"quantizer": "bnb-nf4", "trainer": "native"}],
+    }
+    m = bench.load_matrix(_write(tmp_path / "m.yaml", matrix))
+    cells = bench.expand(m, REGISTRY, tmp_path / "out")
+    assert [c.id for c in cells] == [
+        "quantizer=none,peft=lora,trainer=hf,trainer.options.batch_size=b1",
+        "quantizer=none,peft=lora,trainer=native,trainer.options.batch_size=b1",
+        "quantizer=none,peft=prefix,trainer=hf,trainer.options.batch_size=b1",
+        "quantizer=none,peft=prefix,trainer=native,trainer.options.batch_size=b1",
+        "quantizer=bnb-nf4,peft=lora,trainer=hf,trainer.options.batch_size=b1",
+        "quantizer=bnb-nf4,peft=prefix,trainer=hf,trainer.options.batch_size=b1",
+    ]
+    for c in cells:
+        trainer = c.config["trainer"]
+        # switching trainer.name keeps the shared options; set and axis values both apply
+        assert trainer["options"]["batch_size"] == 1 and trainer["options"]["lr"] == 0.002 and trainer["options"]["max_steps"] == 3
+        assert c.config["output_dir"].endswith(f"cells/{c.slug}/run")
+        if c.labels["peft"] == "prefix":
+            assert c.status == "unsupported"
+            # the reason is resolve()'s own: the same error `qpeft run` gives for that config
+            with pytest.raises(ConfigError) as exc:
+                orchestrator.prepare(c.config, registry=REGISTRY)
+            assert c.reason == str(exc.value) and "gradient checkpointing" in c.reason
+        else:
+            assert c.status == "pending" and c.mergeable and c.reason == ""
+    assert cells[4].config["quantizer"] == {"name": "bnb-nf4", "options": {"double_quant": False}}
+    assert cells[4].labels["quantizer"] == "bnb-nf4"  # a backend with options is labelled by its name
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"axis": {"quantizer": ["none"]}}, "axis: unknown key 'axis'"),
+        ({"axes": {"quantizer": ["none", "bnb-nf5"]}}, "axes.quantizer[bnb-nf5]: quantizer.name: unknown quantizer 'bnb-nf5'"),
+        ({"axes": {"trainer.options.batch_sise": [2]}}, "axes.trainer.options.batch_sise[2]: trainer.options.batch_sise: unknown key"),
+        ({"axes": {"peft": []}}, "axes.peft: has no values"),
+        ({"axes": {"output_dir": ["a", "b"]}}, "axes.output_dir: cannot be an axis"),
+        ({"exclude": [{"trainer": "hf"}]}, "exclude[0]: unknown axis 'trainer'; axes: quantizer"),
+        ({"base": "missing.yaml"}, "base: config file not found"),
+    ],
+)
+def test_bad_matrix_exits_2_naming_the_key(change, message, random_tiny, tmp_path):
+    matrix = {"name": "bad", "base": _base(random_tiny), "axes": {"quantizer": ["none"]}}
+    matrix.update(change)
+    result = CliRunner().invoke(app, ["bench", _write(tmp_path / "m.yaml", matrix), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out" / bench.RESULTS_FILE).exists()
+
+
+# ---------------------------------------------------------------------------- running
+
+
+@pytest.fixture(scope="module")
+def matrix_file(random_tiny, tmp_path_factory) -> str:
+    """model {tiny, broken} × peft {lora, prefix}: one cell runs, one crashes at load time (its
+    safetensors file is cut short), two are refused by capabilities."""
+    d = tmp_path_factory.mktemp("bench")
+    broken = d / "broken-model"
+    shutil.copytree(random_tiny, broken)
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.truncate(4096)
+    matrix = {"name": "tiny", "base": _base(random_tiny), "axes": {"model": {"tiny": random_tiny, "broken": str(broken)}, "peft": ["lora", "prefix"]}}
+    return _write(d / "matrix.yaml", matrix)
+
+
+def _lines(directory) -> list[dict]:
+    return [json.loads(line) for line in (directory / bench.RESULTS_FILE).read_text().splitlines()]
+
+
+def test_run_resume_select_and_report(matrix_file, tmp_path):
+    out = tmp_path / "results"
+    events: list[dict] = []
+    counts = bench.run_matrix(matrix_file, out_dir=out, on_event=events.append)
+    assert (counts["ok"], counts["failed"], counts["unsupported"]) == (1, 1, 2)
+    assert [e["cell"] for e in events if e["type"] == "start"] == ["model=tiny,peft=lora", "model=broken,peft=lora"]
+    steps = [e for e in events if e["type"] == "progress" and e.get("kind") == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3] and steps[0]["max_steps"] == 3  # live progress from the cell process
+
+    records = _lines(out)
+    by_cell = {r["cell"]: r for r in records}
+    assert list(by_cell) == ["model=tiny,peft=lora", "model=tiny,peft=prefix", "model=broken,peft=lora", "model=broken,peft=prefix"]
+    ok = by_cell["model=tiny,peft=lora"]
+    assert ok["status"] == "ok", ok
+    m = ok["metrics"]
+    assert m["tokens_per_s_after_warmup"] > 0 and m["step_seconds_after_warmup"] > 0 and m["warmup_steps"] == 1
+    assert m["peak_rss_gib"] > 0 and m["weight_memory_gib"] > 0 and m["load_seconds"] >= 0
+    assert 0 < m["trainable_params"] < m["total_params"]
+    assert m["val_perplexity_before"] > 0 and m["val_perplexity_after"] > 0 and m["val_loss_before"] > 0
+    assert m["generation_tokens_per_s"] > 0 and m["adapter_bytes"] > 0
+    assert m["merge_max_abs_logit_diff"] < 1e-3  # full-precision base: the merge is exact to float error
+    assert ok["environment"]["torch"] and ok["environment"]["peft"] and ok["environment"]["cpu_count"] >= 1
+    crashed = by_cell["model=broken,peft=lora"]
+    assert crashed["status"] == "failed" and "model.safetensors" in crashed["error"] and crashed["returncode"] != 0
+    assert (out / crashed["log"]).is_file()
+    for cell in ("model=tiny,peft=prefix", "model=broken,peft=prefix"):
+        assert by_cell[cell]["status"] == "unsupported" and "gradient checkpointing" in by_cell[cell]["reason"]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not (out / "cells" / "tiny__lora" / "run" / "merged").exists()  # merged weights are not kept
+
+    # The same command again (the CLI): nothing runs, nothing is appended.
+    result = CliRunner().invoke(app, ["bench", matrix_file, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "0 ok, 0 failed, 2 not supported, 2 finished before" in text, text
+    assert "tiny · prefix: not supported: gradient_checkpointing" in text and "broken · lora: finished before (failed)" in text
+    assert len(_lines(out)) == 4
+
+    # Selection, dry: --only narrows, --retry-failed and --rerun bring finished cells back.
+    def dry(**kw):
+        return {cid: action for cid, action, _ in bench.run_matrix(matrix_file, out_dir=out, dry_run=True, **kw)["actions"]}
+
+    assert dry(only=["model=broken"]) == {"model=broken,peft=lora": "done", "model=broken,peft=prefix": "unsupported"}
+    assert dry(only=["model=broken,peft=lora"], retry_failed=True) == {"model=broken,peft=lora": "run"}
+    assert dry(only=["*tiny*lora*"], rerun=["*"]) == {"model=tiny,peft=lora": "run"}
+    with pytest.raises(QpeftError, match="unknown axis 'size'"):
+        dry(only=["size=1"])
+    with pytest.raises(QpeftError, match="matches no cell"):
+        dry(only=["model=huge"])
+    # A changed config makes its earlier record stale: that cell runs again.
+    data = yaml.safe_load(Path(matrix_file).read_text())
+    data["base"]["trainer"]["options"]["lr"] = 2e-3
+    changed = _write(tmp_path / "changed.yaml", data)
+    stale = {cid: a for cid, a, _ in bench.run_matrix(changed, out_dir=out, dry_run=True)["actions"]}
+    assert stale["model=tiny,peft=lora"] == "run" and stale["model=tiny,peft=prefix"] == "unsupported"
+
+    # --only + --rerun for real: only that cell runs (it crashes again); its new record is appended and wins.
+    events.clear()
+    counts = bench.run_matrix(matrix_file, out_dir=out, only=["model=broken"], rerun=["peft=lora"], on_event=events.append)
+    assert [e["cell"] for e in events if e["type"] == "start"] == ["model=broken,peft=lora"]
+    assert counts["failed"] == 1 and counts["unsupported"] == 1 and counts["ok"] == 0
+    lines = _lines(out)
+    assert len(lines) == 5 and lines[-1]["cell"] == "model=broken,peft=lora" and lines[-1]["recorded_at"] >= lines[2]["recorded_at"]
+    assert bench.latest_records(lines)["model=broken,peft=lora"] == lines[-1]
+
+    # The report: Markdown, CSV and plots name every cell.
+    result = CliRunner().invoke(app, ["bench", "report", str(out)])
+    assert result.exit_code == 0, result.output
+    md = (out / "report.md").read_text()
+    assert "| tiny | lora | ok |" in md and "| broken | lora | **failed** |" in md
+    assert "model=tiny,peft=prefix" in md and "model=broken,peft=lora" in md and "## Not supported" in md
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["cell"] for r in rows] == list(by_cell) and [r["status"] for r in rows] == ["ok", "unsupported", "failed", "unsupported"]
+    assert float(rows[0]["tokens_per_s_after_warmup"]) > 0 and rows[0]["model"] == "tiny" and rows[0]["env.torch"]
+    for png in (PLOT_SPEED, PLOT_QUALITY):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        assert f"]({png})" in md
+
+
+def test_timeout_kills_the_cell_and_is_recorded(random_tiny, tmp_path):
+    matrix = {"name": "slow", "base": _base(random_tiny), "axes": {"peft": ["lora"]}, "timeout_s": 1}
+    counts = bench.run_matrix(_write(tmp_path / "m.yaml", matrix), out_dir=tmp_path / "out")
+    assert counts["failed"] == 1
+    (record,) = _lines(tmp_path / "out")
+    assert record["status"] == "failed" and record["error"] == "timed out after 1 s" and record["wall_seconds"] < 30
+
+
+# ---------------------------------------------------------------------------- the results file
+
+
+def test_append_is_atomic_and_reader_skips_a_torn_line(tmp_path, monkeypatch):
+    bench.append_record(tmp_path, {"cell": "a", "status": "ok"})
+    before = (tmp_path / bench.RESULTS_FILE).read_bytes()
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        bench.append_record(tmp_path, {"cell": "b", "status": "ok"})
+    monkeypatch.undo()
+    assert (tmp_path / bench.RESULTS_FILE).read_bytes() == before  # the old file, whole
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # A file torn by some other writer: the half line is skipped, appends go on after it.
+    with open(tmp_path / bench.RESULTS_FILE, "a") as f:
+        f.write('{"cell": "c", "sta')
+    bench.append_record(tmp_path, {"cell": "d", "status": "failed"})
+    assert [r["cell"] for r in bench.read_records(tmp_path)] == ["a", "d"]
+
+
+def test_failure_reasons(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("Traceback (most recent call last):\n  File x\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n")
+    reason = bench._failure(1, log, False, None)
+    assert reason.startswith("torch.OutOfMemoryError: CUDA out of memory") and bench._is_oom(reason)
+    assert bench._failure(-9, log, False, None).startswith("killed by SIGKILL")
+    log.write_text("  12.0s loading\nerror: data.path: data file not found: x.jsonl\n")
+    assert bench._failure(2, log, False, None) == "data.path: data file not found: x.jsonl"
