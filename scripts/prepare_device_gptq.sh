@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare .devgptq/: what the GPTQ quantizer (plugins/quant_gptq.py) needs on the H100 image
-# beyond .devsite/ (see prepare_device_wheels.sh), as py3.12 wheels unzipped (~16 MB; ~3 MB packed):
+# beyond .devsite/ (see prepare_device_wheels.sh), as py3.12 wheels unzipped (~11 MB; 1.7 MB packed):
 #   optimum 2.3.0 (wheel), and built here from their sdists (PyPI has no wheels of them):
 #   gptqmodel 7.6.0 (pure Python; its gptqmodel_ext/ CUDA sources are only JIT-built by the
 #   Marlin/Machete/exllama kernels), tokenicer, logbar, device-smi, defuser (pure Python) and
@@ -12,7 +12,7 @@
 # qpeft's own calibration texts does not use them): datasets (+ dill, multiprocess), torchao
 # (nvfp4 only), maturin. The image has the rest (pillow, protobuf, jinja2, ninja, pyarrow,
 # threadpoolctl, requests, triton).
-# It is also packed as .devgptq.txz (~3 MB), which is what a device call carries (beside a
+# It is also packed as .devgptq.txz (1.7 MB), which is what a device call carries (beside a
 # .gguf part): device_setup.sh unpacks it (or copies a carried .devgptq/) to /tmp/devgptq,
 # which that call and later calls on the warm machine put on PYTHONPATH.
 # Needs a Python 3.12 here (PY312=..., default python3.12 or pyenv's 3.12.x).
@@ -41,7 +41,7 @@ done
 if find .devgptq/gptqmodel -name '*.so' | grep -q .; then echo "gptqmodel wheel has compiled modules"; exit 1; fi
 find .devgptq -name __pycache__ -prune -exec rm -rf {} +
 rm -rf "$W"
-# What to carry: the folder xz-packed (~3 MB instead of ~16 MB), so it fits beside a GGUF part.
+# What to carry: the folder xz-packed (1.7 MB instead of ~11 MB), so it fits beside a GGUF part.
 tar -C .devgptq --sort=name --owner=0 --group=0 --numeric-owner -cJf .devgptq.txz .
 ls .devgptq | grep dist-info
 du -sh .devgptq .devgptq.txz
