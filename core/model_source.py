@@ -9,10 +9,11 @@ safetensors folder that every later run loads like any Hugging Face checkpoint.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, QpeftError
 from .io import atomic_dir
 from .tokenizer import align_eos_with_chat_template
 
@@ -59,10 +60,88 @@ def resolve_model_path(name_or_path: str, *, trust_remote_code: bool = False, pr
     if path.exists():
         if not (path / "config.json").is_file():
             raise ConfigError("model.name_or_path", f"{path} is not a Hugging Face model folder (no config.json)")
+        check_model_config(path)
+        check_weight_files(path, allow_pickle=True)  # corrupt files fail here; the pickle policy at load
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path and name_or_path.count("/") > 1:
         raise ConfigError("model.name_or_path", f"model folder not found: {name_or_path}")
     return name_or_path  # a hub id: needs network unless already in the HF cache
+
+
+#: File types that are Python pickles: loading one can run arbitrary code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: Any of these makes a folder's tokenizer loadable.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def check_weight_files(folder: str | Path, *, allow_pickle: bool = False) -> None:
+    """Refuse, before anything is loaded, the weight files of a local model or adapter folder
+    that ``from_pretrained`` would read unsafely or fail on deep inside: a pickle-only
+    checkpoint (unless ``allow_pickle``), a truncated or corrupt safetensors file (its header
+    and size are checked; no tensor is read), a shard missing from an index. Hub ids pass."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+        if pickles and not allow_pickle:
+            raise ConfigError(
+                "model.allow_pickle",
+                f"{pickles[0]} is a pickle checkpoint, which can run code when loaded; qpeft reads "
+                "safetensors only: convert it to safetensors (torch.load(..., weights_only=True), then "
+                "safetensors.torch.save_file), or set model.allow_pickle: true if you trust its source",
+            )
+        return
+    for index in folder.glob("*.safetensors.index.json"):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+            raise QpeftError(f"{index} is corrupt ({type(exc).__name__}: {exc}); download or convert the model again") from None
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise QpeftError(f"{index} lists {missing[0]}, which is missing from {folder}; download or convert the model again")
+    from safetensors import safe_open
+
+    for f in weights:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as exc:  # SafetensorError and OSError: header too large, not covered, bad JSON
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise QpeftError(f"{f} is truncated or corrupt ({reason}); download or convert it again") from None
+
+
+def check_model_config(folder: str | Path) -> None:
+    """``config.json`` of a local model folder must parse and name an architecture that
+    transformers knows (or, with ``auto_map``, the folder's own code)."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise QpeftError(f"{path} is not valid JSON ({exc}); download or convert the model again") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str) or not model_type:
+        raise QpeftError(f"{path} names no model_type; it is not a transformers model config")
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING and "auto_map" not in config:
+        import transformers
+
+        raise QpeftError(
+            f"{path}: model_type {model_type!r} is unknown to transformers {transformers.__version__}; "
+            "a newer transformers may support it"
+        )
+
+
+def check_tokenizer_files(folder: str | Path) -> None:
+    """A local model folder must hold its tokenizer (hub ids pass)."""
+    folder = Path(folder)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise QpeftError(
+            f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the base model's "
+            "tokenizer files into it (tokenizer.save_pretrained)"
+        )
 
 
 def convert_gguf(gguf_path: Path, target: Path) -> None:

@@ -11,6 +11,7 @@ token id, so EOS stays in the labels whatever the pad token is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -30,7 +31,22 @@ def load_tokenizer(model_path: str, *, trust_remote_code: bool = False):
     """Load the tokenizer of ``model_path`` and make its pad token safe."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    from .errors import ConfigError, QpeftError
+    from .model_source import check_tokenizer_files
+
+    check_tokenizer_files(model_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        if "trust_remote_code" in str(exc):
+            raise ConfigError(
+                "model.trust_remote_code",
+                f"the tokenizer of {model_path} needs its own Python code; set model.trust_remote_code: true "
+                "only if you trust its author",
+            ) from None
+        hint = "" if Path(model_path).is_dir() else " (qpeft runs offline; for a hub id set QPEFT_ALLOW_HUB=1)"
+        raise QpeftError(f"cannot load the tokenizer of {model_path}: {reason}{hint}") from None
     decision = make_pad_token_safe(tok)
     return tok, decision
 
