@@ -1,31 +1,163 @@
 """Atomic writes: a crash or an interrupt never leaves a half-written output where a later
-run would read it, and never destroys the previous complete output."""
+run would read it, and never destroys the previous complete output.
+
+* Every output is written under a hidden temporary name beside its target (``.NAME.qpeft-PID-…``),
+  flushed to disk, then renamed over the target in one step. A folder replaces an existing
+  folder with Linux's ``renameat2(RENAME_EXCHANGE)``, so the target path always holds a
+  complete folder, old or new; elsewhere the old folder is moved aside first and put back by
+  the next write if the writer died in between.
+* The writer's pid is part of the temporary name: the next write to the same target removes
+  what a killed writer (``kill -9``, power loss) left behind.
+* An OS-level write failure (disk full, quota, file size limit, permissions) becomes a
+  one-line :class:`~qpeft.errors.QpeftError` naming the target and saying that the previous
+  version is unchanged.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+
+from .errors import QpeftError
+
+#: Rust writers (safetensors) report OS errors as text: "... (os error 28)".
+_OS_ERROR_TEXT = re.compile(r"os error (\d+)")
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+#: Failures of the write itself; others (a missing input file, say) propagate unchanged.
+_WRITE_ERRNOS = _SPACE_ERRNOS | {errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
+
+
+def _tmp_prefix(target: Path) -> str:
+    return f".{target.name}.qpeft-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(target: str | Path) -> None:
+    """Remove temporary files and folders that a killed writer left beside ``target``, and
+    put back a previous ``target`` that a killed writer had moved aside (non-Linux fallback)."""
+    target = Path(target)
+    prefix = f".{target.name}."
+    try:
+        entries = [e for e in target.parent.iterdir() if e.name.startswith(prefix)]
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        m = re.fullmatch(r"qpeft-(\d+)-[^.]*\.tmp|qpeft-old-(\d+)", entry.name[len(prefix) :])
+        if not m:
+            continue
+        pid = int(m.group(1) or m.group(2))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        if m.group(2) and not target.exists():
+            os.replace(entry, target)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (no-op where folders cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    return None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one atomic step (Linux ``RENAME_EXCHANGE``); False where the
+    kernel, libc or file system cannot, so the caller falls back to two renames."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+class WriteError(QpeftError):
+    """An OS-level write failure (``errno``), reported in one line naming the output."""
+
+    def __init__(self, message: str, errno_: int):
+        super().__init__(message)
+        self.errno = errno_
+
+
+def write_error(target: Path, exc: BaseException, existed: bool) -> WriteError | None:
+    """A one-line error naming ``target`` for an OS-level write failure, else None."""
+    code = getattr(exc, "errno", None) if isinstance(exc, (OSError, WriteError)) else None
+    if code is None:
+        m = _OS_ERROR_TEXT.search(str(exc))
+        if not m:
+            return None
+        code = int(m.group(1))
+    if code not in _WRITE_ERRNOS:
+        return None
+    what = f"the previous {target} is unchanged" if existed else f"nothing was written to {target}"
+    hint = "; free some space and run again" if code in _SPACE_ERRNOS else ""
+    return WriteError(f"could not write {target}: {os.strerror(code)} (errno {code}); {what}{hint}", code)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file in the same folder, fsync, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale(path)
+    existed = path.exists()
+    tmp = None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
+        try:
+            view = memoryview(text.encode("utf-8"))
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        err = write_error(path, exc, existed)
+        if err is not None:
+            raise err from None
         raise
+    _fsync_dir(path.parent)
 
 
 def atomic_write_json(path: str | Path, data) -> None:
@@ -37,29 +169,47 @@ def atomic_write_json(path: str | Path, data) -> None:
 def atomic_dir(target: str | Path, *, replace: bool = True):
     """Yield a temp folder beside ``target``; on success it replaces ``target`` in one rename.
 
-    An existing ``target`` is moved aside first and deleted only after the new folder is in
-    place, so at every moment either the old or the new complete folder exists. On error the
-    temp folder is removed and ``target`` is untouched.
+    The target path holds the old complete folder until the new one is complete and flushed,
+    then the new one (swapped in atomically on Linux; elsewhere the old one is moved aside
+    first and restored by the next write if the writer was killed in between). On error the
+    temp folder is removed and ``target`` is untouched; OS-level write failures (disk full)
+    are raised as a one-line QpeftError naming ``target``.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(target)
     if target.exists() and not replace:
         raise FileExistsError(f"{target} exists (use --force to replace it)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    os.chmod(tmp, 0o755)
+    existed = target.exists()
+    tmp = old = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), suffix=".tmp", dir=target.parent))
+        os.chmod(tmp, 0o755)
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(tmp)
+        if not target.exists():
+            os.replace(tmp, target)
+        elif not _exchange(tmp, target):  # after a swap, tmp holds the old folder
+            old = target.with_name(f".{target.name}.qpeft-old-{os.getpid()}")
             os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+            os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException as exc:
+        if old is not None and old.exists() and not target.exists():
+            os.replace(old, target)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        err = write_error(target, exc, existed)
+        if err is not None:
+            raise err from None
         raise
+    for leftover in (tmp, old):
+        if leftover is not None:
+            shutil.rmtree(leftover, ignore_errors=True)
