@@ -42,7 +42,7 @@ class TrainingOptions(Options):
     #: Passes over the data (each in a seed-fixed order); ignored when max_steps is set.
     epochs: float = Field(1.0, gt=0, le=1000)
     max_steps: int | None = Field(None, ge=1)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=10)
     max_grad_norm: float = Field(1.0, ge=0)
     logging_steps: int = Field(1, ge=1)
     #: "auto" = bf16/fp16 autocast when the run dtype is bf16/fp16 on a GPU, else none.

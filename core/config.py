@@ -155,7 +155,9 @@ def normalize_shorthands(data: Any) -> Any:
 
 
 def _key(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc if not str(p).startswith("function-"))
+    """Dotted key of an error location; a part with spaces or unprintable characters is quoted."""
+    parts = [str(p) for p in loc if not str(p).startswith("function-")]
+    return ".".join(p if p and p.isprintable() and not any(c.isspace() for c in p) else repr(p) for p in parts)
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:

@@ -61,7 +61,7 @@ def load_causal_lm(model_path: str, ctx, **kwargs):
                 f"{model_path} needs its own Python code to load; set model.trust_remote_code: true "
                 "only if you trust its author",
             ) from None
-        raise
+        raise QpeftError(f"cannot load model {model_path!r}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
 
 
 def release_model(model) -> None:

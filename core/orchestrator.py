@@ -277,7 +277,7 @@ def load_for_inference(adapter_dir: Path, resolved: ResolvedRun, registry: Regis
         first = next((l for l in lines if "size mismatch" in l), lines[0])
         raise QpeftError(
             f"adapter {adapter_dir} does not load on base {resolved.config.model.name_or_path!r} "
-            f"({type(base).__name__}): {first[:300]}"
+            f"({type(base).__name__}): {first[:300]}; load it on the base model it was trained on"
         ) from None
     model.eval()
     return model

@@ -14,7 +14,7 @@ from qpeft.modeling import check_target_modules, find_linear_targets
 class LoraOptions(Options):
     r: int = Field(16, ge=1, le=4096)
     #: Scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).
-    alpha: float = Field(32, gt=0)
+    alpha: float = Field(32, gt=0, le=1e6)
     dropout: float = Field(0.0, ge=0, lt=1)
     #: "all-linear" = every linear layer except the output head, found for any architecture.
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
