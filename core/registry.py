@@ -38,6 +38,8 @@ class BrokenPlugin:
     name: str
     source: str
     reason: str
+    #: Name of the backend that was refused, when the plugin got as far as registering one.
+    backend: str = ""
 
 
 @dataclass
@@ -64,7 +66,7 @@ class Registry:
         msg = f"unknown {kind} {name!r}; valid: {', '.join(valid) or '(none installed)'}"
         if hint:
             msg += f" (did you mean {hint[0]!r}?)"
-        broken = [b for b in self.broken if name in b.name]
+        broken = [b for b in self.broken if b.backend == name or (not b.backend and name in b.name)]
         if broken:
             msg += f"; plugin {broken[0].name!r} is broken: {broken[0].reason}"
         raise ConfigError(key or f"{kind}.name", msg)
@@ -187,7 +189,8 @@ def _add_backend(reg: Registry, kind: str, backend: Any, plugin_name: str, sourc
         return
     problem = _malformed(kind, backend, source)
     if problem:
-        reg.broken.append(BrokenPlugin(plugin_name, source, problem))
+        name = getattr(backend, "name", "")
+        reg.broken.append(BrokenPlugin(plugin_name, source, problem, name if isinstance(name, str) else ""))
         return
     existing = reg.backends[kind].get(backend.name)
     if existing is not None:

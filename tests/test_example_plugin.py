@@ -198,6 +198,9 @@ def test_failing_and_incompatible_plugins_are_reported_not_fatal(tmp_path):
     assert table.returncode == 0 and "broken plugin fake_old_api (fake-old-api 1.0)" in " ".join(table.stdout.split())
     check = _qpeft("run", "configs/quickstart.yaml", "--check", env_path=tmp_path)
     assert check.returncode == 0, check.stdout + check.stderr  # other plugins' failures never block a run
+    refused = _qpeft("run", "configs/quickstart.yaml", "--check", "--set", "quantizer=old-q", env_path=tmp_path)
+    text = " ".join((refused.stdout + refused.stderr).split())
+    assert refused.returncode == 2 and "unknown quantizer 'old-q'" in text and "targets qpeft plugin API 0" in text, text
 
 
 def test_two_packages_claiming_one_name_is_an_error_naming_both(tmp_path):
