@@ -255,9 +255,15 @@ def main() -> None:
         proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if proc.returncode != 0 or not result.exists():
             entries[name] = {"path": name, "error": f"exit {proc.returncode}"}
+            _write_report(entries, args, device, n_params, out, tag)
             continue
         entries[name] = _summarise(name, json.loads(result.read_text()), args.warmup, n_params, H100_BF16_TFLOPS)
         print(json.dumps({k: v for k, v in entries[name].items() if k != "losses"}), flush=True)
+        _write_report(entries, args, device, n_params, out, tag)  # after every path: a cut-off call keeps what ran
+
+
+def _write_report(entries, args, device, n_params, out, tag) -> None:
+    """Write seed_recipe_<tag>.json and .md for the paths measured so far."""
 
     def ratio(a, b, key):
         try:
@@ -311,7 +317,6 @@ def main() -> None:
         f"Largest relative difference of the per-step loss, qpeft vs recipe: NF4 {report['max_rel_loss_diff_nf4']}, int8 {report['max_rel_loss_diff_int8']}.",
     ]
     (out / f"seed_recipe_{tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ if [ -n "${PROFILE:-}" ]; then
   python3 benchmarks/seed_recipe.py --model $M --steps ${STEPS:-6} --worker "$PROFILE" --profile $OUT/perf/profile_$PROFILE.txt --result /tmp/p.json
   exit $?
 fi
-R=/tmp/res_perf; mkdir -p $R
+R=$OUT/perf; mkdir -p $R  
 [ -n "${APPEND:-}" ] && [ -f benchmarks/results/seed_recipe_h100.json ] && cp benchmarks/results/seed_recipe_h100.json $R/
-python3 benchmarks/seed_recipe.py --model $M --steps ${STEPS:-12} --warmup ${WARMUP:-3} --paths ${PATHS:-recipe-nf4,qpeft-nf4,recipe-int8,qpeft-int8} --out $R ${APPEND:+--append} 2>&1 | grep -v "Loading weights" | tee $OUT/perf/log.txt | tail -30
-cp $R/seed_recipe_* $OUT/perf/ 2>/dev/null; ls $OUT/perf
+python3 benchmarks/seed_recipe.py --model $M --steps ${STEPS:-12} --warmup ${WARMUP:-3} --paths ${PATHS:-recipe-nf4,qpeft-nf4,recipe-int8,qpeft-int8} --out $R ${APPEND:+--append} 2>&1 | grep -v "Loading weights" | tee /tmp/perf_log.txt | tail -30; cp /tmp/perf_log.txt $R/log.txt
+ls $OUT/perf
