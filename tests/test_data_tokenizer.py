@@ -117,3 +117,40 @@ def test_wrong_eos_is_aligned_with_chat_template(embedded_model_path):
     t.eos_token = "<|im_start|>"  # what transformers 5.17's GGUF conversion produced
     assert "<|im_end|>" in align_eos_with_chat_template(t)
     assert t.eos_token == "<|im_end|>" and align_eos_with_chat_template(t) is None
+
+
+ROWS = [{"prompt": f"Question {i}?", "response": f"Answer number {i}."} for i in range(6)]
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet", "jsonl", "saved"])
+def test_data_files_read_through_datasets(tmp_path, kind):
+    import datasets
+
+    ds = datasets.Dataset.from_list(ROWS)
+    if kind == "saved":
+        path = tmp_path / "saved"
+        ds.save_to_disk(str(path))
+    else:
+        path = tmp_path / f"d.{kind}"
+        {"csv": ds.to_csv, "parquet": ds.to_parquet, "jsonl": ds.to_json}[kind](str(path))
+    train, val, fmt = load_records(DataConfig(path=str(path), val_fraction=0.34))
+    assert fmt == "prompt_response"
+    assert train + val == ROWS
+
+
+def test_bad_jsonl_row_is_named_even_when_datasets_reads_first(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c",,}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl: row 3 is not valid JSON"):
+        load_records(DataConfig(path=str(p)))
+
+
+def test_too_long_policy(tok):
+    tokenizer, _ = tok
+    rows = [{"text": "short"}, {"text": "a much longer line of text " * 20}]
+    said = []
+    assert len(tokenize(rows, "text", tokenizer, 16, too_long="truncate", source="f.jsonl", say=said.append)) == 2
+    assert "rows 2" in said[0] and "truncated" in said[0]
+    assert len(tokenize(rows, "text", tokenizer, 16, too_long="drop", source="f.jsonl")) == 1
+    with pytest.raises(ConfigError, match=r"f.jsonl: row 2 has \d+ tokens, more than data.max_length=16"):
+        tokenize(rows, "text", tokenizer, 16, too_long="error", source="f.jsonl")
