@@ -92,8 +92,21 @@ class _BnbBase(QuantizerPlugin):
     def full_precision_model(self, model, model_path, options, ctx):
         # Merging into the dequantized weights reproduces exactly what the adapter was
         # trained against; merging into the 4/8-bit weights would add rounding error.
+        if _repacked_for_cpu_inference(model):
+            # An eval forward on an AVX512-BF16 CPU repacked the 4-bit weights and undoing
+            # that is lossy (absmax went through bfloat16): quantize the original weights
+            # again (deterministic) rather than dequantize the repacked ones.
+            model = self.load(model_path, options, ctx, training=True)
         self.ensure_training_kernels(model, options)
         return model.dequantize()
+
+
+def _repacked_for_cpu_inference(model) -> bool:
+    """Whether bitsandbytes repacked any 4-bit weight for its CPU inference kernel."""
+    return any(
+        getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
+        for m in model.modules()
+    )
 
 
 class Bnb4bit(_BnbBase):
