@@ -194,7 +194,8 @@ def invalid_values(field) -> st.SearchStrategy | None:
         if b.get("min_length"):
             options.append(st.just(""))
     elif literals and not kinds:
-        options += [NOT_NUMBER.filter(lambda s: s not in literals), st.integers().filter(lambda i: i not in literals), st.booleans()]
+        options += [NOT_NUMBER.filter(lambda s: s not in literals), st.integers().filter(lambda i: i not in literals),
+                    st.booleans().filter(lambda b: b not in literals)]
     elif any(typing.get_origin(m) is list for m in members):  # list[str] | None | Literal[...]
         options += [st.integers(), NOT_NUMBER.filter(lambda s: s not in literals), st.lists(st.integers(), min_size=1, max_size=2)]
     else:
@@ -301,9 +302,15 @@ def _key_of(line: str) -> str:
     return line.removeprefix("error: ")
 
 
+def _as_read(part: str) -> str:
+    """A key as qpeft reads it back from the YAML file (YAML folds some line-break characters)."""
+    return next(iter(yaml.safe_load(yaml.safe_dump({part: 0}, allow_unicode=True))))
+
+
 def shown(path: tuple) -> str:
     """How an error names the key at ``path``: parts with spaces or unprintable characters are quoted."""
-    return ".".join(p if p and p.isprintable() and not any(c.isspace() for c in p) else repr(p) for p in map(str, path))
+    parts = [_as_read(p) for p in map(str, path)]
+    return ".".join(p if p and p.isprintable() and not any(c.isspace() for c in p) else repr(p) for p in parts)
 
 
 @fuzz_settings(250)
@@ -531,7 +538,7 @@ SUBPROCESS_CASES = [
     ("quantizer: none\npeft: lora\ntrainer: hf\ngradient_checkpointing: maybe\n", [], "gradient_checkpointing: Input should be a valid boolean"),
     ("quantizer: none\npeft: prefix\ntrainer: hf\ngradient_checkpointing: true\nmodel: {device: cpu}\n", [], "gradient_checkpointing"),
     ("quantizer: none\npeft: lora\ntrainer: hf\n", ["--set", "peft.options.target_modules=[1]"], "peft.options.target_modules"),
-    ("quantizer: none\npeft: lora\ntrainer: hf\n", ["--set", "generate.prompt=[/bold]"], "generate.prompt"),
+    ("quantizer: none\npeft: lora\ntrainer: hf\n", ["--set", "seed=[/bold] x"], "seed: Input should be a valid integer, unable to parse string as an integer (got '[/bold] x')"),
     ("\x00\x01\x02 binary", [], "not valid YAML"),
 ]
 
