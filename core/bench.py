@@ -136,14 +136,16 @@ class Matrix:
     axes: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)
 
 
-def load_matrix(path: str | Path) -> Matrix:
-    """Read and validate a matrix file; every error is a ConfigError naming the key."""
+def load_matrix(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Matrix:
+    """Read and validate a matrix file, with ``overrides`` (``--set``) added to its ``set``;
+    every error is a ConfigError naming the key."""
     path = Path(path)
     data = read_yaml(path)
     try:
         cfg = MatrixConfig.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc, MatrixConfig) from None
+    cfg.set = [*cfg.set, *overrides]
     if isinstance(cfg.base, str):
         base_path = (path.parent / cfg.base) if not Path(cfg.base).is_absolute() else Path(cfg.base)
         try:
@@ -409,6 +411,7 @@ def run_matrix(
     matrix_path: str | Path,
     *,
     out_dir: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
     only: list[str] | tuple[str, ...] = (),
     rerun: list[str] | tuple[str, ...] = (),
     retry_failed: bool = False,
@@ -420,11 +423,15 @@ def run_matrix(
     python: str = sys.executable,
 ) -> dict:
     """Expand the matrix, record unsupported cells, run the others one process each; return
-    counts and the results folder. ``only`` selects cells, ``rerun`` runs finished cells again,
+    counts and the results folder. ``overrides`` (``--set``) apply to every cell after the
+    matrix's own ``set``; ``only`` selects cells, ``rerun`` runs finished cells again,
     ``retry_failed`` runs failed ones again; ``stop_after_s`` starts no cell after that long."""
     from .registry import load_registry
 
-    matrix = load_matrix(matrix_path)
+    # Ask NVML, not the CUDA runtime, whether a GPU exists: this process then holds no CUDA
+    # context (and no accelerator memory) while its cells run.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    matrix = load_matrix(matrix_path, overrides)
     registry = registry or load_registry()
     directory = output_directory(matrix, out_dir)
     cells = expand(matrix, registry, directory)
@@ -638,7 +645,7 @@ SUMMARY_METRICS = (
     "load_seconds", "weight_memory_gib", "peak_allocated_gib", "peak_reserved_gib", "peak_rss_gib",
     "trainable_params", "total_params", "trainable_percent",
     "train_steps", "train_tokens", "train_seconds", "tokens_per_s",
-    "warmup_steps", "tokens_per_s_after_warmup", "step_seconds_after_warmup", "train_loss",
+    "warmup_steps", "tokens_per_s_after_warmup", "step_seconds_after_warmup", "cpu_seconds_per_step_after_warmup", "train_loss",
     "val_tokens", "val_loss_before", "val_loss_after", "val_perplexity_before", "val_perplexity_after",
     "reload_max_abs_logit_diff", "adapter_bytes",
 )
@@ -721,6 +728,7 @@ def cell_main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(args[0]).read_text(encoding="utf-8"))
+    _exit_with_parent()
     os.environ.update({k: v for k, v in child_environment().items() if k not in os.environ})
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
     logging.getLogger("torchao").setLevel(logging.ERROR)
@@ -761,6 +769,20 @@ def cell_main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         sys.stderr.flush()
         return 1
+
+
+def _exit_with_parent() -> None:
+    """A cell runs in its own session (so a timeout kills all it started); should ``qpeft bench``
+    itself be killed, the cell stops too instead of holding the accelerator for the next run."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(2)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="qpeft-bench-parent-watch").start()
 
 
 def _empty_cuda_cache() -> None:

@@ -39,6 +39,7 @@ METRIC_NOTES = """\
   logged steps (1 to 10) is left out; **step s** is the mean optimizer-step time over the same steps.
 * **peak memory**: on CUDA, `torch.cuda.max_memory_allocated` / `max_memory_reserved` during
   training; on CPU, the cell process's peak RSS (loading included).
+* **grad ckpt**: gradient checkpointing (on unless the method or quantizer cannot use it, or the config turns it off).
 * **weights**: memory held by the loaded base model's parameters and buffers (what quantization shrinks).
 * **load s**: loading (and quantizing) the base model.
 * **val ppl**: validation perplexity on the label tokens, before and after training.
@@ -151,7 +152,7 @@ def markdown(meta: dict, rows: list[dict], plots: list[str], directory: Path, pl
     if ok or failed:
         on_cuda = any(r.get("metrics", {}).get("peak_allocated_gib") is not None for r in ok)
         peak_title = "peak alloc / reserved GiB" if on_cuda else "peak GiB"
-        header = [*map(axis_title, axes), "status", "tokens/s", "step s", peak_title, "weights GiB", "load s", "trainable",
+        header = [*map(axis_title, axes), "status", "tokens/s", "step s", peak_title, "grad ckpt", "weights GiB", "load s", "trainable",
                   "val ppl before → after", "gen tok/s", "adapter MiB", "merge Δ", "wall s"]
         lines += ["## Results", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in ok + failed:
@@ -169,6 +170,7 @@ def markdown(meta: dict, rows: list[dict], plots: list[str], directory: Path, pl
             merge = _fmt(m.get("merge_max_abs_logit_diff"), ".2e") if "merge_max_abs_logit_diff" in m else "n/m"
             lines.append("| " + " | ".join(labels + [
                 "ok", _fmt(_tokens_per_s(m), ".1f"), _fmt(m.get("step_seconds_after_warmup"), ".3g"), _peak_text(m),
+                _fmt(m.get("gradient_checkpointing")),
                 _fmt(m.get("weight_memory_gib"), ".3f"), _fmt(m.get("load_seconds"), ".1f"), trainable_text, ppl,
                 _fmt(m.get("generation_tokens_per_s"), ".1f"), _fmt(adapter / 2**20 if adapter else None, ".2f"),
                 merge, _fmt(r.get("wall_seconds"), ".0f"),

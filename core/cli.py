@@ -286,6 +286,7 @@ def _interrupt(signum, frame):
 def bench_run(
     matrix: str = typer.Argument(..., help="Matrix YAML file (see configs/bench/)."),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Results folder (default: the matrix's output_dir, else runs/bench/NAME)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a run-config key in every cell: --set trainer.options.max_steps=2 (repeatable)."),
     only: Optional[List[str]] = typer.Option(None, "--only", help="Run only matching cells: 'quantizer=bnb-nf4,peft=lora' or a glob on the cell id (repeatable)."),
     rerun: Optional[List[str]] = typer.Option(None, "--rerun", help="Run matching cells again even if finished (same syntax; '*' for all)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run the cells that failed before again."),
@@ -302,7 +303,7 @@ def bench_run(
     display = _BenchDisplay(console)
     signal.signal(signal.SIGTERM, _interrupt)  # e.g. `timeout`: stop the running cell, record nothing for it
     try:
-        result = bench.run_matrix(matrix, out_dir=out_dir, only=only or [], rerun=rerun or [], retry_failed=retry_failed,
+        result = bench.run_matrix(matrix, out_dir=out_dir, overrides=set_ or [], only=only or [], rerun=rerun or [], retry_failed=retry_failed,
                                   dry_run=list_cells, stop_after_s=stop_after, on_event=display if not list_cells else bench._no_event,
                                   command="qpeft " + shlex.join(sys.argv[1:]))
     except QpeftError as exc:

@@ -242,13 +242,13 @@ def kv_cache_off(model):
 
 
 class StepTimer:
-    """Wall-clock time and tokens seen at every step a trainer reports (``qpeft_on_step_end``),
-    for throughput and step time after warm-up. Use as ``with StepTimer(registry.pm) as t:``;
-    it is a lifecycle plugin registered for the duration of the block."""
+    """Wall-clock time, process CPU time and tokens seen at every step a trainer reports
+    (``qpeft_on_step_end``), for throughput and step time after warm-up. Use as
+    ``with StepTimer(registry.pm) as t:``; it is a lifecycle plugin registered for the block."""
 
     def __init__(self, plugin_manager=None):
         self.plugin_manager = plugin_manager
-        self.marks: list[tuple[int, float, int]] = []
+        self.marks: list[tuple[int, float, float, int]] = []
 
     def __enter__(self) -> "StepTimer":
         if self.plugin_manager is not None:
@@ -261,22 +261,21 @@ class StepTimer:
 
     @hookimpl
     def qpeft_on_step_end(self, step, max_steps, logs, ctx):
-        """Record (step, time, tokens) of one logged step."""
-        self.marks.append((int(step), time.perf_counter(), int(logs.get("tokens", 0))))
+        """Record (step, wall time, process CPU time, tokens) of one logged step."""
+        self.marks.append((int(step), time.perf_counter(), time.process_time(), int(logs.get("tokens", 0))))
 
     def summary(self) -> dict:
         """Throughput after warm-up: the first fifth of the logged steps (1 to 10 of them) is left
-        out (compilation, allocator and cache warm-up); None when fewer than two were logged."""
+        out (compilation, allocator and cache warm-up); None when fewer than two were logged.
+        ``cpu_seconds_per_step_after_warmup`` is this process's CPU time per step (all threads):
+        unlike wall time it barely grows when other processes compete for the cores."""
+        keys = ("warmup_steps", "tokens_per_s_after_warmup", "step_seconds_after_warmup", "cpu_seconds_per_step_after_warmup")
         if len(self.marks) < 2:
-            return {"warmup_steps": None, "tokens_per_s_after_warmup": None, "step_seconds_after_warmup": None}
+            return dict.fromkeys(keys)
         skip = min(10, max(1, len(self.marks) // 5))
-        (s0, t0, k0), (s1, t1, k1) = self.marks[skip - 1], self.marks[-1]
-        seconds = max(t1 - t0, 1e-9)
-        return {
-            "warmup_steps": s0,
-            "tokens_per_s_after_warmup": round((k1 - k0) / seconds, 1),
-            "step_seconds_after_warmup": round(seconds / max(s1 - s0, 1), 4),
-        }
+        (s0, t0, c0, k0), (s1, t1, c1, k1) = self.marks[skip - 1], self.marks[-1]
+        seconds, steps = max(t1 - t0, 1e-9), max(s1 - s0, 1)
+        return dict(zip(keys, (s0, round((k1 - k0) / seconds, 1), round(seconds / steps, 4), round((c1 - c0) / steps, 4))))
 
 
 def reset_peak_memory(device: str) -> None:

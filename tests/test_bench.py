@@ -117,6 +117,29 @@ def test_expansion_overrides_and_capability_skips(random_tiny, tmp_path):
     assert cells[4].labels["quantizer"] == "bnb-nf4"  # a backend with options is labelled by its name
 
 
+def test_shipped_matrices_expand(tmp_path):
+    """configs/bench/: the CPU smoke matrix is every supported cell but gptq and bnb-4bit; the
+    H100 matrix, moved to the CPU by --set overrides, is 12 cells with checkpointing as resolved."""
+    smoke = bench.expand(bench.load_matrix(REPO / "configs/bench/cpu_smoke.yaml"), REGISTRY, tmp_path / "s")
+    from qpeft import capability_table
+
+    builtin = {q for q in REGISTRY.backends["quantizer"] if "(qpeft " in REGISTRY.origins[("quantizer", q)]}
+    supported = {(c.quantizer, c.peft) for c in capability_table.table(REGISTRY) if c.train and c.quantizer in builtin} - {
+        (q, p) for q in ("gptq", "bnb-4bit") for p in REGISTRY.backends["peft"]}
+    assert {(c.labels["quantizer"], c.labels["peft"]) for c in smoke} == supported
+    assert len(smoke) == 2 * len(supported) and all(c.status == "pending" and c.device == "cpu" for c in smoke)
+    assert sum(c.mergeable for c in smoke) == 8
+
+    h100 = bench.load_matrix(REPO / "configs/bench/h100.yaml", ["model.device=cpu", "model.dtype=float32"])
+    cells = bench.expand(h100, REGISTRY, tmp_path / "h")
+    assert len(cells) == 12 and all(c.status == "pending" for c in cells)
+    assert {c.labels["trainer.name"] for c in cells if c.labels["peft"] != "lora"} == {"hf"}
+    for c in cells:
+        assert c.config["trainer"]["options"]["batch_size"] == 4 and c.config["data"]["max_length"] == 1024
+        resolved = orchestrator.prepare(c.config, registry=REGISTRY)[0]
+        assert resolved.grad_checkpointing == (c.labels["peft"] != "prefix")
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
