@@ -410,6 +410,8 @@ class QuantizerChecker:
             "data": {"path": "embedded:text", "max_length": 48, "max_train_examples": 8, "max_val_examples": 2},
             "output_dir": str(self.tmp / "run"),
             "seed": 0,
+            # check_lora_gradients covers gradient checkpointing; the run saves the recomputation.
+            "gradient_checkpointing": False,
             "generate": {"max_new_tokens": 4, "chat_template": False},
         }
         cfg.update(overrides)
@@ -595,7 +597,9 @@ class QuantizerChecker:
         lora = self.registry.get("peft", "lora")
         lora_opts = lora.Options(r=4, alpha=8)
         ctx = self.context()
-        model = plugin.load(self.tiny_path, opts, ctx, training=True)
+        # The model check_load/check_memory used, if any (this check modifies it), else a fresh one.
+        model = self._state.pop("quantized", None) or plugin.load(self.tiny_path, opts, ctx, training=True)
+        plugin.ensure_training_kernels(model, opts)
         weights = effective_weights(model)
         ref = reference_model(self.tiny_path, weights).to(self.device)
         batch = _batch(ref.config.vocab_size, _device_of(model), seed=1)
@@ -645,8 +649,6 @@ class QuantizerChecker:
 
     def check_train_save_reload(self) -> dict:
         """``qpeft run`` on the tiny model: trains, leaves the base alone, reloads exactly."""
-        import torch
-
         from .orchestrator import METADATA_FILE, resolve_from_adapter
 
         self.resolved  # noqa: B018  (skips when the device is not supported)
@@ -695,15 +697,18 @@ class QuantizerChecker:
         adapter, out = self.tmp / "run" / "adapter", self.tmp / "merged"
         cell = capability_table.cell(self.plugin, self.registry.get("peft", "lora"))
         source = self.plugin.capabilities.merge_source
+        # qpeft merge rebuilds the run from qpeft.json with dtype "auto" (bfloat16 on GPUs): keep
+        # the kit's float32 so the comparison measures the merge, not bfloat16 rounding.
+        overrides = [f"model.device={self.device}", "model.dtype=float32"]
         if not cell.merge:
             try:
-                orchestrator.merge(str(adapter), str(out), self.registry)
+                orchestrator.merge(str(adapter), str(out), self.registry, overrides=overrides)
             except QpeftError as exc:
                 self.expect(self.name in str(exc), f"the merge refusal does not name the quantizer: {exc}")
                 self.expect(not out.exists(), "a refused merge left an output folder")
                 return {"merge": "refused", "reason": str(exc)}
             self.fail(f"merge_source is {source!r}, yet qpeft merge did not refuse")
-        result = orchestrator.merge(str(adapter), str(out), self.registry, force=True)
+        result = orchestrator.merge(str(adapter), str(out), self.registry, force=True, overrides=overrides)
         bound = self.merge_tolerance if self.merge_tolerance is not None else MERGE_TOLERANCE[source]
         self.expect(
             result["max_abs_logit_diff"] <= bound,
