@@ -53,6 +53,7 @@ class Registry:
 
     @property
     def hooks(self):
+        """The lifecycle hook caller (``registry.hooks.qpeft_on_step_end(...)``)."""
         return self.pm.hook
 
     def get(self, kind: str, name: str, key: str | None = None):

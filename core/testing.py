@@ -423,6 +423,7 @@ class QuantizerChecker:
         from .config import load_config, resolve
 
         def make():
+            """Resolve once; skip when the plugin does not run on the kit's device."""
             self.plugin  # noqa: B018  (a clear error if the name is not registered)
             if self.device not in self.plugin.capabilities.devices:
                 _skip(f"{self.name} does not run on {self.device} (capabilities.devices)")
@@ -636,6 +637,7 @@ class QuantizerChecker:
 
     def _run(self) -> dict:
         def make():
+            """One ``qpeft run`` with a lifecycle plugin watching the base model."""
             from . import orchestrator
             from .registry import load_registry
 
