@@ -260,15 +260,12 @@ if fault == "train":
                 park(f"training step {step} of {max_steps}")
     registry = cli._registry
     cli._registry = lambda extra=(): registry([*extra, ParkAtStep()])
-elif fault in ("save", "disk-full"):
+elif fault == "save":
     save = peft_lora.Lora.save
-    def faulty_save(self, model, out_dir):
-        if fault == "disk-full":  # the kernel answers ENOSPC to every write of peft's adapter config
-            os.symlink("/dev/full", os.path.join(out_dir, "adapter_config.json"))
+    def parking_save(self, model, out_dir):
         save(self, model, out_dir)
-        if fault == "save":
-            park("adapter written into its temporary folder")
-    peft_lora.Lora.save = faulty_save
+        park("adapter written into its temporary folder")
+    peft_lora.Lora.save = parking_save
 
 sys.argv = ["qpeft", *sys.argv[1:]]
 cli.main()
@@ -354,22 +351,39 @@ def test_kill_during_adapter_save_then_a_later_run_works(earlier_run, tiny_llama
     assert (out / left[0] / "adapter_model.safetensors").is_file()  # complete, but never renamed into place
     _adapter_still_loads(out, registry)
 
-    run_to_end(config, root)  # the next run replaces the adapter and removes the dead run's temp folder
+    result = cli_run(config)  # the next run replaces the adapter and removes the dead run's temp folder
+    assert result.exit_code == 0, result.output[-3000:]
     assert hidden(out) == [], hidden(out)
     assert _earlier(out) != before
     assert json.loads((out / "summary.json").read_text())["train_steps"] == 2
     _adapter_still_loads(out, registry)
 
 
-def test_disk_full_during_adapter_save(earlier_run, tiny_llama_path):
+def cli_run(config: Path):
+    """``qpeft run CONFIG`` in this process (cheaper than a new one when nothing is killed)."""
+    from typer.testing import CliRunner
+
+    from qpeft import cli
+
+    return CliRunner().invoke(cli.app, ["run", str(config)])
+
+
+def test_disk_full_during_adapter_save(earlier_run, tiny_llama_path, monkeypatch):
+    from qpeft.plugins import peft_lora
+
     root, out = earlier_run
     before = _earlier(out)
-    proc = subprocess.run(
-        [sys.executable, "-c", DRIVER, "run", str(write_run_config(root, tiny_llama_path, out, 1))],
-        capture_output=True, text=True, timeout=600, cwd=root, env={**os.environ, "QPEFT_TEST_FAULT": "disk-full"},
-    )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: could not write {out / 'adapter'}: No space left on device (errno 28); the previous {out / 'adapter'} is unchanged; free some space and run again"], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    save = peft_lora.Lora.save
+
+    def save_on_a_full_disk(self, model, out_dir):
+        # The kernel answers ENOSPC to every write of peft's adapter config.
+        os.symlink("/dev/full", os.path.join(out_dir, "adapter_config.json"))
+        save(self, model, out_dir)
+
+    monkeypatch.setattr(peft_lora.Lora, "save", save_on_a_full_disk)
+    result = cli_run(write_run_config(root, tiny_llama_path, out, 1))
+    assert result.exit_code == 2, result.output[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: could not write {out / 'adapter'}: No space left on device (errno 28); the previous {out / 'adapter'} is unchanged; free some space and run again"], result.stderr[-2000:]
+    assert "Traceback" not in result.output
     assert _earlier(out) == before and hidden(out) == []
