@@ -65,9 +65,11 @@ def _passthrough_head(model):
     return wrapper, head
 
 
-def _chunked_ce_sum(hidden, head, labels, chunk: int):
+def _chunked_ce_sum(hidden, head, labels, chunk: int, autocast):
     """Sum of token cross-entropies of ``head(hidden)`` against ``labels`` (already shifted),
-    ``chunk`` rows at a time; each chunk's logits are recomputed in backward (checkpointing)."""
+    ``chunk`` rows at a time; each chunk's logits are recomputed in backward (checkpointing).
+    ``autocast`` is the trainer's mixed-precision context: the head runs outside the model's
+    forward (whose outputs accelerate has already cast to float32), so it must be re-entered."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
@@ -75,10 +77,11 @@ def _chunked_ce_sum(hidden, head, labels, chunk: int):
         return torch.nn.functional.cross_entropy(head(h).float(), y, ignore_index=IGNORE, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, hidden.size(0), chunk):
-        y = labels[i : i + chunk]
-        if bool((y != IGNORE).any()):
-            total = total + checkpoint(chunk_loss, hidden[i : i + chunk], y, use_reentrant=False)
+    with autocast():
+        for i in range(0, hidden.size(0), chunk):
+            y = labels[i : i + chunk]
+            if bool((y != IGNORE).any()):
+                total = total + checkpoint(chunk_loss, hidden[i : i + chunk], y, use_reentrant=False)
     return total
 
 
@@ -193,7 +196,7 @@ class NativeTrainer(TrainerPlugin):
                         out = model(**inputs)
                         if head is not None:
                             hidden = out.logits[:, :-1].reshape(-1, out.logits.size(-1))
-                            loss_sum = _chunked_ce_sum(hidden, head, labels, options.loss_chunk)
+                            loss_sum = _chunked_ce_sum(hidden, head, labels, options.loss_chunk, acc.autocast)
                         else:
                             logits = out.logits.float()
                             loss_sum = torch.nn.functional.cross_entropy(

@@ -33,9 +33,11 @@ def registry():
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_path):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tiny_llama_path)
+    from qpeft.tokenizer import load_tokenizer
+
+    tok, _ = load_tokenizer(tiny_llama_path)  # a pad token distinct from EOS, as in a run
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32).eval()
     return model, tok
 
