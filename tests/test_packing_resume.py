@@ -228,3 +228,27 @@ def test_resume_without_checkpoint_starts_over(tiny_config, registry, tmp_path):
     s = _run(_cfg(tiny_config, tmp_path, "native", "fresh", max_steps=2), registry, resume=True)
     assert s["train_steps"] == 2
     assert any("starting from step 0" in n for n in s["notes"])
+
+
+def test_chunked_loss_reenters_autocast():
+    """Regression (found on the H100): accelerate casts a model's outputs to float32, so the
+    chunked loss gets float32 hidden states and must run the (bf16) head under autocast again."""
+    import torch
+
+    from qpeft.plugins.trainer_native import _chunked_ce_sum
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(40, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (40,))
+    labels[:5] = IGNORE
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    got = _chunked_ce_sum(hidden, head, labels, 16, autocast)
+    got.backward()
+    with autocast():
+        ref = torch.nn.functional.cross_entropy(head(hidden).float(), labels, ignore_index=IGNORE, reduction="sum")
+    assert got.item() == pytest.approx(ref.item(), rel=1e-3)
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
