@@ -315,8 +315,13 @@ class Gptq(QuantizerPlugin):
         if ctx.device == "cuda" and ctx.dtype == "float32" and options.kernel in ("triton", "marlin", "exllama_v2"):
             raise ConfigError("model.dtype", f"gptq kernel {options.kernel!r} computes in float16/bfloat16; set model.dtype to one of them")
 
-    def _backend(self, options, training: bool) -> str:
+    def _backend(self, options, training: bool, ctx=None) -> str:
         if options.kernel == "auto":
+            # gptqmodel's own choice on CUDA is Marlin, which computes in float16/bfloat16
+            # only: a float32 run (e.g. `qpeft merge`'s verification) would fail at its first
+            # forward, so float32 gets the torch kernel.
+            if ctx is not None and ctx.device == "cuda" and ctx.dtype == "float32":
+                return TRAINING_BACKEND
             return TRAINING_BACKEND if training else "auto"
         backend, *_, trainable = KERNELS[options.kernel]
         if training and trainable == "no":
@@ -330,7 +335,7 @@ class Gptq(QuantizerPlugin):
 
     def load(self, model_path, options, ctx, *, training):
         _require_gptq()
-        backend = self._backend(options, training)
+        backend = self._backend(options, training, ctx)
         _set_env()
         if options.quantized_path:
             source = Path(options.quantized_path).expanduser()
