@@ -16,11 +16,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from qpeft import cli, hookimpl
 from qpeft.registry import load_registry
+from transformers.utils import logging as transformers_logging
+from typer.testing import CliRunner
 
+# Let transformers attach its log handler to the real stderr now: set up inside a CliRunner
+# invocation it would keep that invocation's (later closed) stream.
+transformers_logging.get_logger("transformers")
 RUNNER = CliRunner()
 
 
@@ -156,7 +159,6 @@ def test_pickle_checkpoint_is_refused_naming_the_file_and_opt_in(qpeft, pickle_m
 
 def test_pickle_checkpoint_loads_when_opted_in_and_is_logged(pickle_model, tiny_llama_path, tmp_path, caplog):
     import torch
-
     from qpeft.config import load_config
     from qpeft.context import RunContext
     from qpeft.modeling import load_causal_lm

@@ -27,9 +27,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from qpeft.io import WriteError, atomic_dir, atomic_write_text
+from transformers.utils import logging as transformers_logging
 
+# Let transformers attach its log handler to the real stderr now: set up inside a CliRunner
+# invocation it would keep that invocation's (later closed) stream.
+transformers_logging.get_logger("transformers")
 REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------- helpers
@@ -56,7 +59,7 @@ def kill_when(proc: subprocess.Popen, mark: Path, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while not mark.exists():
         if proc.poll() is not None:
-            out, err = proc.communicate()
+            _, err = proc.communicate()
             raise AssertionError(f"exited {proc.returncode} before the fault point:\n{err[-3000:]}")
         if time.monotonic() > deadline:
             proc.kill()
@@ -195,7 +198,11 @@ def test_enospc_inside_atomic_dir_names_the_folder(tmp_path, monkeypatch):
     target = tmp_path / "adapter"
     with atomic_dir(target) as tmp:
         atomic_write_text(tmp / "qpeft.json", "old")
-    monkeypatch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", full)
     with pytest.raises(WriteError, match=rf"could not write {target}: No space left on device \(errno 28\); the previous {target} is unchanged"):
         with atomic_dir(target) as tmp:
             atomic_write_text(tmp / "qpeft.json", "new")
@@ -361,9 +368,8 @@ def test_kill_during_adapter_save_then_a_later_run_works(earlier_run, tiny_llama
 
 def cli_run(config: Path):
     """``qpeft run CONFIG`` in this process (cheaper than a new one when nothing is killed)."""
-    from typer.testing import CliRunner
-
     from qpeft import cli
+    from typer.testing import CliRunner
 
     return CliRunner().invoke(cli.app, ["run", str(config)])
 

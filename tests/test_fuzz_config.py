@@ -20,22 +20,26 @@ import os
 import subprocess
 import sys
 import tempfile
+import types
 import typing
 from pathlib import Path
 
 import pytest
 import yaml
+from transformers.utils import logging as transformers_logging
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from pydantic import BaseModel  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
+from qpeft import capability_table, cli, hookimpl, orchestrator
+from qpeft.config import INT64_MAX, RunConfig
+from qpeft.registry import load_registry
+from typer.testing import CliRunner
 
-from qpeft import capability_table, cli, hookimpl, orchestrator  # noqa: E402
-from qpeft.config import INT64_MAX, RunConfig  # noqa: E402
-from qpeft.registry import load_registry  # noqa: E402
-
+# Let transformers attach its log handler to the real stderr now: set up inside a CliRunner
+# invocation it would keep that invocation's (later closed) stream.
+transformers_logging.get_logger("transformers")
 REGISTRY = load_registry()
 _REAL_RUN = orchestrator.run  # before the tripwire replaces it
 NAMES = {kind: sorted(REGISTRY.backends[kind]) for kind in ("quantizer", "peft", "trainer")}
@@ -131,7 +135,7 @@ def outcome(result, prop: str, *, allow_ok: bool, progress: bool = False) -> str
 
 
 def _args(ann) -> tuple:
-    return typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, getattr(__import__("types"), "UnionType")) else (ann,)
+    return typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, types.UnionType) else (ann,)
 
 
 def _model_in(ann) -> type[BaseModel] | None:

@@ -42,9 +42,8 @@ def nf4_adapter(tiny_llama_path, tmp_path_factory):
 
 
 def _merged_weights(adapter, out, registry):
-    from safetensors.torch import load_file
-
     from qpeft import orchestrator
+    from safetensors.torch import load_file
 
     result = orchestrator.merge(str(adapter), str(out), registry, overrides=["model.device=cpu"])
     return result, load_file(str(out / "model.safetensors"))
@@ -78,9 +77,8 @@ def test_merge_after_eval_forward_on_4bit(nf4_adapter, tmp_path, monkeypatch):
 
 def test_autocast_wrapper_left_by_accelerate_is_removed():
     from accelerate import Accelerator
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from qpeft.modeling import release_model
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
@@ -89,6 +87,7 @@ def test_autocast_wrapper_left_by_accelerate_is_removed():
         fp32 = model(input_ids=ids).logits
     from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(True)  # an earlier Trainer in this process fixed mixed_precision="no"
     try:
         prepared = Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
     finally:
@@ -113,4 +112,4 @@ def test_every_trap_in_reliability_doc_has_an_existing_test():
         assert refs, f"no test named in: {row}"
         for file, name in refs:
             source = (REPO / "tests" / file).read_text(encoding="utf-8")
-            assert re.search(rf"^def {name}\(", source, re.M), f"tests/{file}::{name} does not exist"
+            assert re.search(rf"^def {name}\(", source, re.MULTILINE), f"tests/{file}::{name} does not exist"
