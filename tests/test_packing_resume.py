@@ -172,6 +172,18 @@ KILLER = textwrap.dedent(
             if step == int(sys.argv[2]):
                 os.kill(os.getpid(), signal.SIGKILL)
 
+    if sys.argv[3] == "mid-save":  # die inside the checkpoint write of step argv[2], after its first torch.save
+        import torch
+
+        real_save = torch.save
+
+        def save_then_die(obj, f, *args, **kwargs):
+            real_save(obj, f, *args, **kwargs)
+            if f"checkpoint-{sys.argv[2]}" in str(f):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = save_then_die
+        Killer.qpeft_on_step_end = lambda *a, **k: None
     resolved, reg = orchestrator.prepare(json.load(open(sys.argv[1])), registry=load_registry([Killer()]))
     orchestrator.run(resolved, reg)
     """
@@ -184,8 +196,8 @@ def _adapter_tensors(run_dir):
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("trainer", ["native", "hf"])
-def test_resume_after_kill_gives_the_uninterrupted_adapter(tiny_config, registry, tmp_path, trainer):
+@pytest.mark.parametrize("trainer,when", [("native", "after-step"), ("hf", "after-step"), ("native", "mid-save"), ("hf", "mid-save")])
+def test_resume_after_kill_gives_the_uninterrupted_adapter(tiny_config, registry, tmp_path, trainer, when):
     opts = {"save_steps": 2, "save_total_limit": 3}
     if trainer == "native":
         opts["optim"] = "adamw_torch"
@@ -197,23 +209,33 @@ def test_resume_after_kill_gives_the_uninterrupted_adapter(tiny_config, registry
     cfg_file.write_text(json.dumps(cfg))
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
-    proc = subprocess.run([sys.executable, str(script), str(cfg_file), "5"], capture_output=True, text=True, timeout=600)
+    kill_step = "5" if when == "after-step" else "4"
+    proc = subprocess.run([sys.executable, str(script), str(cfg_file), kill_step, when], capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr[-2000:]
     run_dir = tmp_path / "killed"
-    assert latest_complete(run_dir) == checkpoint_dir(run_dir, 4)
     assert not (run_dir / "adapter").exists()
-
-    # A checkpoint interrupted while being written (as kill -9 mid-save leaves it): a step-6
-    # folder with a truncated file and no completion marker. Resume must not use it.
-    half = checkpoint_dir(run_dir, 6)
-    shutil.copytree(checkpoint_dir(run_dir, 4), half)
-    (half / MARKER).unlink()
-    for f in half.glob("*.safetensors"):
-        f.write_bytes(f.read_bytes()[:100])
+    if when == "after-step":
+        assert latest_complete(run_dir) == checkpoint_dir(run_dir, 4)
+        # A checkpoint torn by a kill mid-write, planted by hand: a step-6 folder with a
+        # truncated file and no completion marker. Resume must not use it.
+        half = checkpoint_dir(run_dir, 6)
+        shutil.copytree(checkpoint_dir(run_dir, 4), half)
+        (half / MARKER).unlink()
+        for f in half.glob("*.safetensors"):
+            f.write_bytes(f.read_bytes()[:100])
+        expected = "checkpoint-4"
+    else:
+        # Killed for real inside the step-4 checkpoint write: the HF Trainer leaves a partial
+        # checkpoint-4 folder (written in place), the native trainer a hidden temp folder.
+        assert latest_complete(run_dir) == checkpoint_dir(run_dir, 2)
+        leftovers = [p.name for p in (run_dir / "checkpoints").iterdir() if "4" in p.name]
+        assert leftovers, "the kill did not happen inside the step-4 checkpoint write"
+        expected = "checkpoint-2"
 
     resumed = _run(cfg, registry, resume=True)
-    assert not half.exists() or (half / MARKER).exists()
-    assert any("resuming from" in n and "checkpoint-4" in n for n in resumed["notes"])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"][-3:]
+    assert all((p / MARKER).exists() for p in (run_dir / "checkpoints").iterdir())
+    assert any("resuming from" in n and expected in n for n in resumed["notes"])
     a, b = _adapter_tensors(tmp_path / "straight"), _adapter_tensors(run_dir)
     assert a.keys() == b.keys()
     for k in a:
