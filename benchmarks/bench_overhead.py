@@ -1,18 +1,21 @@
 """qpeft's overhead in training tokens/s: the same NF4 + LoRA + HF Trainer workload run as a
-``qpeft bench`` cell and by a plain transformers + peft + bitsandbytes script, alternating in
-one run (ABBA order), each run in a fresh process. Writes
-``benchmarks/results/overhead_<device>.{json,md}``.
+``qpeft bench`` cell and by a plain transformers + peft + bitsandbytes script, alternating (ABBA
+order) in one run. By default both sides run in this process one after the other (the qpeft
+side through :func:`qpeft.bench.cell_main`, the function a bench cell's process runs);
+``--isolation process`` gives every run a fresh process (the qpeft side through ``qpeft bench``).
+Writes ``benchmarks/results/overhead_<device>.{json,md}``.
 
-    python benchmarks/bench_overhead.py [--model smollm2] [--steps 12] [--batch 4] [--max-length 128] [--repeats 3]
+    python benchmarks/bench_overhead.py [--model smollm2] [--steps 12] [--batch 4] [--max-length 128] [--repeats 3] [--threads 1]
 
 Both sides see identical rows: long texts (benchmarks/make_long_text.py) cut to exactly
-``--max-length`` tokens, so no row is padded. Both measure tokens/s the same way: tokens seen
-between the end of the warm-up steps (the first fifth, 1 to 10) and the last step, over the
-wall time between them, taken when the Trainer logs the step. The overhead is
+``--max-length`` tokens, so no row is padded. Both measure the same way: tokens seen between the
+end of the warm-up steps (the first fifth, 1 to 10) and the last step, over the wall time (and
+the process CPU time) between them, taken when the Trainer logs the step. The overhead is
 ``1 - qpeft / plain`` per adjacent pair. Three estimates are written, because a shared machine's
 other processes move wall-clock tokens/s by far more than 5%: the median pairwise overhead, the
 overhead between each side's best run (the least disturbed), and the overhead in process CPU
-time per step (all threads of the run's process), which other processes barely move.
+time per step, which other processes move much less (with ``--threads``, whose OpenMP threads
+wait passively instead of spinning).
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from common import environment, write
 # ---------------------------------------------------------------------------- the plain script
 
 
-def plain_worker(spec_path: str) -> None:
-    """The same workload with transformers + peft + bitsandbytes only (no qpeft import)."""
+def plain_run(spec: dict) -> dict:
+    """The same workload with transformers + peft + bitsandbytes only (no qpeft code)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (
@@ -46,7 +49,6 @@ def plain_worker(spec_path: str) -> None:
         TrainingArguments,
     )
 
-    spec = json.loads(Path(spec_path).read_text())
     cuda = spec["device"] == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     tok = AutoTokenizer.from_pretrained(spec["model_path"])
@@ -87,15 +89,23 @@ def plain_worker(spec_path: str) -> None:
     trainer.train()
     skip = min(10, max(1, len(marks) // 5))
     (s0, t0, c0, k0), (s1, t1, c1, k1) = marks[skip - 1], marks[-1]
-    Path(spec["result"]).write_text(json.dumps({"tokens_per_s_after_warmup": (k1 - k0) / (t1 - t0),
-                                                "step_seconds_after_warmup": (t1 - t0) / (s1 - s0),
-                                                "cpu_seconds_per_step_after_warmup": (c1 - c0) / (s1 - s0),
-                                                "warmup_steps": s0, "train_tokens": k1}))
+    return {"tokens_per_s_after_warmup": (k1 - k0) / (t1 - t0), "step_seconds_after_warmup": (t1 - t0) / (s1 - s0),
+            "cpu_seconds_per_step_after_warmup": (c1 - c0) / (s1 - s0), "warmup_steps": s0, "train_tokens": k1}
 
 
-def run_plain(spec: dict, tmp: Path, n: int) -> dict:
-    """One plain run in a fresh process; its tokens/s after warm-up."""
+def plain_worker(spec_path: str) -> None:
+    """``--plain-worker SPEC``: one plain run in this process, its result written where the spec says."""
+    spec = json.loads(Path(spec_path).read_text())
+    Path(spec["result"]).write_text(json.dumps(plain_run(spec)))
+
+
+def run_plain(spec: dict, tmp: Path, n: int, isolation: str) -> dict:
+    """One plain run, in this process or a fresh one; its throughput after warm-up."""
     spec = {**spec, "output_dir": str(tmp / f"plain-{n}"), "result": str(tmp / f"plain-{n}.json")}
+    if isolation == "inprocess":
+        result = plain_run(spec)
+        _release()
+        return result
     path = tmp / f"plain-{n}-spec.json"
     path.write_text(json.dumps(spec))
     t0 = time.perf_counter()
@@ -108,10 +118,37 @@ def run_plain(spec: dict, tmp: Path, n: int) -> dict:
 # ---------------------------------------------------------------------------- the qpeft cell
 
 
-def run_qpeft(matrix_path: Path, tmp: Path) -> dict:
-    """One qpeft bench cell (a fresh process, as `qpeft bench` runs it); its metrics."""
-    from qpeft import bench
+def _release() -> None:
+    import gc
 
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_qpeft(matrix_path: Path, tmp: Path, n: int, isolation: str) -> dict:
+    """One qpeft bench cell; its metrics. ``process``: ``qpeft bench`` runs it in a fresh process;
+    ``inprocess``: the cell's entry (:func:`qpeft.bench.cell_main`, what that process runs) is
+    called here, its output sent to a log file."""
+    import contextlib
+
+    from qpeft import bench
+    from qpeft.registry import load_registry
+
+    if isolation == "inprocess":
+        cell_dir = tmp / f"qpeft-{n}"
+        (cell,) = bench.expand(bench.load_matrix(matrix_path), load_registry(), cell_dir)
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        spec = {"cell": cell.id, "config": cell.config, "merge": False, "result": str(cell_dir / "result.json")}
+        (cell_dir / "cell.json").write_text(json.dumps(spec))
+        with open(cell_dir / "log.txt", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            rc = bench.cell_main([str(cell_dir / "cell.json")])
+        if rc != 0:
+            raise RuntimeError(f"qpeft cell failed (log: {cell_dir / 'log.txt'})")
+        _release()
+        return json.loads((cell_dir / "result.json").read_text())["metrics"]
     out = tmp / "qpeft-results"
     t0 = time.perf_counter()
     counts = bench.run_matrix(matrix_path, out_dir=out, rerun=["*"])
@@ -132,8 +169,16 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3, help="pairs of runs (qpeft + plain)")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on both sides")
+    ap.add_argument("--isolation", choices=["inprocess", "process"], default="inprocess",
+                    help="alternate both sides in this process (default) or run each in a fresh process")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads per run (OMP_NUM_THREADS, passive OpenMP waiting); default: torch's")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.threads:
+        # Spinning OpenMP threads make a run on a shared machine several times slower whenever
+        # another process wants the same cores; passive waiting keeps CPU time meaningful.
+        os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY="PASSIVE")
     if args.plain_worker:
         plain_worker(args.plain_worker)
         return
@@ -177,7 +222,8 @@ def main() -> None:
             order = ("qpeft", "plain") if rep % 2 == 0 else ("plain", "qpeft")
             pair = {}
             for side in order:
-                pair[side] = run_qpeft(matrix_path, tmp) if side == "qpeft" else run_plain(spec, tmp, rep)
+                pair[side] = (run_qpeft(matrix_path, tmp, rep, args.isolation) if side == "qpeft"
+                              else run_plain(spec, tmp, rep, args.isolation))
                 print(side, rep, round(pair[side]["tokens_per_s_after_warmup"], 2), flush=True)
             q, p = pair["qpeft"]["tokens_per_s_after_warmup"], pair["plain"]["tokens_per_s_after_warmup"]
             qc, pc = pair["qpeft"]["cpu_seconds_per_step_after_warmup"], pair["plain"]["cpu_seconds_per_step_after_warmup"]
@@ -202,7 +248,8 @@ def main() -> None:
     path = write(
         name,
         {"command": "python " + " ".join(sys.argv), "environment": environment(), "model": args.model,
-         "workload": {k: v for k, v in spec.items() if k not in ("model_path", "data")} | {"quantizer": "bnb-nf4 (double quant)", "trainer": "hf", "lora": f"r{args.r} alpha{2 * args.r} all-linear"},
+         "workload": {k: v for k, v in spec.items() if k not in ("model_path", "data")} | {"quantizer": "bnb-nf4 (double quant)", "trainer": "hf", "lora": f"r{args.r} alpha{2 * args.r} all-linear",
+                                                                                "isolation": args.isolation, "threads": args.threads or "torch default"},
          "summary": summary},
         rows,
         ["pair", "order", "qpeft_tokens_per_s", "plain_tokens_per_s", "overhead_pct", "qpeft_step_s", "plain_step_s",

@@ -10,16 +10,13 @@
 # $OUT/bench (results.jsonl, matrix.json, report.md, results.csv, cells.tgz with each cell's log
 # and summary); render the plots here with `qpeft bench report <that folder>`.
 #
-#   bash scripts/device_bench.sh                                   # the matrix, resumable
+# device_setup.sh runs only with QPEFT_DEVICE_OK=1 set (the lead engineer's GPU budget).
+#   QPEFT_DEVICE_OK=1 bash scripts/device_bench.sh                 # the matrix, resumable
 #   BENCH_ONLY="quantizer=bnb-nf4" bash scripts/device_bench.sh    # a --only selector (space-separated list)
 #   STAGE=overhead bash scripts/device_bench.sh                    # the overhead benchmark (~7 min)
 set -uo pipefail
-source scripts/device_setup.sh || exit 1
-# Run this checkout's qpeft, not the copy built into .devsite (whose dist-info still provides the
-# entry points, which name the same modules).
-rm -rf /tmp/qsrc && mkdir -p /tmp/qsrc && cp -r core /tmp/qsrc/qpeft && cp -r plugins /tmp/qsrc/qpeft/plugins
-export PYTHONPATH=/tmp/qsrc:${PYTHONPATH:-}
-python3 -c "import qpeft.bench, sys; print('qpeft from', qpeft.bench.__file__)" || exit 1
+source scripts/device_setup.sh || exit 1   # also puts this checkout's qpeft first on PYTHONPATH
+python3 -c "import qpeft.bench; print('qpeft from', qpeft.bench.__file__)" || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 t0=$(date +%s)
 A=runs/bench-assets R=runs/bench/h100
