@@ -633,8 +633,10 @@ def _failure(rc: int | None, log_path: Path, timed_out: bool, timeout: float | N
 
 
 def _is_oom(error: str) -> bool:
+    """Whether a cell's error is running out of memory: CUDA's OutOfMemoryError, or on a CPU an
+    allocation the operating system refused (torch's "Cannot allocate memory", MemoryError)."""
     e = error.lower()
-    return "out of memory" in e or "outofmemory" in e or "out-of-memory" in e
+    return any(k in e for k in ("out of memory", "outofmemory", "out-of-memory", "cannot allocate memory", "can't allocate memory", "memoryerror"))
 
 
 # ---------------------------------------------------------------------------- the cell process

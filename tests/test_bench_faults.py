@@ -1,0 +1,94 @@
+"""Faults inside ``qpeft bench``: the whole bench process group killed with SIGKILL while a cell
+runs, and a cell that runs out of memory. Earlier results stay intact, the interrupted cell runs
+again on the next invocation, and an out-of-memory cell is recorded as such while the others go on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import REPO
+
+from qpeft import bench
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import make_random_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def random_tiny(tmp_path_factory, embedded_model_path) -> str:
+    return make_random_model.build("tiny", tmp_path_factory.mktemp("random") / "tiny", dtype="float32", device="cpu")
+
+
+def _matrix(tmp_path, model, axes, steps=3):
+    base = {
+        "model": model,
+        "quantizer": "none",
+        "peft": {"name": "lora", "options": {"r": 4, "alpha": 8}},
+        "trainer": {"name": "native", "options": {"batch_size": 2, "max_steps": steps, "lr": 1e-3, "scheduler": "constant", "loss": "full"}},
+        "data": {"path": "embedded:text", "max_length": 32, "max_train_examples": 6, "max_val_examples": 2},
+        "generate": {"max_new_tokens": 2, "chat_template": False},
+    }
+    path = tmp_path / "matrix.yaml"
+    path.write_text(yaml.safe_dump({"name": "faults", "base": base, "axes": axes}, sort_keys=False))
+    return str(path)
+
+
+def _records(out):
+    return bench.read_records(out)
+
+
+def test_kill_9_of_the_bench_during_a_cell_keeps_results_and_resumes(random_tiny, tmp_path):
+    matrix = _matrix(tmp_path, random_tiny, {"trainer.options.max_steps": {"short": 2, "long": 400}})
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qpeft", "bench", matrix, "--out", str(out), "--no-report"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        # wait until the first cell is recorded and the second one is training
+        while time.time() < deadline:
+            recs = _records(out) if (out / bench.RESULTS_FILE).exists() else []
+            if len(recs) == 1 and (out / "cells" / "long" / "run").exists():
+                break
+            assert proc.poll() is None, "bench ended before it could be killed"
+            time.sleep(0.5)
+        else:
+            pytest.fail("the second cell never started")
+        time.sleep(3)
+        before = (out / bench.RESULTS_FILE).read_bytes()
+        os.killpg(proc.pid, signal.SIGKILL)  # the bench and its running cell, at once
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert (out / bench.RESULTS_FILE).read_bytes() == before  # the finished cell's record, untouched
+    (first,) = _records(out)
+    assert first["status"] == "ok"
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+    # The next invocation skips the finished cell and runs the interrupted one (shortened: the
+    # override changes its config, so it counts as a new cell with the same place in the matrix).
+    counts = bench.run_matrix(matrix, out_dir=out, overrides=["trainer.options.max_steps=2"], only=["*long*"])
+    assert counts["ok"] == 1 and counts["failed"] == 0
+    assert [r["status"] for r in _records(out)] == ["ok", "ok"]
+
+
+def test_out_of_memory_cell_is_recorded_and_the_others_go_on(random_tiny, tmp_path):
+    # batch 16384 × 32 tokens × 32,000 vocabulary: the float32 logits alone would be 67 GB, more
+    # than this machine has, so the allocation fails for real (no memory is actually used up).
+    matrix = _matrix(tmp_path, random_tiny, {"trainer.options.batch_size": {"small": 2, "huge": 16384}}, steps=2)
+    counts = bench.run_matrix(matrix, out_dir=tmp_path / "out")
+    by = {r["cell"]: r for r in _records(tmp_path / "out")}
+    assert counts["ok"] == 1 and counts["failed"] == 1, by
+    huge = next(r for c, r in by.items() if "huge" in c)
+    assert huge["status"] == "failed" and huge["oom"] is True, huge
+    small = next(r for c, r in by.items() if "small" in c)
+    assert small["status"] == "ok"
