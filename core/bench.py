@@ -682,6 +682,9 @@ def environment() -> dict:
     for dist in ("qpeft", "transformers", "peft", "accelerate", "bitsandbytes", "gptqmodel", "optimum", "safetensors"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             env[dist] = importlib.metadata.version(dist)
+    threading_env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ}
+    if threading_env:
+        env["env"] = threading_env
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),

@@ -31,7 +31,7 @@ ENV_ROWS = (
     ("cpu", "CPU"), ("cpu_count", "CPU cores"), ("torch_threads", "torch threads"), ("platform", "platform"),
     ("python", "Python"), ("torch", "torch"), ("transformers", "transformers"), ("peft", "peft"),
     ("accelerate", "accelerate"), ("bitsandbytes", "bitsandbytes"), ("gptqmodel", "gptqmodel"), ("optimum", "optimum"),
-    ("qpeft", "qpeft"),
+    ("qpeft", "qpeft"), ("env", "environment variables"),
 )
 
 METRIC_NOTES = """\
@@ -46,7 +46,10 @@ METRIC_NOTES = """\
 * **gen tok/s**: greedy generation with the saved adapter reloaded on a fresh quantized base.
 * **adapter MiB**: the saved adapter folder on disk (safetensors + configs).
 * **merge Δ**: max |Δlogit| between the merged full-precision model and the adapter on its
-  quantized base ("n/m": the method or quantizer cannot merge).
+  quantized base ("n/m": the method or quantizer cannot merge). The floor, where not 0, is the
+  same distance between the quantized and the full-precision base without an adapter: LLM.int8
+  (`bnb-8bit`) also quantizes activations, so its adapter-on-quantized-base reference cannot be
+  reproduced by any full-precision model.
 """
 
 
@@ -168,6 +171,8 @@ def markdown(meta: dict, rows: list[dict], plots: list[str], directory: Path, pl
             ppl = f"{_ppl(m.get('val_perplexity_before'))} → {_ppl(m.get('val_perplexity_after'))}"
             adapter = m.get("adapter_bytes")
             merge = _fmt(m.get("merge_max_abs_logit_diff"), ".2e") if "merge_max_abs_logit_diff" in m else "n/m"
+            if m.get("merge_base_path_diff"):
+                merge += f" (floor {m['merge_base_path_diff']:.2g})"
             lines.append("| " + " | ".join(labels + [
                 "ok", _fmt(_tokens_per_s(m), ".1f"), _fmt(m.get("step_seconds_after_warmup"), ".3g"), _peak_text(m),
                 _fmt(m.get("gradient_checkpointing")),
@@ -256,12 +261,15 @@ def plots(meta: dict, rows: list[dict], directory: Path) -> list[str]:
         if not points:
             return None
         fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+        tags: dict[tuple, list[str]] = {}  # cells at the same point (e.g. trainers with equal results) share one label
         for r, x, y in points:
             ax.scatter([x], [y], s=60, color=colors[r["labels"].get(color_axis)], marker=shapes[r["labels"].get(marker_axis)],
                        edgecolors="black", linewidths=0.5, zorder=3)
             tag = "/".join(r["labels"].get(a, "") for a in others)
             if tag:
-                ax.annotate(tag, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color="0.25")
+                tags.setdefault((f"{x:.6g}", f"{y:.6g}"), [x, y]).append(tag)
+        for x, y, *names in tags.values():
+            ax.annotate(", ".join(dict.fromkeys(names)), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color="0.25")
         if logy:
             ys = [y for _, _, y in points]
             if min(ys) > 0 and max(ys) / min(ys) > 10:

@@ -267,8 +267,12 @@ class _BenchDisplay:
                 m = r["metrics"]
                 peak = m.get("peak_reserved_gib", m.get("peak_rss_gib"))
                 tps = m.get("tokens_per_s_after_warmup") or m.get("tokens_per_s")
-                say(f"  [green]✓[/] {name}: {tps} tok/s, peak {peak} GiB, val ppl {m.get('val_perplexity_before')} → "
-                    f"{m.get('val_perplexity_after')} ({r['wall_seconds']:.0f} s)", highlight=False)
+                def num(x, spec):
+                    return "–" if x is None else format(x, spec)
+
+                say(f"  [green]✓[/] {name}: {num(tps, '.1f')} tok/s, peak {num(peak, '.2f')} GiB, val ppl "
+                    f"{num(m.get('val_perplexity_before'), '.5g')} → {num(m.get('val_perplexity_after'), '.5g')} "
+                    f"({r['wall_seconds']:.0f} s)", highlight=False)
             else:
                 say(f"  [red]✗[/] {name}: {escape(r['error'])} (log: {escape(r['log'])})", highlight=False)
 
