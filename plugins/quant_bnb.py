@@ -84,6 +84,8 @@ class _BnbBase(QuantizerPlugin):
             )
         # prepare_model_for_kbit_training without its float32 cast: freeze the base, and
         # checkpoint with inputs that require grad so a frozen base back-propagates.
+        if ctx.dtype != "float32":
+            ctx.notes.append(f"{self.name}: frozen non-quantized weights kept in {ctx.dtype} (no float32 upcast)")
         freeze(model)
         if grad_checkpointing:
             enable_gradient_checkpointing(model)
@@ -199,7 +201,9 @@ class Bnb8bit(_BnbBase):
         model = load_causal_lm(model_path, ctx, quantization_config=cfg)
         matmul = options.matmul if options.matmul != "auto" else ("dequantize" if ctx.device == "cuda" else "int8")
         if matmul == "dequantize":
-            use_dequantize_matmul(model)
+            n = use_dequantize_matmul(model)
+            if training:
+                ctx.notes.append(f"bnb-8bit: {n} int8 layers multiply by dequantize-then-matmul (no activation quantization)")
         return model
 
 

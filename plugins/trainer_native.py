@@ -172,6 +172,7 @@ class NativeTrainer(TrainerPlugin):
         head = wrapper = None
         if options.loss == "chunked" or (options.loss == "auto" and ctx.device == "cuda"):
             wrapper, head = _passthrough_head(model)
+            ctx.notes.append(f"native: chunked cross-entropy ({options.loss_chunk} tokens per chunk)")
         model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
         model.train()
 
