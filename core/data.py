@@ -270,9 +270,10 @@ def pack(data: list[dict], max_length: int) -> list[dict]:
         if ids and len(ids) + n > max_length:
             rows.append({"input_ids": ids, "labels": labels, "position_ids": pos})
             ids, labels, pos = [], [], []
-        ids = ids + d["input_ids"]
-        labels = labels + [IGNORE] + d["labels"][1:]
-        pos = pos + list(range(n))
+        ids.extend(d["input_ids"])
+        labels.append(IGNORE)
+        labels.extend(d["labels"][1:])
+        pos.extend(range(n))
     if ids:
         rows.append({"input_ids": ids, "labels": labels, "position_ids": pos})
     return rows

@@ -223,11 +223,10 @@ class NativeTrainer(TrainerPlugin):
                         _save_state(checkpoint_dir(ctx.output_dir, step), trainable, optimizer, scheduler, step, ctx)
                         prune(ctx.output_dir, options.save_total_limit)
         finally:
+            release_model(model)
             if wrapper is not None:
-                release_model(model)
                 acc.unwrap_model(model).set_output_embeddings(head)
         seconds = time.perf_counter() - t0
-        release_model(model)
         return TrainResult(
             train_loss=sum(losses) / max(len(losses), 1),
             steps=max_steps,

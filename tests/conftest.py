@@ -9,12 +9,25 @@ from pathlib import Path
 
 import pytest
 
+from qpeft import hookimpl
 from qpeft.testing import save_tiny_llama  # noqa: F401  (the builder lives in the conformance kit)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class WeightWatch:
+    """A lifecycle plugin that counts the base models a quantizer loaded."""
+
+    def __init__(self):
+        self.loaded = 0
+
+    @hookimpl
+    def qpeft_on_model_loaded(self, model, ctx):
+        """Count a loaded base model."""
+        self.loaded += 1
 
 
 def pytest_collection_modifyitems(config, items):

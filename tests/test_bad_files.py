@@ -16,7 +16,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from qpeft import cli, hookimpl
+from conftest import WeightWatch
+from qpeft import cli
 from qpeft.registry import load_registry
 from transformers.utils import logging as transformers_logging
 from typer.testing import CliRunner
@@ -25,18 +26,6 @@ from typer.testing import CliRunner
 # invocation it would keep that invocation's (later closed) stream.
 transformers_logging.get_logger("transformers")
 RUNNER = CliRunner()
-
-
-class WeightWatch:
-    """A lifecycle plugin that counts the base models a quantizer loaded."""
-
-    def __init__(self):
-        self.loaded = 0
-
-    @hookimpl
-    def qpeft_on_model_loaded(self, model, ctx):
-        """Count a loaded base model."""
-        self.loaded += 1
 
 
 @pytest.fixture()

@@ -32,7 +32,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
-from qpeft import capability_table, cli, hookimpl, orchestrator
+from conftest import WeightWatch
+from qpeft import capability_table, cli, orchestrator
 from qpeft.config import INT64_MAX, RunConfig
 from qpeft.registry import load_registry
 from typer.testing import CliRunner
@@ -499,18 +500,6 @@ def test_every_numeric_field_refuses_absurd_numbers(workdir, value):
 
 
 # ---------------------------------------------------------------------------- run-time checks, real orchestrator
-
-
-class WeightWatch:
-    """A lifecycle plugin that records every base model the quantizer loaded."""
-
-    def __init__(self):
-        self.loaded = 0
-
-    @hookimpl
-    def qpeft_on_model_loaded(self, model, ctx):
-        """Count a loaded base model."""
-        self.loaded += 1
 
 
 @fuzz_settings(20)

@@ -51,24 +51,9 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory) -> str:
     """A 2-layer random Llama (hidden 128, MLP 256, vocab 512) with a small BPE tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from qpeft.testing import save_tiny_llama, tiny_tokenizer
 
-    from conftest import save_tiny_llama
-
-    from qpeft.data import EMBEDDED_DATA
-
-    texts = [json.loads(line)["text"] for line in (EMBEDDED_DATA / "text_train.jsonl").read_text().splitlines() if line.strip()]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=512, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok = tiny_tokenizer(512)
     return save_tiny_llama(tok, tmp_path_factory.mktemp("tiny-llama-gptq"), tie_word_embeddings=False)
 
 
