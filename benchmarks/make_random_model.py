@@ -110,8 +110,11 @@ def write_weights(config, out: Path, dtype: str, seed: int, device: str) -> int:
     return total
 
 
-def build(shape: str, out: str | Path, *, dtype: str = "bfloat16", seed: int = 0, device: str = "auto", force: bool = False) -> str:
-    """Build (or find already built) the random model of ``shape`` in ``out``; return the folder."""
+def build(shape: str, out: str | Path, *, dtype: str = "bfloat16", seed: int = 0, device: str = "auto", force: bool = False,
+          tokenizer_source: str | None = None) -> str:
+    """Build (or find already built) the random model of ``shape`` in ``out``; return the folder.
+    ``tokenizer_source``: a folder holding the embedded SmolLM2's tokenizer files (default: the
+    embedded model itself, converted on first use) — lets a machine without the GGUF build it."""
     import torch
     from qpeft.io import atomic_dir
     from qpeft.model_source import resolve_model_path
@@ -126,7 +129,8 @@ def build(shape: str, out: str | Path, *, dtype: str = "bfloat16", seed: int = 0
     if not force and (out / MARKER).is_file() and json.loads((out / MARKER).read_text()) == spec:
         return str(out)
     with atomic_dir(out, replace=True) as tmp:
-        tok = save_tokenizer(Path(resolve_model_path("smollm2")), tmp, SHAPES[shape]["vocab_size"])
+        source = Path(tokenizer_source) if tokenizer_source else Path(resolve_model_path("smollm2"))
+        tok = save_tokenizer(source, tmp, SHAPES[shape]["vocab_size"])
         config = LlamaConfig(
             **SHAPES[shape],
             rms_norm_eps=1e-5,
@@ -152,8 +156,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="where to draw the weights: auto, cpu or cuda")
     ap.add_argument("--force", action="store_true", help="rebuild even if the folder holds this build")
+    ap.add_argument("--tokenizer-source", help="folder with the embedded SmolLM2's tokenizer.json (default: the embedded model)")
     args = ap.parse_args()
-    path = build(args.shape, args.out, dtype=args.dtype, seed=args.seed, device=args.device, force=args.force)
+    path = build(args.shape, args.out, dtype=args.dtype, seed=args.seed, device=args.device, force=args.force,
+                 tokenizer_source=args.tokenizer_source)
     print(path, file=sys.stdout)
 
 

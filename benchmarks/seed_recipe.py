@@ -12,6 +12,10 @@ non-reentrant checkpointing; for int8 the dequantize-then-matmul path.
 
     python benchmarks/seed_recipe.py --model DIR [--steps 12 --warmup 3] --out benchmarks/results
 
+A qpeft path may name trainer options after "@" to measure a variant against the defaults:
+``--paths recipe-nf4,qpeft-nf4,qpeft-nf4@liger=off,qpeft-nf4@compile=true+liger=off``. ``speedup_*`` in
+the JSON is always the default path's (``qpeft-nf4``, ``qpeft-int8``); variants get their own rows.
+
 Each path runs in its own subprocess (so one path's memory peak never counts for another),
 in the order recipe-nf4, qpeft-nf4, recipe-int8, qpeft-int8. Writes seed_recipe_<device>.json
 and .md with tokens/s after warm-up, peak allocated memory, MFU (4 × parameters FLOP per
@@ -122,7 +126,16 @@ def _peak() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
 
 
-def run_qpeft(model_dir: str, quant: str, steps: int) -> dict:
+def _variant_options(spec: str) -> dict:
+    """"liger=off+compile=true" → {"liger": "off", "compile": True} (trainer options)."""
+    out = {}
+    for item in filter(None, spec.split("+")):
+        key, _, value = item.partition("=")
+        out[key] = {"true": True, "false": False}.get(value, value)
+    return out
+
+
+def run_qpeft(model_dir: str, quant: str, steps: int, variant: str = "") -> dict:
     import torch
 
     import qpeft
@@ -146,7 +159,7 @@ def run_qpeft(model_dir: str, quant: str, steps: int) -> dict:
         "quantizer": {"name": "bnb-nf4" if quant == "nf4" else "bnb-8bit"},
         "peft": {"name": "lora", "options": {"r": 16, "alpha": 32, "dropout": 0.05}},
         "trainer": {"name": "native", "options": {"batch_size": BATCH, "max_steps": steps, "lr": 2e-4, "scheduler": "constant",
-                                                  "max_grad_norm": 1.0, "logging_steps": 1}},
+                                                  "max_grad_norm": 1.0, "logging_steps": 1, **_variant_options(variant)}},
         "gradient_checkpointing": True,
         "output_dir": "/tmp/seed-recipe-qpeft",
         "evaluate": False,
@@ -181,26 +194,19 @@ def run_qpeft(model_dir: str, quant: str, steps: int) -> dict:
         "losses": [l for _, l in marks],
         "marks": [t for t, _ in marks],
         "peak_mem_gib": _peak(),
-        "optimisations": _optimisations(resolved),
+        "optimisations": ["bf16 autocast", "non-reentrant gradient checkpointing", *ctx.notes],  # the run's own notes
     }
-
-
-def _optimisations(resolved) -> list[str]:
-    q = resolved.quantizer_options.model_dump()
-    out = ["bf16 autocast", "non-reentrant gradient checkpointing", "chunked cross-entropy (native loss=auto on CUDA)"]
-    if q.get("upcast_non_quantized") in ("auto", False):
-        out.append("frozen non-quantized weights kept in bf16 (no float32 upcast)")
-    if q.get("matmul") in ("auto", "dequantize"):
-        out.append("int8 weights dequantized to bf16 per matmul (no LLM.int8 activation quantization)")
-    return out
 
 
 def _worker(args) -> None:
     global PROFILER
     PROFILER = _Profiler(args.profile, args.steps)
-    quant = args.worker.split("-")[1]
-    fn = run_recipe if args.worker.startswith("recipe") else run_qpeft
-    res = fn(args.model, quant, args.steps)
+    name, _, variant = args.worker.partition("@")
+    quant = name.split("-")[1]
+    if name.startswith("recipe"):
+        res = run_recipe(args.model, quant, args.steps)
+    else:
+        res = run_qpeft(args.model, quant, args.steps, variant)
     Path(args.result).write_text(json.dumps(res))
 
 
@@ -293,7 +299,8 @@ def _write_report(entries, args, device, n_params, out, tag) -> None:
         "paths": list(entries.values()),
     }
     out.mkdir(parents=True, exist_ok=True)
-    entries = {k: entries[k] for k in PATHS if k in entries}
+    order = {k: i for i, k in enumerate(PATHS)}  # recipe/qpeft pairs first, variants after their path
+    entries = {k: entries[k] for k in sorted(entries, key=lambda k: (order.get(k.split("@")[0], 99), k))}
     report["paths"] = list(entries.values())
     (out / f"seed_recipe_{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
@@ -302,14 +309,16 @@ def _write_report(entries, args, device, n_params, out, tag) -> None:
         f"Command: `{report['command']}`. Model: Llama-2-7B shape, random weights ({n_params / 1e9:.2f} B parameters), "
         f"batch {BATCH} × {SEQ} tokens, {args.steps} steps, first {args.warmup} left out of timing.",
         "",
-        "| path | tokens/s | step s | peak allocated GiB | MFU (4N FLOP/token) | load s |",
-        "|---|---|---|---|---|---|",
+        "| path | tokens/s | vs recipe | step s | peak allocated GiB | MFU (4N FLOP/token) | load s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for e in entries.values():
         if "error" in e:
-            lines.append(f"| {e['path']} | failed: {e['error']} | | | | |")
-        else:
-            lines.append(f"| {e['path']} | {e['tokens_per_s']:,.0f} | {e['step_seconds']:.3f} | {e['peak_mem_gib']:.2f} | {100 * e['mfu']:.1f}% | {e['load_seconds']:.0f} |")
+            lines.append(f"| {e['path']} | failed: {e['error']} | | | | | |")
+            continue
+        recipe = entries.get("recipe-" + e["path"].split("@")[0].split("-")[1], {})
+        vs = f"{e['tokens_per_s'] / recipe['tokens_per_s']:.2f}×" if recipe.get("tokens_per_s") and not e["path"].startswith("recipe") else ""
+        lines.append(f"| {e['path']} | {e['tokens_per_s']:,.0f} | {vs} | {e['step_seconds']:.3f} | {e['peak_mem_gib']:.2f} | {100 * e['mfu']:.1f}% | {e['load_seconds']:.0f} |")
     lines += [
         "",
         f"speedup NF4 {report['speedup_nf4']}× at memory ratio {report['mem_ratio_nf4']}; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Literal
 
@@ -72,7 +73,9 @@ class HfTrainer(TrainerPlugin):
         pad_id = tokenizer.pad_token_id
 
         # qpeft lays out the epochs itself (same order for every trainer); the Trainer reads it in order.
-        max_steps, epochs = plan_steps(len(train_data), options.batch_size * options.grad_accum, options.epochs, options.max_steps)
+        # Under `accelerate launch` each optimizer step takes batch × accumulation examples per rank.
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        max_steps, epochs = plan_steps(len(train_data), options.batch_size * options.grad_accum * world, options.epochs, options.max_steps)
         examples = ordered_examples(train_data, ctx.config.seed, epochs)
 
         args = TrainingArguments(

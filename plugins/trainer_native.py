@@ -20,27 +20,116 @@ from qpeft.modeling import release_model
 
 
 class NativeOptions(TrainingOptions):
-    #: "adamw_8bit" and "paged_adamw_8bit" need bitsandbytes.
-    optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw_torch"
+    #: "auto": torch's fused AdamW on CUDA (one kernel for all adapter tensors; same update),
+    #: adamw_torch elsewhere. "adamw_8bit" and "paged_adamw_8bit" need bitsandbytes.
+    optim: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "auto"
     #: "full": cross-entropy on the float32 logits of the whole batch (as the HF Trainer).
     #: "chunked": the output head and cross-entropy run on ``loss_chunk`` tokens at a time and
     #: are recomputed in the backward pass, so full-vocabulary logits never exist at once.
     #: "auto": chunked on CUDA (memory), full on CPU.
     loss: Literal["auto", "full", "chunked"] = "auto"
     loss_chunk: int = Field(1024, ge=16)
+    #: liger-kernel's fused RMSNorm, SwiGLU and rotary kernels (Triton, CUDA only) on Llama-family
+    #: models. "auto": used when liger-kernel is installed, the run is on CUDA and the model's
+    #: norm/MLP modules are the stock ones; "on": required (config error otherwise); "off".
+    liger: Literal["auto", "on", "off"] = "auto"
+    #: torch.compile each decoder layer (regional compilation: one compiled graph shared by the
+    #: identical layers). The first steps pay the compile time.
+    compile: bool = False
 
 
-def _optimizer(params, o: NativeOptions):
+def _resolved_optim(o: NativeOptions, device: str) -> str:
+    if o.optim != "auto":
+        return o.optim
+    return "adamw_torch_fused" if device == "cuda" else "adamw_torch"
+
+
+def _optimizer(params, o: NativeOptions, device: str):
     import torch
 
-    if o.optim in ("adamw_8bit", "paged_adamw_8bit"):
+    optim = _resolved_optim(o, device)
+
+    if optim in ("adamw_8bit", "paged_adamw_8bit"):
         import bitsandbytes as bnb
 
-        cls = bnb.optim.PagedAdamW8bit if o.optim.startswith("paged") else bnb.optim.AdamW8bit
+        cls = bnb.optim.PagedAdamW8bit if optim.startswith("paged") else bnb.optim.AdamW8bit
         return cls(params, lr=o.lr, weight_decay=o.weight_decay)
-    if o.optim == "sgd":
+    if optim == "sgd":
         return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=o.optim == "adamw_torch_fused")
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=optim == "adamw_torch_fused")
+
+
+def _liger_unavailable(options: NativeOptions, device: str) -> str | None:
+    """Why liger-kernel cannot be used in this run, as far as the config tells; None if it can."""
+    import importlib.util
+
+    if device != "cuda":
+        return "liger-kernel's kernels are Triton kernels for CUDA; this run is on " + device
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    return None
+
+
+def _apply_liger(model, options: NativeOptions, ctx):
+    """Swap in liger-kernel's RMSNorm, SwiGLU and rotary kernels for training (through its own
+    ``apply_liger_kernel_to_llama(model=...)``); return a function that puts back the
+    transformers module globals it replaces, so models built later in the process are stock."""
+    if options.liger == "off":
+        return lambda: None
+    reason = _liger_unavailable(options, ctx.device)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if reason is None:
+        from transformers.models.llama import modeling_llama as ml
+
+        cfg = base.config
+        layers = getattr(getattr(base, "model", None), "layers", None)
+        if cfg.model_type != "llama" or layers is None:
+            reason = f"qpeft uses liger-kernel on Llama-family models only (this one is {cfg.model_type!r})"
+        elif getattr(cfg, "hidden_act", None) not in ("silu", "swish"):
+            reason = f"liger's SwiGLU needs a silu activation (this model: {cfg.hidden_act!r})"
+        elif not all(type(l.mlp) is ml.LlamaMLP and type(l.input_layernorm) is ml.LlamaRMSNorm
+                     and type(l.post_attention_layernorm) is ml.LlamaRMSNorm for l in layers):
+            # An adapter that wraps these modules would be bypassed by liger's forward.
+            reason = "the model's MLP or norm modules are not transformers' own (an adapter wraps them)"
+    if reason is not None:
+        if options.liger == "on":
+            raise ConfigError("trainer.options.liger", reason)
+        if ctx.device == "cuda":
+            ctx.notes.append(f"native: liger-kernel not used: {reason}")
+        return lambda: None
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    except Exception as e:  # e.g. a Triton that does not match; "auto" then trains without it
+        if options.liger == "on":
+            raise ConfigError("trainer.options.liger", f"liger-kernel does not import here: {e}") from e
+        ctx.notes.append(f"native: liger-kernel not used: it does not import ({type(e).__name__}: {e})")
+        return lambda: None
+    saved = {name: getattr(ml, name) for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")}
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=base)
+    ctx.notes.append("native: liger-kernel RMSNorm, SwiGLU and rotary kernels")
+
+    def restore():
+        for name, value in saved.items():
+            setattr(ml, name, value)
+
+    return restore
+
+
+def _compile_layers(model, ctx):
+    """torch.compile every decoder layer in place; return a function that undoes it (so evaluation
+    and generation after training run eagerly instead of compiling for new shapes)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile()
+    ctx.notes.append(f"native: torch.compile on {len(layers)} decoder layers")
+
+    def undo():
+        for layer in layers:
+            layer._compiled_call_impl = None
+
+    return undo
 
 
 def _passthrough_head(model):
@@ -141,6 +230,8 @@ class NativeTrainer(TrainerPlugin):
     def check(self, options, ctx):
         if options.optim == "adamw_torch_fused" and ctx.device == "cpu":
             ctx.notes.append("native: fused AdamW on CPU runs the CPU fused kernel")
+        if options.liger == "on" and (reason := _liger_unavailable(options, ctx.device)):
+            raise ConfigError("trainer.options.liger", reason)
         if options.mixed_precision in ("bf16", "fp16") and ctx.device == "cpu":
             raise ConfigError("trainer.options.mixed_precision", f"{options.mixed_precision} autocast is for GPUs; use auto or no on CPU")
 
@@ -164,7 +255,9 @@ class NativeTrainer(TrainerPlugin):
 
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         params = list(trainable.values())
-        optimizer = _optimizer(params, options)
+        optimizer = _optimizer(params, options, ctx.device)
+        if options.optim == "auto" and _resolved_optim(options, ctx.device) == "adamw_torch_fused":
+            ctx.notes.append("native: fused AdamW (optim: auto on CUDA)")
         scheduler = get_scheduler(options.scheduler, optimizer, num_warmup_steps=options.warmup_steps, num_training_steps=max_steps)
         start = 0
         if ctx.resume_from:
@@ -173,6 +266,9 @@ class NativeTrainer(TrainerPlugin):
         if options.loss == "chunked" or (options.loss == "auto" and ctx.device == "cuda"):
             wrapper, head = _passthrough_head(model)
             ctx.notes.append(f"native: chunked cross-entropy ({options.loss_chunk} tokens per chunk)")
+        undo = [_apply_liger(model, options, ctx)]
+        if options.compile:
+            undo.append(_compile_layers(model, ctx))
         model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
         model.train()
 
@@ -223,6 +319,8 @@ class NativeTrainer(TrainerPlugin):
                         _save_state(checkpoint_dir(ctx.output_dir, step), trainable, optimizer, scheduler, step, ctx)
                         prune(ctx.output_dir, options.save_total_limit)
         finally:
+            for fn in undo:
+                fn()
             release_model(model)
             if wrapper is not None:
                 acc.unwrap_model(model).set_output_embeddings(head)

@@ -50,11 +50,16 @@ def embedded_model_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_path(tmp_path_factory, embedded_model_path) -> str:
-    """A 2-layer random Llama (hidden 128, MLP 256) saved with SmolLM2's tokenizer."""
+def tiny_llama_path(tmp_path_factory, request) -> str:
+    """A 2-layer random Llama (hidden 128, MLP 256) saved with SmolLM2's tokenizer.
+
+    ``QPEFT_TINY_MODEL`` names a prepared one instead (e.g. ``benchmarks/make_random_model.py
+    --shape tiny`` on a GPU machine that lacks the embedded model's GGUF file)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(embedded_model_path)
+    if os.environ.get("QPEFT_TINY_MODEL"):
+        return os.environ["QPEFT_TINY_MODEL"]
+    tok = AutoTokenizer.from_pretrained(request.getfixturevalue("embedded_model_path"))
     return save_tiny_llama(tok, tmp_path_factory.mktemp("tiny-llama"))
 
 
