@@ -63,8 +63,9 @@ def test_gpu_fused_adamw_matches_foreach(tiny_config, registry, tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpu_compiled_nf4_layers_train_like_eager(tiny_config, registry, tmp_path):
-    eager, _ = _run(tiny_config, registry, tmp_path, "eager", "bnb-nf4", "cuda", liger="off")
-    compiled, notes = _run(tiny_config, registry, tmp_path, "compiled", "bnb-nf4", "cuda", liger="off", compile=True)
+@pytest.mark.parametrize("quantizer", ["bnb-nf4", "bnb-8bit"])
+def test_gpu_compiled_layers_train_like_eager(tiny_config, registry, tmp_path, quantizer):
+    eager, _ = _run(tiny_config, registry, tmp_path, "eager", quantizer, "cuda", liger="off", compile=False)
+    compiled, notes = _run(tiny_config, registry, tmp_path, "compiled", quantizer, "cuda", liger="off", compile=True)
     assert any("torch.compile" in n for n in notes)
     assert max(abs(a - b) for a, b in zip(eager, compiled)) <= 2e-2 * abs(eager[0]), (eager, compiled)
