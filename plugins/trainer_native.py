@@ -5,6 +5,7 @@ and data-parallel training under ``accelerate launch``."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -257,11 +258,17 @@ class NativeTrainer(TrainerPlugin):
     def train(self, model, tokenizer, train_data, eval_data, options, ctx):
         import torch
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from transformers import get_scheduler
 
         from qpeft.checkpoint import checkpoint_dir, prune
 
         precision = options.resolved_mixed_precision(ctx)
+        # accelerate keeps its settings process-wide and refuses an Accelerator with other ones
+        # (a second run in the same process on another device or precision): start from fresh
+        # settings, as the transformers Trainer does; under `accelerate launch` the process
+        # group (partial state) stays.
+        AcceleratorState._reset_state(reset_partial_state=int(os.environ.get("WORLD_SIZE", "1")) == 1)
         acc = Accelerator(mixed_precision=precision, gradient_accumulation_steps=options.grad_accum, cpu=ctx.device == "cpu")
         world, rank = acc.num_processes, acc.process_index
 

@@ -8,6 +8,7 @@
 # into /tmp/whlsite.
 [ -d .devsite ] && rm -rf /tmp/devsite && cp -r .devsite /tmp/devsite
 [ -d .devtok ] && rm -rf /tmp/devtok && cp -r .devtok /tmp/devtok
+[ -f .devtok.tgz ] && rm -rf /tmp/devtok && mkdir -p /tmp/devtok && tar xzf .devtok.tgz -C /tmp/devtok  # the same, packed
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/whlsite .whl/*.whl && echo "wheels: $(ls .whl)"
 fi

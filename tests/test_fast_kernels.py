@@ -26,6 +26,7 @@ def _run(tiny_config, registry, tmp_path, name, quantizer="none", device="cpu", 
 
 def test_liger_on_without_cuda_is_a_config_error(tiny_config, registry):
     cfg = tiny_config(trainer={"name": "native", "options": {"liger": "on"}})
+    cfg["model"]["device"] = "cpu"
     with pytest.raises(ConfigError) as e:
         orchestrator.prepare(cfg, registry=registry)
     assert "trainer.options.liger" in str(e.value) and ("CUDA" in str(e.value) or "not installed" in str(e.value))

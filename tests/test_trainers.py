@@ -46,3 +46,16 @@ def test_native_is_reproducible(tiny_config, registry, tmp_path):
     a, _ = _losses(tiny_config, registry, "native", tmp_path / "a")
     b, _ = _losses(tiny_config, registry, "native", tmp_path / "b")
     assert a == b
+
+
+def test_native_run_after_other_accelerate_settings_in_the_process(tiny_config, registry, tmp_path):
+    """Regression: accelerate keeps process-wide settings and refused the native trainer's
+    Accelerator after one with another precision or device existed in the process (seen on the
+    H100: a CPU run, then a bf16 CUDA run, in one pytest process)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # this test's own "foreign" settings, whatever ran before
+    Accelerator(cpu=True, mixed_precision="bf16")  # e.g. the user's own code, or an earlier run elsewhere
+    losses, s = _losses(tiny_config, registry, "native", tmp_path)
+    assert len(losses) == 6 and s["train_steps"] == 6
