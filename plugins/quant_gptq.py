@@ -121,6 +121,25 @@ def _set_env() -> None:
 # ---------------------------------------------------------------------------- checkpoints
 
 
+def indivisible_in_features(config_dir: str | Path, group_size: int) -> list[int]:
+    """Input widths of the model's linear layers (from its config.json) that ``group_size`` does
+    not divide. optimum picks one kernel class for every layer, and on CUDA gptqmodel's "auto"
+    picks Marlin, which refuses such layers outright (SmolLM2's 576-wide layers with group 128:
+    "in_features: 576 must be divisible by group_size: 128")."""
+    if group_size <= 0:
+        return []
+    try:
+        cfg = json.loads((Path(config_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    cfg = cfg.get("text_config", cfg)
+    hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+    widths = {hidden, cfg.get("intermediate_size")}
+    if hidden and heads:
+        widths.add(int(cfg.get("head_dim") or hidden // heads) * heads)  # o_proj's input
+    return sorted(w for w in widths if isinstance(w, int) and w % group_size)
+
+
 def _checkpoint_quant_config(path: Path) -> dict:
     """The ``quantization_config`` of a GPTQ checkpoint folder (ConfigError if it is not one)."""
     key = "quantizer.options.quantized_path"
@@ -337,6 +356,13 @@ class Gptq(QuantizerPlugin):
         _require_gptq()
         backend = self._backend(options, training, ctx)
         _set_env()
+        if backend == "auto" and ctx.device == "cuda":
+            origin = Path(options.quantized_path or model_path).expanduser()
+            group = int(_checkpoint_quant_config(origin).get("group_size", options.group_size)) if options.quantized_path else options.group_size
+            odd = indivisible_in_features(origin, group)
+            if odd:
+                backend = TRAINING_BACKEND
+                ctx.notes.append(f"gptq: layers {odd} wide are not divisible by group {group}: the {TRAINING_BACKEND} kernel, not Marlin")
         if options.quantized_path:
             source = Path(options.quantized_path).expanduser()
             _checkpoint_quant_config(source)

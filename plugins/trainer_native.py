@@ -311,9 +311,13 @@ class NativeTrainer(TrainerPlugin):
                 mine = micro[rank * per_rank : (rank + 1) * per_rank]
                 step_loss = 0.0
                 for i in range(options.grad_accum):
-                    batch = collate(mine[i * options.batch_size : (i + 1) * options.batch_size], pad_id)
+                    lo, hi = i * options.batch_size, (i + 1) * options.batch_size
+                    batch = collate(mine[lo:hi], pad_id)
+                    if world == 1:
+                        tokens += count_input_tokens(batch, pad_id)
+                    else:  # every rank counts the whole step's tokens (ranks' batches differ in length)
+                        tokens += sum(count_input_tokens(collate(micro[r * per_rank + lo : r * per_rank + hi], pad_id), pad_id) for r in range(world))
                     batch = {k: v.to(acc.device) for k, v in batch.items()}
-                    tokens += count_input_tokens(batch, pad_id) * world
                     inputs = {k: v for k, v in batch.items() if k != "labels"}
                     labels = batch["labels"][:, 1:].reshape(-1)
                     with acc.accumulate(model):

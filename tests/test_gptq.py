@@ -390,3 +390,12 @@ def test_cache_key_follows_options(cache, tiny_path, ctx):
     assert key(tiny_path, opts(), ctx) != key(tiny_path, opts(bits=8), ctx)
     assert key(tiny_path, opts(), ctx) != key(tiny_path, opts(num_calibration_samples=9), ctx)
     assert key(tiny_path, opts(), ctx).parent == cache / "gptq"
+
+
+def test_marlin_refusal_is_avoided_for_layers_the_group_does_not_divide(embedded_model_path):
+    """Regression (H100): optimum gives every layer one kernel class, gptqmodel's CUDA "auto" picks
+    Marlin, and Marlin refuses SmolLM2's 576-wide layers with group 128 at load. qpeft spots
+    such widths from config.json and loads with the torch kernel (GPU side: tests/test_gpu.py)."""
+    assert quant_gptq.indivisible_in_features(embedded_model_path, 128) == [576]
+    assert quant_gptq.indivisible_in_features(embedded_model_path, 64) == []
+    assert quant_gptq.indivisible_in_features(embedded_model_path, -1) == []

@@ -51,3 +51,18 @@ def test_gpu_nf4_lora_gradients_match_dequantized_reference(tiny_llama_path, tmp
         if n in deq:
             m.weight.data.copy_(deq[n])
     assert _lora_grads_vs_reference(model, ref, batch) < 1e-2
+
+
+def test_gpu_gptq_inference_load_of_embedded_model(embedded_model_path, registry, tmp_path):
+    """The embedded SmolLM2 (576-wide layers) quantized with group 128 loads for inference on CUDA
+    (gptqmodel's own choice, Marlin, refuses those layers) and gives finite logits."""
+    pytest.importorskip("gptqmodel")
+    cfg = {"model": {"name_or_path": embedded_model_path, "device": "cuda", "dtype": "bfloat16"}, "quantizer": "gptq",
+           "peft": "lora", "trainer": "hf", "output_dir": str(tmp_path)}
+    resolved, _ = orchestrator.prepare(cfg, registry=registry)
+    ctx = orchestrator._context(resolved, registry)
+    model = resolved.quantizer.load(embedded_model_path, resolved.quantizer_options, ctx, training=False)
+    assert any("not divisible by group 128" in n for n in ctx.notes), ctx.notes
+    with torch.no_grad():
+        logits = model(input_ids=torch.randint(3, 500, (1, 16), device="cuda")).logits
+    assert torch.isfinite(logits).all()
