@@ -14,9 +14,9 @@ def registry():
     return load_registry()
 
 
-def _run(tiny_config, registry, tmp_path, name, quantizer="none", device="cpu", **opts):
-    cfg = tiny_config(quantizer=quantizer, trainer={"name": "native", "options": {"batch_size": 4, "max_steps": 5, "lr": 3e-3, "scheduler": "constant", **opts}},
-                      evaluate=False, output_dir=str(tmp_path / name), gradient_checkpointing=True)
+def _run(tiny_config, registry, tmp_path, name, quantizer="none", device="cpu", peft="lora", **opts):
+    cfg = tiny_config(quantizer=quantizer, peft=peft, trainer={"name": "native", "options": {"batch_size": 4, "max_steps": 5, "lr": 3e-3, "scheduler": "constant", **opts}},
+                      evaluate=False, output_dir=str(tmp_path / name), gradient_checkpointing="auto" if peft == "prefix" else True)
     cfg["model"]["device"] = device
     cfg["data"]["max_train_examples"] = 12
     resolved, reg = orchestrator.prepare(cfg, registry=registry)
@@ -70,3 +70,17 @@ def test_gpu_compiled_layers_train_like_eager(tiny_config, registry, tmp_path, q
     compiled, notes = _run(tiny_config, registry, tmp_path, "compiled", quantizer, "cuda", liger="off", compile=True)
     assert any("torch.compile" in n for n in notes)
     assert max(abs(a - b) for a, b in zip(eager, compiled)) <= 2e-2 * abs(eager[0]), (eager, compiled)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantizer,peft", [("gptq", "lora"), ("bnb-8bit", "lora"), ("bnb-nf4", "prefix"), ("bnb-nf4", "adapters")])
+def test_gpu_compile_auto_trains_every_kind_of_run(tiny_config, registry, tmp_path, quantizer, peft):
+    """`compile: auto` turns on for CUDA runs of >= 50 steps: every quantizer and method must still
+    train, and the compiled run's first steps equal the eager run's (bf16 noise)."""
+    if quantizer == "gptq":
+        pytest.importorskip("gptqmodel")
+    auto, notes = _run(tiny_config, registry, tmp_path, "auto", quantizer, "cuda", peft, max_steps=50, liger="off")
+    eager, _ = _run(tiny_config, registry, tmp_path, "eager", quantizer, "cuda", peft, max_steps=50, liger="off", compile=False)
+    assert any("torch.compile" in n for n in notes), notes
+    assert all(x == x for x in auto) and min(auto[-5:]) < auto[0], auto
+    assert max(abs(a - b) for a, b in zip(eager[:5], auto[:5])) <= 2e-2 * abs(eager[0]), (eager[:5], auto[:5])
