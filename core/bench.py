@@ -421,11 +421,14 @@ def run_matrix(
     command: str = "",
     registry=None,
     python: str = sys.executable,
+    gpus: list[str] | tuple[str, ...] = (),
 ) -> dict:
     """Expand the matrix, record unsupported cells, run the others one process each; return
     counts and the results folder. ``overrides`` (``--set``) apply to every cell after the
     matrix's own ``set``; ``only`` selects cells, ``rerun`` runs finished cells again,
-    ``retry_failed`` runs failed ones again; ``stop_after_s`` starts no cell after that long."""
+    ``retry_failed`` runs failed ones again; ``stop_after_s`` starts no cell after that long.
+    ``gpus``: run cells side by side, one per listed GPU (its ``CUDA_VISIBLE_DEVICES``), each GPU
+    taking the next cell when its cell ends; records are appended one at a time as cells end."""
     from .registry import load_registry
 
     # Ask NVML, not the CUDA runtime, whether a GPU exists: this process then holds no CUDA
@@ -463,6 +466,17 @@ def run_matrix(
             "base": matrix.base,
         })
         commit = _git_commit(matrix.path)
+
+        def finish(cell: Cell, outcome: dict) -> None:
+            record = {**_base_record(cell, matrix, command, commit), **outcome}
+            append_record(directory, record)
+            counts[record["status"]] += 1
+            on_event({"type": "end", "cell": cell.id, "labels": cell.labels, "record": record})
+
+        def too_late() -> bool:
+            return stop_after_s is not None and time.monotonic() - started > stop_after_s
+
+        side_by_side: list[Cell] = []  # with gpus: run after the loop, several at once
         for cell, action in actions:
             prev = latest.get(cell.id)
             if action == "unsupported":
@@ -477,17 +491,72 @@ def run_matrix(
                 counts["done"] += 1
                 on_event({"type": "done", "cell": cell.id, "labels": cell.labels, "record": prev})
                 continue
-            if stop_after_s is not None and time.monotonic() - started > stop_after_s:
+            if gpus:
+                side_by_side.append(cell)
+                continue
+            if too_late():
                 counts["not_started"] += 1
                 continue
             index += 1
             on_event({"type": "start", "cell": cell.id, "labels": cell.labels, "index": index, "total": to_run})
-            outcome = run_cell(cell, matrix, directory, on_event=on_event, python=python)
-            record = {**_base_record(cell, matrix, command, commit), **outcome}
-            append_record(directory, record)
-            counts[record["status"]] += 1
-            on_event({"type": "end", "cell": cell.id, "labels": cell.labels, "record": record})
+            finish(cell, run_cell(cell, matrix, directory, on_event=on_event, python=python))
+        if side_by_side:
+            _run_side_by_side(side_by_side, list(gpus), matrix, directory, on_event, python, finish, too_late, counts, to_run)
     return {"directory": str(directory), **counts}
+
+
+def _run_side_by_side(pending, gpus, matrix, directory, on_event, python, finish, too_late, counts, total) -> None:
+    """Run ``pending`` cells on several GPUs at once: one worker thread per GPU takes the next cell
+    and runs it in its own process with that GPU visible. Events and records go through one lock,
+    so the display and ``results.jsonl`` see one cell at a time. An interrupt stops every running
+    cell (recording nothing for them, as in a sequential run) and re-raises."""
+    lock = threading.Lock()
+    stop = threading.Event()
+    queue_ = list(pending)
+    started = [0]
+    errors: list[BaseException] = []
+
+    def locked_event(event: dict) -> None:
+        with lock:
+            on_event(event)
+
+    def worker(gpu: str) -> None:
+        try:
+            while not stop.is_set():
+                with lock:
+                    if not queue_:
+                        return
+                    if too_late():
+                        counts["not_started"] += len(queue_)
+                        queue_.clear()
+                        return
+                    cell = queue_.pop(0)
+                    started[0] += 1
+                    on_event({"type": "start", "cell": cell.id, "labels": cell.labels, "index": started[0], "total": total, "gpu": gpu})
+                outcome = run_cell(cell, matrix, directory, on_event=locked_event, python=python,
+                                   extra_env={"CUDA_VISIBLE_DEVICES": gpu}, stop=stop)
+                if outcome is None:  # stopped by an interrupt: no record, the cell runs next time
+                    return
+                with lock:
+                    finish(cell, outcome)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            errors.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=worker, args=(gpu,), name=f"qpeft-bench-gpu{gpu}", daemon=True) for gpu in gpus]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.5)
+    except BaseException:
+        stop.set()
+        for t in threads:
+            t.join()
+        raise
+    if errors:
+        raise errors[0]
 
 
 def _base_record(cell: Cell, matrix: Matrix, command: str, commit: str | None) -> dict:
@@ -512,9 +581,10 @@ def _git_commit(path: Path) -> str | None:
     return out.stdout.strip() or None
 
 
-def child_environment() -> dict[str, str]:
-    """The environment a cell process runs with: offline, quiet, unbuffered (as ``qpeft run``)."""
-    env = dict(os.environ)
+def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a cell process runs with: offline, quiet, unbuffered (as ``qpeft run``),
+    plus ``extra`` (e.g. the GPU a side-by-side cell may see)."""
+    env = {**os.environ, **(extra or {})}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -525,12 +595,14 @@ def child_environment() -> dict[str, str]:
     return env
 
 
-def run_cell(cell: Cell, matrix: Matrix, directory: Path, *, on_event: Event = _no_event, python: str = sys.executable) -> dict:
+def run_cell(cell: Cell, matrix: Matrix, directory: Path, *, on_event: Event = _no_event, python: str = sys.executable,
+             extra_env: dict[str, str] | None = None, stop: threading.Event | None = None) -> dict | None:
     """Run one cell in a fresh process; return its record (status "ok" or "failed").
 
     The process's stderr goes to ``cells/<slug>/log.txt``; its stdout carries progress events
     (lines starting with ``@qpeft-bench``) that are passed to ``on_event``. An interrupt of this
-    process stops the cell and records nothing, so the next run starts it again."""
+    process stops the cell and records nothing, so the next run starts it again; so does
+    ``stop`` being set (then the return value is None)."""
     cell_dir = directory / "cells" / cell.slug
     if cell_dir.exists():
         shutil.rmtree(cell_dir)  # leftovers of an earlier attempt
@@ -552,7 +624,7 @@ def run_cell(cell: Cell, matrix: Matrix, directory: Path, *, on_event: Event = _
         proc = subprocess.Popen(
             [python, "-m", "qpeft.bench", str(cell_dir / "cell.json")],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-            env=child_environment(), start_new_session=True,
+            env=child_environment(extra_env), start_new_session=True,
         )
         reader = threading.Thread(target=_read_events, args=(proc.stdout, log, events), daemon=True)
         reader.start()
@@ -568,6 +640,10 @@ def run_cell(cell: Cell, matrix: Matrix, directory: Path, *, on_event: Event = _
                     continue
                 if proc.poll() is not None and not reader.is_alive():
                     break
+                if stop is not None and stop.is_set():
+                    _kill(proc)
+                    reader.join(timeout=5)
+                    return None
                 if timeout and time.monotonic() - t0 > timeout and not timed_out:
                     timed_out = True
                     _kill(proc)

@@ -220,8 +220,7 @@ class _BenchDisplay:
         self.console = console
         self.progress = None
         self.matrix_task = None
-        self.cell_task = None
-        self.prefix = ""
+        self.cells: dict[str, tuple] = {}  # running cell -> (progress task, its line's prefix); several with --gpus
 
     @staticmethod
     def _name(labels: dict) -> str:
@@ -249,19 +248,21 @@ class _BenchDisplay:
             status = event["record"].get("status")
             say(f"  [dim]{'✓' if status == 'ok' else '✗'} {escape(self._name(event['labels']))}: finished before ({status})[/]", highlight=False)
         elif kind == "start" and self.progress is not None:
-            self.prefix = f"[{event['index']}/{event['total']}] {escape(self._name(event['labels']))}"
-            self.cell_task = self.progress.add_task(f"{self.prefix}: starting", total=None)
-        elif kind == "progress" and self.cell_task is not None:
+            gpu = f" (GPU {event['gpu']})" if "gpu" in event else ""
+            prefix = f"[{event['index']}/{event['total']}] {escape(self._name(event['labels']))}{gpu}"
+            self.cells[event["cell"]] = (self.progress.add_task(f"{prefix}: starting", total=None), prefix)
+        elif kind == "progress" and event["cell"] in self.cells:
+            task, prefix = self.cells[event["cell"]]
             if event.get("kind") == "step":
-                self.progress.update(self.cell_task, total=event["max_steps"], completed=event["step"],
-                                     description=f"{self.prefix}: training, loss {event['loss']:.3f}")
+                self.progress.update(task, total=event["max_steps"], completed=event["step"],
+                                     description=f"{prefix}: training, loss {event['loss']:.3f}")
             elif event.get("kind") == "message":
-                self.progress.update(self.cell_task, description=f"{self.prefix}: {escape(event['text'][:70])}")
+                self.progress.update(task, description=f"{prefix}: {escape(event['text'][:70])}")
         elif kind == "end":
-            if self.cell_task is not None:
-                self.progress.remove_task(self.cell_task)
+            if event["cell"] in self.cells:
+                task, _ = self.cells.pop(event["cell"])
+                self.progress.remove_task(task)
                 self.progress.advance(self.matrix_task)
-                self.cell_task = None
             r, name = event["record"], escape(self._name(event["labels"]))
             if r["status"] == "ok":
                 m = r["metrics"]
@@ -297,6 +298,7 @@ def bench_run(
     list_cells: bool = typer.Option(False, "--list", help="List the cells and what a run would do; run nothing."),
     stop_after: Optional[float] = typer.Option(None, "--stop-after", help="Start no new cell after this many seconds (run again to resume)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write the report (Markdown, CSV, plots) at the end."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="Run cells side by side, one per GPU of this comma-separated list (CUDA_VISIBLE_DEVICES), e.g. 0,1,2,3."),
 ):
     """Run every cell of a matrix in its own process; resume where an earlier run stopped."""
     import shlex
@@ -309,7 +311,8 @@ def bench_run(
     try:
         result = bench.run_matrix(matrix, out_dir=out_dir, overrides=set_ or [], only=only or [], rerun=rerun or [], retry_failed=retry_failed,
                                   dry_run=list_cells, stop_after_s=stop_after, on_event=display if not list_cells else bench._no_event,
-                                  command="qpeft " + shlex.join(sys.argv[1:]))
+                                  command="qpeft " + shlex.join(sys.argv[1:]),
+                                  gpus=[g.strip() for g in gpus.split(",") if g.strip()] if gpus else ())
     except QpeftError as exc:
         display.close()
         _fail(exc)

@@ -301,3 +301,25 @@ def test_failure_reasons(tmp_path):
     assert bench._failure(-9, log, False, None).startswith("killed by SIGKILL")
     log.write_text("  12.0s loading\nerror: data.path: data file not found: x.jsonl\n")
     assert bench._failure(2, log, False, None) == "data.path: data file not found: x.jsonl"
+
+
+def test_cells_side_by_side_one_per_listed_gpu(random_tiny, tmp_path):
+    """`qpeft bench --gpus 0,1`: two worker slots take cells as they free up, each cell process
+    sees only its slot's GPU (CUDA_VISIBLE_DEVICES, recorded in its environment), every cell is
+    recorded exactly once, and a second run finds them all finished. (On this CPU machine the
+    GPU ids are only labels: the point is the scheduling and the records.)"""
+    matrix = {"name": "sbs", "base": _base(random_tiny), "axes": {"trainer.name": ["hf", "native"], "peft": ["lora", "adapters"]},
+              "exclude": [{"trainer": "hf", "peft": "adapters"}]}
+    path = _write(tmp_path / "m.yaml", matrix)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = CliRunner().invoke(app, ["bench", "run", path, "--out", str(out), "--gpus", "0,1", "--no-report"], env=env)
+    assert res.exit_code == 0, res.output
+    records = _lines(out)
+    assert sorted(r["cell"] for r in records) == sorted(c for c in (
+        "trainer=hf,peft=lora", "trainer=native,peft=lora", "trainer=native,peft=adapters"))
+    assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    seen = [r["environment"]["env"]["CUDA_VISIBLE_DEVICES"] for r in records]
+    assert set(seen) == {"0", "1"}, seen
+    again = bench.run_matrix(path, out_dir=out, gpus=["0", "1"])
+    assert again["done"] == 3 and again["ok"] == 0 and len(_lines(out)) == 3

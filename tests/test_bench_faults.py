@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -92,3 +93,37 @@ def test_out_of_memory_cell_is_recorded_and_the_others_go_on(random_tiny, tmp_pa
     assert huge["status"] == "failed" and huge["oom"] is True, huge
     small = next(r for c, r in by.items() if "small" in c)
     assert small["status"] == "ok"
+
+
+def test_sigterm_of_side_by_side_bench_stops_every_running_cell(random_tiny, tmp_path):
+    """`qpeft bench --gpus 0,1` stopped by SIGTERM (as `timeout` does) while two cells run at once:
+    both cell processes end, neither is recorded (they run next time), no temporary file is left."""
+    matrix = _matrix(tmp_path, random_tiny, {"trainer.options.max_steps": {"a": 400, "b": 401}})
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qpeft", "bench", matrix, "--out", str(out), "--no-report", "--gpus", "0,1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not all((out / "cells" / c / "run").exists() for c in ("a", "b")):
+            assert proc.poll() is None, "bench ended before both cells started"
+            time.sleep(0.5)
+        assert all((out / "cells" / c / "run").exists() for c in ("a", "b")), "the two cells did not run side by side"
+        pids = [int(p) for p in subprocess.run(["pgrep", "-f", "qpeft.bench .*cell.json"], capture_output=True, text=True).stdout.split()]
+        assert len(pids) >= 2
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    def alive(pid):  # a zombie waiting for this container's init to reap it has ended
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    time.sleep(1)
+    assert not [p for p in pids if alive(p)], [(p, Path(f"/proc/{p}/cmdline").read_bytes()[:200]) for p in pids if alive(p)]
+    assert not (out / bench.RESULTS_FILE).exists() or _records(out) == []
+    assert not [p for p in out.rglob("*.tmp")]
