@@ -146,3 +146,21 @@ def test_cli_check_mode_loads_no_weights(tmp_path):
     proc, seconds = _cli(tmp_path, "quantizer: bnb-nf4\npeft: lora\ntrainer: hf\nmodel: /nonexistent/model\n", "--check")
     assert proc.returncode == 0, proc.stderr
     assert "config ok" in proc.stdout
+
+
+def test_shipped_qlora_7b_config_is_valid(tiny_llama_path):
+    """configs/qlora_7b.yaml (the seed recipe with qpeft's fast path) passes `qpeft run --check`
+    once it names a model and, on this CPU machine, the CPU; untouched here, it fails on the
+    first thing that is missing, naming the key, before any weight is loaded."""
+    from conftest import REPO
+
+    cfg = str(REPO / "configs" / "qlora_7b.yaml")
+    ok = subprocess.run([sys.executable, "-m", "qpeft", "run", cfg, "--check", "--set", f"model.name_or_path={tiny_llama_path}",
+                         "--set", "model.device=cpu", "--set", "model.dtype=float32", "--set", "quantizer.options.compute_dtype=float32"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "bnb-nf4" in ok.stdout and "native" in ok.stdout
+    raw = yaml.safe_load(open(cfg))
+    assert raw["quantizer"]["options"] == {"double_quant": True, "compute_dtype": "bfloat16"}  # the seed's NF4 recipe
+    bad = subprocess.run([sys.executable, "-m", "qpeft", "run", cfg, "--check"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "model." in (bad.stdout + bad.stderr)
