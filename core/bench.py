@@ -512,6 +512,7 @@ def _run_side_by_side(pending, gpus, matrix, directory, on_event, python, finish
     cell (recording nothing for them, as in a sequential run) and re-raises."""
     lock = threading.Lock()
     stop = threading.Event()
+    running: dict[str, subprocess.Popen] = {}  # GPU -> its cell's process
     queue_ = list(pending)
     started = [0]
     errors: list[BaseException] = []
@@ -533,9 +534,15 @@ def _run_side_by_side(pending, gpus, matrix, directory, on_event, python, finish
                     cell = queue_.pop(0)
                     started[0] += 1
                     on_event({"type": "start", "cell": cell.id, "labels": cell.labels, "index": started[0], "total": total, "gpu": gpu})
+                def track(proc, gpu=gpu):
+                    if proc is None:
+                        running.pop(gpu, None)
+                    else:
+                        running[gpu] = proc
+
                 outcome = run_cell(cell, matrix, directory, on_event=locked_event, python=python,
-                                   extra_env={"CUDA_VISIBLE_DEVICES": gpu}, stop=stop)
-                if outcome is None:  # stopped by an interrupt: no record, the cell runs next time
+                                   extra_env={"CUDA_VISIBLE_DEVICES": gpu}, stop=stop, on_process=track)
+                if outcome is None or stop.is_set():  # stopped by an interrupt: no record, the cell runs next time
                     return
                 with lock:
                     finish(cell, outcome)
@@ -543,7 +550,7 @@ def _run_side_by_side(pending, gpus, matrix, directory, on_event, python, finish
             errors.append(exc)
             stop.set()
 
-    threads = [threading.Thread(target=worker, args=(gpu,), name=f"qpeft-bench-gpu{gpu}", daemon=True) for gpu in gpus]
+    threads = [threading.Thread(target=worker, args=(gpu,), name=f"qpeft-bench-gpu{gpu}") for gpu in gpus]
     for t in threads:
         t.start()
     try:
@@ -552,8 +559,10 @@ def _run_side_by_side(pending, gpus, matrix, directory, on_event, python, finish
                 t.join(0.5)
     except BaseException:
         stop.set()
+        for proc in list(running.values()):  # stop them from here too, whatever the workers are doing
+            _kill(proc)
         for t in threads:
-            t.join()
+            t.join(timeout=30)
         raise
     if errors:
         raise errors[0]
@@ -596,13 +605,15 @@ def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_cell(cell: Cell, matrix: Matrix, directory: Path, *, on_event: Event = _no_event, python: str = sys.executable,
-             extra_env: dict[str, str] | None = None, stop: threading.Event | None = None) -> dict | None:
+             extra_env: dict[str, str] | None = None, stop: threading.Event | None = None,
+             on_process: Callable[[subprocess.Popen | None], None] | None = None) -> dict | None:
     """Run one cell in a fresh process; return its record (status "ok" or "failed").
 
     The process's stderr goes to ``cells/<slug>/log.txt``; its stdout carries progress events
     (lines starting with ``@qpeft-bench``) that are passed to ``on_event``. An interrupt of this
     process stops the cell and records nothing, so the next run starts it again; so does
-    ``stop`` being set (then the return value is None)."""
+    ``stop`` being set (then the return value is None). ``on_process`` is told the cell's process
+    when it starts and None when it has ended (so that another thread can stop it)."""
     cell_dir = directory / "cells" / cell.slug
     if cell_dir.exists():
         shutil.rmtree(cell_dir)  # leftovers of an earlier attempt
@@ -626,11 +637,17 @@ def run_cell(cell: Cell, matrix: Matrix, directory: Path, *, on_event: Event = _
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
             env=child_environment(extra_env), start_new_session=True,
         )
+        if on_process is not None:
+            on_process(proc)
         reader = threading.Thread(target=_read_events, args=(proc.stdout, log, events), daemon=True)
         reader.start()
         timed_out = False
         try:
             while True:
+                if stop is not None and stop.is_set():  # checked first: a cell streaming events must still stop
+                    _kill(proc)
+                    reader.join(timeout=5)
+                    return None
                 try:
                     event = events.get(timeout=0.5)
                 except queue.Empty:
@@ -640,16 +657,15 @@ def run_cell(cell: Cell, matrix: Matrix, directory: Path, *, on_event: Event = _
                     continue
                 if proc.poll() is not None and not reader.is_alive():
                     break
-                if stop is not None and stop.is_set():
-                    _kill(proc)
-                    reader.join(timeout=5)
-                    return None
                 if timeout and time.monotonic() - t0 > timeout and not timed_out:
                     timed_out = True
                     _kill(proc)
         except BaseException:
             _kill(proc)
             raise
+        finally:
+            if on_process is not None:
+                on_process(None)
         reader.join(timeout=5)
     wall = time.monotonic() - t0
     record: dict[str, Any] = {"wall_seconds": round(wall, 1), "returncode": proc.returncode,

@@ -110,7 +110,8 @@ def test_sigterm_of_side_by_side_bench_stops_every_running_cell(random_tiny, tmp
             assert proc.poll() is None, "bench ended before both cells started"
             time.sleep(0.5)
         assert all((out / "cells" / c / "run").exists() for c in ("a", "b")), "the two cells did not run side by side"
-        pids = [int(p) for p in subprocess.run(["pgrep", "-f", "qpeft.bench .*cell.json"], capture_output=True, text=True).stdout.split()]
+        # this test's cells only (processes of other tests may still be running)
+        pids = [int(p) for p in subprocess.run(["pgrep", "-f", f"qpeft.bench {out}/cells/.*cell.json"], capture_output=True, text=True).stdout.split()]
         assert len(pids) >= 2
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) != 0
