@@ -7,6 +7,9 @@
 # Carry .devsite (scripts/prepare_device_wheels.sh), .devtok (the embedded model's tokenizer files:
 # the random models' tokenizer is cut from it, so this machine needs no GGUF) and .whl
 # (liger-kernel). Resumable: a second call on the warm machine runs the cells not yet finished.
+# Make .devtok here once: python -c "from qpeft.model_source import resolve_model_path as r; print(r('smollm2'))"
+# names the converted embedded model; copy its tokenizer.json, tokenizer_config.json and
+# chat_template.jinja into .devtok/ (or pack them: tar czf .devtok.tgz -C .devtok .).
 #   BENCH_BUDGET_S=420 bash scripts/device_x4.sh
 set -uo pipefail
 source scripts/device_setup.sh || exit 1
