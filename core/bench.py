@@ -522,6 +522,12 @@ def _run_side_by_side(pending, gpus, matrix, directory, on_event, python, finish
             on_event(event)
 
     def worker(gpu: str) -> None:
+        def track(proc: subprocess.Popen | None) -> None:
+            if proc is None:
+                running.pop(gpu, None)
+            else:
+                running[gpu] = proc
+
         try:
             while not stop.is_set():
                 with lock:
@@ -534,12 +540,6 @@ def _run_side_by_side(pending, gpus, matrix, directory, on_event, python, finish
                     cell = queue_.pop(0)
                     started[0] += 1
                     on_event({"type": "start", "cell": cell.id, "labels": cell.labels, "index": started[0], "total": total, "gpu": gpu})
-                def track(proc, gpu=gpu):
-                    if proc is None:
-                        running.pop(gpu, None)
-                    else:
-                        running[gpu] = proc
-
                 outcome = run_cell(cell, matrix, directory, on_event=locked_event, python=python,
                                    extra_env={"CUDA_VISIBLE_DEVICES": gpu}, stop=stop, on_process=track)
                 if outcome is None or stop.is_set():  # stopped by an interrupt: no record, the cell runs next time

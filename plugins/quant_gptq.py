@@ -356,16 +356,16 @@ class Gptq(QuantizerPlugin):
         _require_gptq()
         backend = self._backend(options, training, ctx)
         _set_env()
+        checkpoint = Path(options.quantized_path).expanduser() if options.quantized_path else None
+        # Reading the checkpoint's quantization config also checks that it is one (ConfigError).
+        group = int(_checkpoint_quant_config(checkpoint).get("group_size", options.group_size)) if checkpoint else options.group_size
         if backend == "auto" and ctx.device == "cuda":
-            origin = Path(options.quantized_path or model_path).expanduser()
-            group = int(_checkpoint_quant_config(origin).get("group_size", options.group_size)) if options.quantized_path else options.group_size
-            odd = indivisible_in_features(origin, group)
+            odd = indivisible_in_features(checkpoint or Path(model_path).expanduser(), group)
             if odd:
                 backend = TRAINING_BACKEND
                 ctx.notes.append(f"gptq: layers {odd} wide are not divisible by group {group}: the {TRAINING_BACKEND} kernel, not Marlin")
-        if options.quantized_path:
-            source = Path(options.quantized_path).expanduser()
-            _checkpoint_quant_config(source)
+        if checkpoint:
+            source = checkpoint
             model = self._load_quantized(source, backend, ctx)
         else:
             target = cache_dir(model_path, options, ctx)

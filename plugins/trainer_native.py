@@ -72,7 +72,7 @@ def _resolved_compile(o: NativeOptions, device: str, max_steps: int) -> bool:
     return device == "cuda" and max_steps >= COMPILE_MIN_STEPS
 
 
-def _liger_unavailable(options: NativeOptions, device: str) -> str | None:
+def _liger_unavailable(device: str) -> str | None:
     """Why liger-kernel cannot be used in this run, as far as the config tells; None if it can."""
     import importlib.util
 
@@ -91,7 +91,7 @@ def _apply_liger(model, options: NativeOptions, ctx, compiled: bool):
         # torch.compile fuses these ops itself, and liger's Triton kernels break its graph
         # (H100, 7B NF4: compiled 9,092 tokens/s, compiled + liger 8,183).
         return lambda: None
-    reason = _liger_unavailable(options, ctx.device)
+    reason = _liger_unavailable(ctx.device)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if reason is None:
         from transformers.models.llama import modeling_llama as ml
@@ -250,7 +250,7 @@ class NativeTrainer(TrainerPlugin):
     def check(self, options, ctx):
         if options.optim == "adamw_torch_fused" and ctx.device == "cpu":
             ctx.notes.append("native: fused AdamW on CPU runs the CPU fused kernel")
-        if options.liger == "on" and (reason := _liger_unavailable(options, ctx.device)):
+        if options.liger == "on" and (reason := _liger_unavailable(ctx.device)):
             raise ConfigError("trainer.options.liger", reason)
         if options.mixed_precision in ("bf16", "fp16") and ctx.device == "cpu":
             raise ConfigError("trainer.options.mixed_precision", f"{options.mixed_precision} autocast is for GPUs; use auto or no on CPU")

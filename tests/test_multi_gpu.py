@@ -39,23 +39,31 @@ def _run(cfg: dict, tmp_path, name: str, processes: int, cpu: bool = False) -> d
     return json.loads((tmp_path / name / "summary.json").read_text())
 
 
+def _one_vs_two(tiny_config, tmp_path, trainer, *, quantizer, device, steps, examples, cpu=False):
+    """The same global batch (4 examples a step) in one process and as 2 ranks × 2: both summaries
+    and their per-step losses, after the checks every device shares (steps and tokens equal)."""
+
+    def cfg(name, per_rank):
+        c = tiny_config(quantizer=quantizer, output_dir=str(tmp_path / name), evaluate=False,
+                        trainer={"name": trainer, "options": {"batch_size": per_rank, "max_steps": steps, "lr": 3e-3, "scheduler": "constant"}})
+        c["model"]["device"] = device
+        c["data"]["max_train_examples"] = examples
+        if cpu:
+            c["generate"] = {"max_new_tokens": 2}
+        return c
+
+    one = _run(cfg("one", 4), tmp_path, "one", 1, cpu=cpu)
+    two = _run(cfg("two", 2), tmp_path, "two", 2, cpu=cpu)
+    assert two["train_steps"] == one["train_steps"] == steps
+    assert two["train_tokens"] == one["train_tokens"]  # every rank counts the whole step (a bug once)
+    return one, two, [h["loss"] for h in one["loss_history"]], [h["loss"] for h in two["loss_history"]]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("trainer", ["native", "hf"])
 def test_two_gpu_data_parallel_equals_one_gpu_run(tiny_config, tmp_path, trainer):
-    def cfg(name, per_rank):
-        c = tiny_config(quantizer="bnb-nf4", output_dir=str(tmp_path / name), evaluate=False,
-                        trainer={"name": trainer, "options": {"batch_size": per_rank, "max_steps": 6, "lr": 3e-3, "scheduler": "constant"}})
-        c["model"]["device"] = "cuda"
-        c["data"]["max_train_examples"] = 24
-        return c
-
-    one = _run(cfg("one", 4), tmp_path, "one", 1)
-    two = _run(cfg("two", 2), tmp_path, "two", 2)  # 2 ranks × 2 examples = the same 4 per step
-    assert two["train_steps"] == one["train_steps"] == 6
-    assert two["train_tokens"] == one["train_tokens"]
-    a = [h["loss"] for h in one["loss_history"]]
-    b = [h["loss"] for h in two["loss_history"]]
+    _, two, a, b = _one_vs_two(tiny_config, tmp_path, trainer, quantizer="bnb-nf4", device="cuda", steps=6, examples=24)
     # bf16 compute, gradients averaged across ranks in another order: bf16 noise, not a different run
     assert max(abs(x - y) for x, y in zip(a, b)) <= 2e-2 * a[0], (a, b)
     assert b[-1] < b[0]
@@ -64,19 +72,6 @@ def test_two_gpu_data_parallel_equals_one_gpu_run(tiny_config, tmp_path, trainer
 
 @pytest.mark.parametrize("trainer", ["native", "hf"])
 def test_two_cpu_processes_data_parallel_equal_one_process(tiny_config, tmp_path, trainer):
-    def cfg(name, per_rank):
-        c = tiny_config(quantizer="none", output_dir=str(tmp_path / name), evaluate=False,
-                        trainer={"name": trainer, "options": {"batch_size": per_rank, "max_steps": 4, "lr": 3e-3, "scheduler": "constant"}})
-        c["model"]["device"] = "cpu"
-        c["data"]["max_train_examples"] = 16
-        c["generate"] = {"max_new_tokens": 2}
-        return c
-
-    one = _run(cfg("one", 4), tmp_path, "one", 1, cpu=True)
-    two = _run(cfg("two", 2), tmp_path, "two", 2, cpu=True)
-    assert two["train_steps"] == one["train_steps"] == 4
-    assert two["train_tokens"] == one["train_tokens"]  # every rank counts the whole step (a bug once)
-    a = [h["loss"] for h in one["loss_history"]]
-    b = [h["loss"] for h in two["loss_history"]]
+    _, _, a, b = _one_vs_two(tiny_config, tmp_path, trainer, quantizer="none", device="cpu", steps=4, examples=16, cpu=True)
     # float32: the ranks' gradients are averaged in another order than one process sums them
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-4 * a[0], (a, b)
