@@ -582,12 +582,18 @@ def _base_record(cell: Cell, matrix: Matrix, command: str, commit: str | None) -
 
 
 def _git_commit(path: Path) -> str | None:
+    """The qpeft commit a record names: ``QPEFT_COMMIT`` when set (a copy whose ``.git`` lags its
+    files, such as a GPU machine's), else the matrix file's checkout HEAD, marked ``+dirty`` when
+    tracked files differ from it."""
+    if os.environ.get("QPEFT_COMMIT"):
+        return os.environ["QPEFT_COMMIT"]
+    cwd = path.resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=path.resolve().parent,
-                             capture_output=True, text=True, timeout=10, check=False)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=False)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=cwd, capture_output=True, timeout=30, check=False).returncode == 1
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return (out.stdout.strip() + ("+dirty" if dirty else "")) or None
 
 
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:

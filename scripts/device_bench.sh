@@ -14,13 +14,15 @@
 #   QPEFT_DEVICE_OK=1 bash scripts/device_bench.sh                 # the matrix, resumable
 #   BENCH_ONLY="quantizer=bnb-nf4" bash scripts/device_bench.sh    # a --only selector (space-separated list)
 #   STAGE=overhead bash scripts/device_bench.sh                    # the overhead benchmark (~7 min)
+# Set QPEFT_COMMIT=<local HEAD> in the command: the machine's copy of .git may lag the files.
 set -uo pipefail
 source scripts/device_setup.sh || exit 1   # also puts this checkout's qpeft first on PYTHONPATH
 python3 -c "import qpeft.bench; print('qpeft from', qpeft.bench.__file__)" || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 t0=$(date +%s)
 A=runs/bench-assets R=runs/bench/h100
-python3 benchmarks/make_random_model.py --shape llama-2-7b --out $A/random-llama-2-7b || exit 1
+TOK=(); [ -f /tmp/devtok/tokenizer.json ] && TOK=(--tokenizer-source /tmp/devtok)   # no GGUF needed then
+python3 benchmarks/make_random_model.py --shape llama-2-7b --out $A/random-llama-2-7b "${TOK[@]}" || exit 1
 python3 benchmarks/make_long_text.py --tokenizer $A/random-llama-2-7b --min-tokens 1024 --out $A/long_text || exit 1
 echo "assets ready after $(( $(date +%s) - t0 )) s"; du -sh $A/* 2>/dev/null; df -h . | tail -1
 
