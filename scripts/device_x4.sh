@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # (Since then `qpeft bench --gpus 0,1,2,3` schedules cells over the GPUs itself; this script, with
-# its four `--only` shards, is what produced docs/benchmarks/h100_matrix/.)
+# its four `--only` shards, is what produced docs/benchmarks/h200x4_matrix/.)
 # One call on a 4-GPU machine (nvidia-h100-x4): the two-GPU data-parallel test
 # (tests/test_multi_gpu.py, accelerate launch) and the H100 matrix (configs/bench/h100.yaml) run
 # as four shards side by side, one GPU each, then merged into one results folder and report.
