@@ -86,6 +86,9 @@ class Capabilities:
     #: PEFT method: works with packed rows (``data.packing``), i.e. with position ids that
     #: restart per document and no padding mask.
     packing: bool = True
+    #: Trains under FSDP (``accelerate launch --use_fsdp --fsdp_version 2``): declared only by the
+    #: backends whose FSDP run has been tested; the others are refused under FSDP before loading.
+    fsdp: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -73,7 +73,7 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
             table.add_column(col)
         for p in info[kind]:
             caps = p["capabilities"]
-            flags = [k for k in ("trainable", "mergeable", "grad_checkpointing") if caps.get(k)]
+            flags = [k for k in ("trainable", "mergeable", "grad_checkpointing", "fsdp") if caps.get(k)]
             if kind == "quantizer":
                 flags.append(f"merge from: {caps['merge_source']}")
             table.add_row(p["name"], p["description"], ",".join(caps["devices"]), "; ".join(flags), p["source"])

@@ -26,6 +26,8 @@ class RunContext:
     notes: list[str] = field(default_factory=list)
     #: A complete checkpoint folder to resume training from (``qpeft run --resume``), or None.
     resume_from: str | None = None
+    #: The FSDP version the run was launched with (``accelerate launch --use_fsdp``), or None.
+    fsdp: int | None = None
 
     @property
     def torch_dtype(self):

@@ -22,6 +22,8 @@ from .checkpoint import find_resume_point
 from .config import ResolvedRun, RunConfig, dump_yaml, load_config, resolve
 from .context import RunContext
 from .data import count_label_tokens, load_records, pack, tokenize
+from .distributed import fsdp_version, gather_trainable_state, world_size
+from .distributed import rank as distributed_rank
 from .errors import QpeftError
 from .io import atomic_dir, atomic_write_json, atomic_write_text
 from .model_source import check_weight_files, resolve_model_path
@@ -54,6 +56,7 @@ def _context(resolved: ResolvedRun, registry: Registry) -> RunContext:
         dtype=resolved.dtype,
         output_dir=resolved.config.output_dir,
         hooks=registry.hooks,
+        fsdp=fsdp_version(),
     )
     ctx.notes.extend(resolved.notes)
     return ctx
@@ -72,7 +75,9 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet, *, resume:
 
     ``resume``: continue from the newest complete checkpoint in ``output_dir/checkpoints``
     (see :mod:`qpeft.checkpoint`); without one, train from step 0. Under ``accelerate launch``
-    every rank trains (data parallel) and only rank 0 saves, reloads and generates.
+    every rank trains (data parallel: DDP, or FSDP2 with ``--use_fsdp``) and only rank 0
+    evaluates after training, saves, reloads and generates; under FSDP it first gathers the
+    sharded adapter from all ranks and rebuilds the trained model on a base of its own.
     """
     import torch
     from transformers import set_seed
@@ -88,7 +93,7 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet, *, resume:
         for note in notes:
             say(note)
         ctx.notes.extend(notes)
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = distributed_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     if ctx.device == "cuda":
         torch.cuda.set_device(local_rank)
     out = Path(cfg.output_dir)
@@ -143,7 +148,18 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet, *, resume:
     with kv_cache_off(model), StepTimer(registry.pm) as steps:
         result = trainer.train(model, tok, train_data, val_data, resolved.trainer_options, ctx)
     memory = peak_memory_gib(ctx.device)
-    say(f"trained {result.steps} steps, loss {result.train_loss:.4f}, {result.tokens_per_s:.1f} tokens/s")
+    peak = ", ".join(f"{k.removesuffix('_gib').replace('_', ' ')} {v:.2f} GiB" for k, v in memory.items())
+    who = f"rank {rank}: " if world_size() > 1 else ""
+    say(f"{who}trained {result.steps} steps, loss {result.train_loss:.4f}, {result.tokens_per_s:.1f} tokens/s, {peak}")
+    if ctx.fsdp:
+        # FSDP left each rank a shard of the model; a forward pass now would need every rank.
+        # All ranks gather the adapter, then rank 0 carries on with it on a fresh base of its own.
+        trained, sharded = gather_trainable_state(model)
+        ctx.notes.append(f"FSDP{ctx.fsdp}: {sharded} of {len(trained)} trainable tensors were sharded over {world_size()} ranks")
+        del model
+        gc.collect()
+        if rank == 0:
+            model = _rebuild_trained(resolved, registry, ctx, model_path, pad.needs_resize, len(tok), trained)
     if rank != 0:  # data-parallel worker: rank 0 evaluates, saves, reloads and generates
         return {"rank": rank, "train_steps": result.steps, "train_loss": result.train_loss}
 
@@ -203,9 +219,33 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet, *, resume:
     sample = generate_text(model, tok, cfg.generate.prompt, cfg.generate.max_new_tokens, cfg.generate.chat_template)
     summary["generation"] = sample
     say(f"reloaded adapter on a fresh {quant.name} base: max |Δlogit| vs trained model = {reload_diff:.2e}")
+    summary["notes"] = list(dict.fromkeys(ctx.notes))  # loading the base again repeats the plugins' notes
     atomic_write_json(out / "summary.json", summary)
     registry.hooks.qpeft_on_run_end(summary=summary, ctx=ctx)
     return summary
+
+
+def _rebuild_trained(resolved: ResolvedRun, registry: Registry, ctx: RunContext, model_path: str, resize: bool,
+                     vocab: int, trained: dict):
+    """The trained model on this rank alone: a fresh base prepared and adapted as for training,
+    with the trained adapter tensors (gathered from FSDP's shards) copied in; in eval mode."""
+    import torch
+
+    model = resolved.quantizer.load(model_path, resolved.quantizer_options, ctx, training=True)
+    if resize:
+        model.resize_token_embeddings(vocab)
+    model = resolved.quantizer.prepare_for_training(model, resolved.quantizer_options, ctx, grad_checkpointing=False)
+    model = resolved.peft.attach(model, resolved.peft_options, ctx)
+    params = dict(model.named_parameters())
+    names = {n for n, p in params.items() if p.requires_grad}
+    if names != set(trained):
+        diff = sorted(names ^ set(trained))
+        raise QpeftError(f"the adapter gathered after FSDP training does not match a fresh one: {len(diff)} tensors differ, such as {diff[0]!r}")
+    with torch.no_grad():
+        for name, value in trained.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    model.eval()
+    return model
 
 
 def save_adapter(model, peft, adapter_dir: Path, resolved: ResolvedRun, summary: dict) -> None:

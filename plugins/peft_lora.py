@@ -29,7 +29,7 @@ class Lora(PeftPlugin):
     name = "lora"
     description = "LoRA low-rank adapters (rsLoRA, DoRA) via peft"
     Options = LoraOptions
-    capabilities = Capabilities(mergeable=True)
+    capabilities = Capabilities(mergeable=True, fsdp=True)
 
     def attach(self, model, options, ctx):
         from peft import LoraConfig, get_peft_model

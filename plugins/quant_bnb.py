@@ -31,8 +31,10 @@ class Bnb4bitPresetOptions(_PrepareOptions):
     double_quant: bool = True
     #: dtype of the matmuls; "auto" = the run's dtype (bfloat16 on modern GPUs, float32 on CPU).
     compute_dtype: DTYPES = "auto"
-    #: Storage dtype of packed weights; set it to the model dtype for FSDP.
-    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    #: Storage dtype of the packed 4-bit weights. FSDP shards parameters of a floating dtype only
+    #: and casts them to the compute dtype, so under FSDP it must be the run's dtype. "auto": the
+    #: run's dtype under FSDP, uint8 otherwise (the same packed bytes either way).
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
     #: Module names kept in full precision (default: the output head).
     skip_modules: list[str] | None = None
 
@@ -115,11 +117,15 @@ class Bnb4bit(_BnbBase):
     name = "bnb-4bit"
     description = "bitsandbytes 4-bit (NF4 or FP4, double quantization): QLoRA"
     Options = Bnb4bitOptions
-    capabilities = Capabilities(merge_source="dequantize", bits=4)
+    capabilities = Capabilities(merge_source="dequantize", bits=4, fsdp=True)
     quant_type: str | None = None  # presets fix it
 
     def check(self, options, ctx):
         super().check(options, ctx)
+        if ctx.fsdp and options.quant_storage not in ("auto", ctx.dtype):
+            raise ConfigError("quantizer.options.quant_storage",
+                              f"{options.quant_storage!r} under FSDP: FSDP would leave uint8 weights unsharded and cast other dtypes "
+                              f"to the run's {ctx.dtype}, scrambling the packed bytes; use auto or {ctx.dtype}")
         if ctx.device == "cpu" and _dtype(options.compute_dtype, ctx) != _dtype("float32", ctx):
             ctx.notes.append(
                 f"{self.name}: compute_dtype {options.compute_dtype} on CPU; float32 is ~16x faster on CPUs without AVX512-BF16"
@@ -133,7 +139,7 @@ class Bnb4bit(_BnbBase):
             bnb_4bit_quant_type=self.quant_type or options.quant_type,
             bnb_4bit_use_double_quant=options.double_quant,
             bnb_4bit_compute_dtype=_dtype(options.compute_dtype, ctx),
-            bnb_4bit_quant_storage=_dtype(options.quant_storage, ctx) if options.quant_storage != "uint8" else _uint8(),
+            bnb_4bit_quant_storage=_quant_storage(options.quant_storage, ctx),
             llm_int8_skip_modules=options.skip_modules,
         )
         model = load_causal_lm(model_path, ctx, quantization_config=cfg)
@@ -158,10 +164,12 @@ class Bnb4bit(_BnbBase):
                     )
 
 
-def _uint8():
+def _quant_storage(name: str, ctx):
     import torch
 
-    return torch.uint8
+    if name == "auto":
+        name = ctx.dtype if ctx.fsdp else "uint8"
+    return getattr(torch, name)
 
 
 class BnbNF4(Bnb4bit):

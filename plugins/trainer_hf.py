@@ -62,7 +62,7 @@ class HfTrainer(TrainerPlugin):
     name = "hf"
     description = "transformers Trainer"
     Options = HfTrainerOptions
-    capabilities = Capabilities()
+    capabilities = Capabilities(fsdp=True)
 
     def train(self, model, tokenizer, train_data, eval_data, options, ctx):
         from transformers import PrinterCallback, TrainingArguments

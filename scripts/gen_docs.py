@@ -34,6 +34,8 @@ def plugin_table(registry) -> str:
             if not c.grad_checkpointing:
                 flags.append("no gradient checkpointing")
             flags += [f"not with {k}: {v}" for k, v in c.incompatible.items()]
+            if c.fsdp:
+                flags.append("FSDP")
             rows.append(f"| {kind} | `{name}` | {p.description} | {', '.join(c.devices)} | {'; '.join(flags)} |")
     return "\n".join(rows) + "\n"
 

@@ -1,0 +1,99 @@
+"""FSDP2 with quantized bases (``accelerate launch --use_fsdp --fsdp_version 2 -m qpeft run``).
+
+On two GPUs (skipped elsewhere): the base, 4-bit weights stored as bf16, and the adapter are
+sharded over the ranks; rank 0 gathers the trained adapter and finishes the run (evaluation,
+save, reload, generation) on a fresh base of its own. The run must equal a one-GPU run.
+On two CPU processes the same path runs with tests/fsdp_on_cpu, which lets accelerate keep
+FSDP on CPUs (it falls back to DDP there otherwise); torch's FSDP2 shards over gloo.
+What qpeft does not run under FSDP is refused before any weight is loaded."""
+
+import pytest
+import torch
+
+from qpeft.config import load_config, resolve
+from qpeft.errors import ConfigError
+from qpeft.registry import load_registry
+from test_multi_gpu import _one_vs_two
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_registry()
+
+
+def _check_fsdp_run(one, two, a, b, rel):
+    assert max(abs(x - y) for x, y in zip(a, b)) <= rel * a[0], (a, b)
+    assert b[-1] < b[0]
+    sharded = [n for n in two["notes"] if n.startswith("FSDP2:")]
+    assert sharded and not sharded[0].startswith("FSDP2: 0 of"), two["notes"]  # really sharded, not DDP
+    assert not any(n.startswith("FSDP") for n in one["notes"])
+    # rank 0's rebuilt model evaluates as the one-process model, and its saved adapter reloads to it
+    assert abs(two["val_loss_after"] - one["val_loss_after"]) <= rel * one["val_loss_after"]
+    assert two["val_loss_after"] < two["val_loss_before"]
+    assert two["reload_max_abs_logit_diff"] < 5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("trainer,quantizer", [("native", "bnb-nf4"), ("hf", "bnb-nf4"), ("native", "none")])
+def test_two_gpu_fsdp2_equals_one_gpu_run(tiny_config, tmp_path, trainer, quantizer):
+    one, two, a, b = _one_vs_two(tiny_config, tmp_path, trainer, quantizer=quantizer, device="cuda", steps=6, examples=24,
+                                 fsdp=True, evaluate=True)
+    _check_fsdp_run(one, two, a, b, rel=2e-2)  # bf16 compute, gradients reduced in another order
+
+
+@pytest.mark.parametrize("trainer", ["native", "hf"])
+def test_two_cpu_processes_fsdp2_equal_one_process(tiny_config, tmp_path, trainer):
+    one, two, a, b = _one_vs_two(tiny_config, tmp_path, trainer, quantizer="bnb-nf4", device="cpu", steps=4, examples=16,
+                                 cpu=True, fsdp=True, evaluate=True)
+    _check_fsdp_run(one, two, a, b, rel=1e-4)  # float32
+
+
+# ------------------------------------------------------------------ refused before loading
+
+
+@pytest.fixture
+def under_fsdp(monkeypatch):
+    """The environment accelerate gives each rank of ``accelerate launch --use_fsdp``."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    return monkeypatch
+
+
+def _resolve(tiny_config, registry, device="cuda", **overrides):
+    return resolve(load_config(tiny_config(**overrides)), registry, device=device)
+
+
+def _refused(tiny_config, registry, key, device="cuda", **overrides) -> str:
+    with pytest.raises(ConfigError) as e:
+        _resolve(tiny_config, registry, device=device, **overrides)
+    assert e.value.key == key, e.value
+    return e.value.message
+
+
+def test_fsdp_runs_resolve_with_the_tested_backends(under_fsdp, tiny_config, registry):
+    for quantizer in ("bnb-nf4", "bnb-4bit", "none"):
+        for trainer in ("hf", "native"):
+            run = _resolve(tiny_config, registry, quantizer=quantizer, trainer={"name": trainer})
+            assert run.device == "cuda"
+    _resolve(tiny_config, registry, quantizer={"name": "bnb-nf4", "options": {"quant_storage": "bfloat16"}})
+
+
+def test_fsdp_refuses_what_it_does_not_run(under_fsdp, tiny_config, registry):
+    msg = _refused(tiny_config, registry, "quantizer.name", quantizer="bnb-8bit")
+    assert "bnb-8bit" in msg and "bnb-nf4" in msg and "none" in msg  # names the valid choices
+    assert "lora" in _refused(tiny_config, registry, "peft.name", peft={"name": "prefix"})
+    assert "bfloat16" in _refused(tiny_config, registry, "quantizer.options.quant_storage",
+                                  quantizer={"name": "bnb-nf4", "options": {"quant_storage": "uint8"}})
+    _refused(tiny_config, registry, "quantizer.options.quant_storage", quantizer={"name": "bnb-nf4", "options": {"quant_storage": "float32"}})
+    _refused(tiny_config, registry, "trainer.options.save_steps", trainer={"name": "native", "options": {"save_steps": 2}})
+    for key, value in (("loss", "chunked"), ("compile", True), ("liger", "on")):
+        _refused(tiny_config, registry, f"trainer.options.{key}", trainer={"name": "native", "options": {key: value}})
+    assert "GPU" in _refused(tiny_config, registry, "model.device", device="cpu")
+    under_fsdp.setenv("FSDP_VERSION", "1")
+    assert "--fsdp_version 2" in _refused(tiny_config, registry, "accelerate: fsdp_version")
+
+
+def test_without_fsdp_nothing_changes(tiny_config, registry, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    _resolve(tiny_config, registry, quantizer="bnb-8bit", trainer={"name": "native", "options": {"save_steps": 2, "loss": "chunked"}})
