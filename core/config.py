@@ -383,7 +383,7 @@ def resolve(config: RunConfig, registry, *, device: str | None = None) -> Resolv
 
     ctx = RunContext(config=config, device=dev, dtype=dtype, output_dir=config.output_dir, fsdp=fsdp_version())
     if ctx.fsdp is not None:
-        check_fsdp(ctx, {"quantizer": quant, "peft": peft, "trainer": trainer}, registry, t_opts)
+        check_fsdp(ctx, {"quantizer": quant, "peft": peft, "trainer": trainer}, registry)
     quant.check(q_opts, ctx)
     peft.check(p_opts, ctx)
     trainer.check(t_opts, ctx)
@@ -391,10 +391,11 @@ def resolve(config: RunConfig, registry, *, device: str | None = None) -> Resolv
     return ResolvedRun(config, quant, q_opts, peft, p_opts, trainer, t_opts, dev, dtype, gc, notes)
 
 
-def check_fsdp(ctx, plugins: dict, registry, trainer_options) -> None:
+def check_fsdp(ctx, plugins: dict, registry) -> None:
     """Refuse, before loading, what qpeft does not run under FSDP: version 1 (qpeft reads the
     trained adapter back from FSDP2's sharded parameters), CPUs (accelerate runs FSDP on
-    accelerators only), backends whose FSDP run was never tested, and periodic checkpoints."""
+    accelerators only) and backends whose FSDP run was never tested. A plugin's own ``check``
+    refuses its options that do not work under FSDP."""
     if ctx.fsdp != 2:
         raise ConfigError("accelerate: fsdp_version",
                           f"launched with FSDP version {ctx.fsdp}; qpeft trains under FSDP version 2 (fully_shard): "
@@ -405,9 +406,6 @@ def check_fsdp(ctx, plugins: dict, registry, trainer_options) -> None:
         if not plugin.capabilities.fsdp:
             ok = sorted(n for n, p in registry.backends[kind].items() if p.capabilities.fsdp)
             raise ConfigError(f"{kind}.name", f"{kind} {plugin.name!r} is not tested under FSDP; under FSDP use one of: {', '.join(ok)}")
-    if trainer_options.save_steps:
-        raise ConfigError("trainer.options.save_steps",
-                          "periodic checkpoints (and --resume) are not supported under FSDP yet; remove save_steps or train without FSDP")
 
 
 def check_combination(quant, peft, trainer) -> None:

@@ -9,6 +9,7 @@ from typing import Literal
 from qpeft import hookimpl
 from qpeft.api import Capabilities, TrainerPlugin, TrainingOptions
 from qpeft.context import TrainResult
+from qpeft.errors import ConfigError
 from qpeft.modeling import release_model
 from qpeft.data import collate, ordered_examples, plan_steps
 
@@ -64,10 +65,19 @@ class HfTrainer(TrainerPlugin):
     Options = HfTrainerOptions
     capabilities = Capabilities(fsdp=True)
 
+    def check(self, options, ctx):
+        if ctx.fsdp and options.save_steps:
+            raise ConfigError("trainer.options.save_steps",
+                              "the hf trainer's checkpoints (and --resume) are not supported under FSDP; remove save_steps, "
+                              "or use trainer native, whose checkpoints work under FSDP")
+
     def train(self, model, tokenizer, train_data, eval_data, options, ctx):
         from transformers import PrinterCallback, TrainingArguments
 
         from qpeft.checkpoint import checkpoint_root
+
+        if ctx.fsdp and ctx.resume_from:
+            raise ConfigError("--resume", f"{ctx.resume_from}: the hf trainer does not resume under FSDP; resume without FSDP")
 
         precision = options.resolved_mixed_precision(ctx)
         pad_id = tokenizer.pad_token_id

@@ -199,7 +199,36 @@ def _chunked_ce_sum(hidden, head, labels, chunk: int, autocast):
     return total
 
 
-def _save_state(path: Path, trainable: dict, optimizer, scheduler, step: int, ctx) -> None:
+#: The optimizer state's file: keyed by parameter index (one process or DDP), or, under FSDP, the
+#: full state keyed by parameter name (torch.distributed.checkpoint's full optimizer state dict).
+OPTIMIZER_FILE = {False: "optimizer.pt", True: "optimizer_full.pt"}
+
+
+def _full_state(model, trainable: dict, optimizer, sharded: bool) -> tuple[dict, dict]:
+    """What a checkpoint holds of the model and optimizer: the trainable tensors and the optimizer
+    state. Under FSDP both are gathered from the ranks' shards (a collective: every rank calls
+    it); rank 0 receives the optimizer state."""
+    if not sharded:
+        return trainable, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from qpeft.distributed import gather_trainable_state
+
+    tensors, _ = gather_trainable_state(model)
+    return tensors, get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_sharded_optimizer(path: Path, model, optimizer) -> None:
+    """Under FSDP, after ``prepare``: every rank loads the full optimizer state of a checkpoint and
+    keeps its own shard of it."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(path / OPTIMIZER_FILE[True], weights_only=True)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+
+def _save_state(path: Path, trainable: dict, optim_state: dict, scheduler, step: int, ctx) -> None:
     """A checkpoint: trainable tensors (safetensors), optimizer/scheduler/RNG state, step."""
     import random
 
@@ -211,7 +240,7 @@ def _save_state(path: Path, trainable: dict, optimizer, scheduler, step: int, ct
 
     with atomic_dir(path) as tmp:
         save_file({k: p.detach().contiguous().cpu() for k, p in trainable.items()}, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optim_state, tmp / OPTIMIZER_FILE[bool(ctx.fsdp)])
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
@@ -220,8 +249,9 @@ def _save_state(path: Path, trainable: dict, optimizer, scheduler, step: int, ct
         mark_complete(tmp, step=step, trainer="native", config_fingerprint=fingerprint(ctx.config))
 
 
-def _load_state(path: Path, trainable: dict, optimizer, scheduler) -> int:
-    """Restore a checkpoint written by :func:`_save_state`; return its step."""
+def _load_state(path: Path, trainable: dict, optimizer, scheduler, sharded: bool) -> int:
+    """Restore a checkpoint written by :func:`_save_state`; return its step. ``sharded`` (FSDP):
+    the optimizer state is left for :func:`_load_sharded_optimizer`, once the model is sharded."""
     import random
 
     import torch
@@ -236,7 +266,11 @@ def _load_state(path: Path, trainable: dict, optimizer, scheduler) -> int:
     with torch.no_grad():
         for k, p in trainable.items():
             p.copy_(saved[k].to(p.device, p.dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if not (path / OPTIMIZER_FILE[sharded]).is_file():
+        made, now = ("without", "under") if sharded else ("under", "without")
+        raise ConfigError("--resume", f"{path} was written {made} FSDP; resume it {made} FSDP, not {now}")
+    if not sharded:
+        optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE[False], weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=False)  # python's RNG state is a tuple; qpeft wrote it
     torch.set_rng_state(rng["torch"])
@@ -295,7 +329,7 @@ class NativeTrainer(TrainerPlugin):
         scheduler = get_scheduler(options.scheduler, optimizer, num_warmup_steps=options.warmup_steps, num_training_steps=max_steps)
         start = 0
         if ctx.resume_from:
-            start = _load_state(Path(ctx.resume_from), trainable, optimizer, scheduler)
+            start = _load_state(Path(ctx.resume_from), trainable, optimizer, scheduler, sharded=bool(ctx.fsdp))
         head = wrapper = None
         # Under FSDP the head's weight is only whole inside the wrapped forward: full loss there.
         if options.loss == "chunked" or (options.loss == "auto" and ctx.device == "cuda" and not ctx.fsdp):
@@ -310,6 +344,8 @@ class NativeTrainer(TrainerPlugin):
             # fully_shard replaced the parameters by sharded ones (the optimizer was switched over
             # by accelerate); clipping must see the new ones, which hold the gradients.
             params = [p for p in model.parameters() if p.requires_grad]
+            if ctx.resume_from:
+                _load_sharded_optimizer(Path(ctx.resume_from), model, optimizer)
             ctx.notes.append(f"native: FSDP{ctx.fsdp} over {world} ranks (full cross-entropy, eager, no liger-kernel)")
         model.train()
 
@@ -360,8 +396,9 @@ class NativeTrainer(TrainerPlugin):
                     ctx.hooks.qpeft_on_step_end(step=step, max_steps=max_steps, logs={"loss": step_loss, "tokens": tokens}, ctx=ctx)
                 if options.save_steps and (step % options.save_steps == 0 or step == max_steps):
                     acc.wait_for_everyone()
+                    tensors, optim_state = _full_state(model, trainable, optimizer, sharded=bool(ctx.fsdp))
                     if acc.is_main_process:
-                        _save_state(checkpoint_dir(ctx.output_dir, step), trainable, optimizer, scheduler, step, ctx)
+                        _save_state(checkpoint_dir(ctx.output_dir, step), tensors, optim_state, scheduler, step, ctx)
                         prune(ctx.output_dir, options.save_total_limit)
         finally:
             for fn in undo:

@@ -13,7 +13,7 @@ import torch
 from qpeft.config import load_config, resolve
 from qpeft.errors import ConfigError
 from qpeft.registry import load_registry
-from test_multi_gpu import _one_vs_two
+from test_multi_gpu import _one_vs_two, _run
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,44 @@ def test_two_cpu_processes_fsdp2_equal_one_process(tiny_config, tmp_path, traine
     one, two, a, b = _one_vs_two(tiny_config, tmp_path, trainer, quantizer="bnb-nf4", device="cpu", steps=4, examples=16,
                                  cpu=True, fsdp=True, evaluate=True)
     _check_fsdp_run(one, two, a, b, rel=1e-4)  # float32
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs two GPUs")])])
+def test_fsdp2_native_resume_gives_the_uninterrupted_adapter(tiny_config, tmp_path, device):
+    """Checkpoints under FSDP hold the gathered adapter and the full optimizer state; resuming
+    from step 4 of 6 (the step-6 checkpoint and the outputs deleted) ends with the same adapter.
+    Two CPU processes (float32) or two GPUs (bf16 compute)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(output_dir=str(tmp_path / "run"), evaluate=False, generate={"max_new_tokens": 2},
+                      trainer={"name": "native", "options": {"batch_size": 2, "max_steps": 6, "save_steps": 2, "lr": 3e-3,
+                                                             "scheduler": "cosine", "warmup_steps": 2}})
+    cfg["model"]["device"] = device
+    cfg["data"]["max_train_examples"] = 16
+    cpu = device == "cpu"
+    first = _run(cfg, tmp_path, "run", 2, cpu=cpu, fsdp=True)
+    assert any(n.startswith("FSDP2:") and not n.startswith("FSDP2: 0 of") for n in first["notes"])
+    run = tmp_path / "run"
+    whole = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    ckpts = run / "checkpoints"
+    assert (ckpts / "checkpoint-4" / "optimizer_full.pt").is_file()  # FSDP's full optimizer state
+    shutil.rmtree(ckpts / "checkpoint-6")
+    shutil.rmtree(run / "adapter")
+    (run / "summary.json").unlink()
+
+    # the same checkpoint without FSDP: refused, naming why
+    out = _run(cfg, tmp_path, "run", 1, cpu=cpu, args=["--resume"], ok=False)
+    assert "written under FSDP" in out, out[-2000:]
+
+    resumed = _run(cfg, tmp_path, "run", 2, cpu=cpu, fsdp=True, args=["--resume"])
+    assert [h["step"] for h in resumed["loss_history"]] == [5, 6]
+    again = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert whole.keys() == again.keys()
+    # float32 on CPU: the same arithmetic; on GPUs, reductions may round differently from run to run
+    assert max(float((whole[k] - again[k]).abs().max()) for k in whole) <= (1e-6 if cpu else 1e-3)
 
 
 # ------------------------------------------------------------------ refused before loading
@@ -86,7 +124,8 @@ def test_fsdp_refuses_what_it_does_not_run(under_fsdp, tiny_config, registry):
     assert "bfloat16" in _refused(tiny_config, registry, "quantizer.options.quant_storage",
                                   quantizer={"name": "bnb-nf4", "options": {"quant_storage": "uint8"}})
     _refused(tiny_config, registry, "quantizer.options.quant_storage", quantizer={"name": "bnb-nf4", "options": {"quant_storage": "float32"}})
-    _refused(tiny_config, registry, "trainer.options.save_steps", trainer={"name": "native", "options": {"save_steps": 2}})
+    _refused(tiny_config, registry, "trainer.options.save_steps", trainer={"name": "hf", "options": {"save_steps": 2}})
+    _resolve(tiny_config, registry, trainer={"name": "native", "options": {"save_steps": 2}})  # native checkpoints under FSDP
     for key, value in (("loss", "chunked"), ("compile", True), ("liger", "on")):
         _refused(tiny_config, registry, f"trainer.options.{key}", trainer={"name": "native", "options": {key: value}})
     assert "GPU" in _refused(tiny_config, registry, "model.device", device="cpu")

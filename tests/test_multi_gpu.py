@@ -34,23 +34,26 @@ FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP
                                                                                 os.environ.get("PYTHONPATH")]))}
 
 
-def _run(cfg: dict, tmp_path, name: str, processes: int, cpu: bool = False, fsdp: bool = False) -> dict:
+def _run(cfg: dict, tmp_path, name: str, processes: int, cpu: bool = False, fsdp: bool = False, args=(), ok: bool = True):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if processes == 1:
-        cmd = [sys.executable, "-m", "qpeft", "run", str(path)]
+        cmd = [sys.executable, "-m", "qpeft", "run", str(path), *args]
     elif cpu:
         if fsdp:
             env.update(FSDP2_ENV)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(_free_port()),
-               "-m", "qpeft", "run", str(path)]
+               "-m", "qpeft", "run", str(path), *args]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *(FSDP2_FLAGS if fsdp else ["--multi_gpu"]), "--num_machines", "1",
-               "--num_processes", str(processes), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qpeft", "run", str(path)]
+               "--num_processes", str(processes), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qpeft", "run", str(path), *args]
     if not cpu:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(processes))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    if not ok:  # expected to fail: its output
+        assert proc.returncode != 0, proc.stdout[-3000:]
+        return proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads((tmp_path / name / "summary.json").read_text())
 
