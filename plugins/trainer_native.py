@@ -1,7 +1,7 @@
 """Trainer ``native``: a lean loop on accelerate — mixed precision, gradient accumulation,
 clipping, linear/cosine schedules, optional 8-bit/paged optimizers, packed rows, a chunked
 cross-entropy that never holds the full-vocabulary logits, atomic checkpoints and resume,
-and data-parallel training under ``accelerate launch``."""
+and data-parallel (DDP) or sharded (FSDP2) training under ``accelerate launch``."""
 
 from __future__ import annotations
 
