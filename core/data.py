@@ -241,7 +241,9 @@ def tokenize(rows: list[dict], fmt: str, tok, max_length: int, *, too_long: str 
             empty_rows.append(n)
     if say and long_rows:
         verb = "dropped" if too_long == "drop" else "truncated to"
-        say(f"{source}: {len(long_rows)} rows longer than {max_length} tokens {verb}{'' if too_long == 'drop' else f' {max_length}'} (rows {_row_list(long_rows)})")
+        rows = "1 row" if len(long_rows) == 1 else f"{len(long_rows)} rows"
+        say(f"{source}: {rows} longer than {max_length} tokens {verb}{'' if too_long == 'drop' else f' {max_length}'} "
+            f"(row{'' if len(long_rows) == 1 else 's'} {_row_list(long_rows)})")
     if say and empty_rows:
         say(f"{source}: {len(empty_rows)} rows have no target token left after truncation and were skipped (rows {_row_list(empty_rows)})")
     return out

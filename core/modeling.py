@@ -73,6 +73,14 @@ def release_model(model) -> None:
     extract_model_from_parallel(model, keep_fp32_wrapper=False)
 
 
+def align_pad_token(model, tokenizer) -> None:
+    """Record the tokenizer's pad token (which qpeft may have chosen) in the model's config and
+    generation config, as the transformers Trainer would otherwise do itself, with a warning."""
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
 def enable_gradient_checkpointing(model) -> None:
     """Non-reentrant gradient checkpointing, with inputs that require grad so a frozen
     base still back-propagates into adapters (transformers#26377)."""

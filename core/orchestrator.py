@@ -29,6 +29,7 @@ from .io import atomic_dir, atomic_write_json, atomic_write_text
 from .model_source import check_weight_files, resolve_model_path
 from .modeling import (
     StepTimer,
+    align_pad_token,
     count_parameters,
     evaluate_perplexity,
     generate_text,
@@ -129,6 +130,7 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet, *, resume:
     load_s = time.perf_counter() - t0
     if pad.needs_resize:
         model.resize_token_embeddings(len(tok))
+    align_pad_token(model, tok)
     registry.hooks.qpeft_on_model_loaded(model=model, ctx=ctx)
     weight_gib = weight_memory_gib(model)
     say(f"loaded base in {load_s:.1f}s, weights {weight_gib:.3f} GiB")
@@ -147,7 +149,7 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet, *, resume:
     reset_peak_memory(ctx.device)
     with kv_cache_off(model), StepTimer(registry.pm) as steps:
         result = trainer.train(model, tok, train_data, val_data, resolved.trainer_options, ctx)
-    memory = peak_memory_gib(ctx.device)
+    memory = {k: round(v, 3) for k, v in peak_memory_gib(ctx.device).items()}
     peak = ", ".join(f"{k.removesuffix('_gib').replace('_', ' ')} {v:.2f} GiB" for k, v in memory.items())
     who = f"rank {rank}: " if world_size() > 1 else ""
     say(f"{who}trained {result.steps} steps, loss {result.train_loss:.4f}, {result.tokens_per_s:.1f} tokens/s, {peak}")
@@ -192,7 +194,7 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet, *, resume:
         "train_seconds": round(result.seconds, 2),
         "tokens_per_s": round(result.tokens_per_s, 1),
         **steps.summary(),
-        **{k: round(v, 3) for k, v in memory.items()},
+        **memory,
         "val_tokens": count_label_tokens(val_data),
         "val_perplexity_before": round(before["perplexity"], 4) if before else None,
         "val_perplexity_after": round(after["perplexity"], 4) if after else None,

@@ -150,7 +150,7 @@ def test_too_long_policy(tok):
     rows = [{"text": "short"}, {"text": "a much longer line of text " * 20}]
     said = []
     assert len(tokenize(rows, "text", tokenizer, 16, too_long="truncate", source="f.jsonl", say=said.append)) == 2
-    assert "rows 2" in said[0] and "truncated" in said[0]
+    assert "1 row longer" in said[0] and "(row 2)" in said[0] and "truncated" in said[0]
     assert len(tokenize(rows, "text", tokenizer, 16, too_long="drop", source="f.jsonl")) == 1
     with pytest.raises(ConfigError, match=r"f.jsonl: row 2 has \d+ tokens, more than data.max_length=16"):
         tokenize(rows, "text", tokenizer, 16, too_long="error", source="f.jsonl")
