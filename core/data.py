@@ -316,6 +316,12 @@ def count_input_tokens(batch: dict, pad_id: int) -> int:
     return int((batch["input_ids"] != pad_id).sum())
 
 
+def count_example_tokens(examples: list[dict], pad_id: int) -> int:
+    """Non-padding tokens of examples, as :func:`count_input_tokens` counts them once collated, in
+    any batching: every token of an unpacked row; the tokens other than ``pad_id`` of a packed row."""
+    return sum(sum(1 for t in ex["input_ids"] if t != pad_id) if "position_ids" in ex else len(ex["input_ids"]) for ex in examples)
+
+
 def count_label_tokens(data: list[dict]) -> int:
     return sum(sum(1 for l in d["labels"] if l != IGNORE) for d in data)
 

@@ -15,7 +15,7 @@ from pydantic import Field
 from qpeft import hookimpl
 from qpeft.api import Capabilities, TrainerPlugin, TrainingOptions
 from qpeft.context import TrainResult
-from qpeft.data import IGNORE, collate, count_input_tokens, ordered_examples, plan_steps
+from qpeft.data import IGNORE, collate, count_example_tokens, ordered_examples, plan_steps
 from qpeft.errors import ConfigError
 from qpeft.modeling import release_model
 
@@ -358,15 +358,12 @@ class NativeTrainer(TrainerPlugin):
                 # Token-weighted loss over the whole step (all ranks), as the HF Trainer does;
                 # DDP averages gradients over ranks, hence the factor `world`.
                 n_label = sum(sum(1 for l in ex["labels"][1:] if l != IGNORE) for ex in micro)
+                tokens += count_example_tokens(micro, pad_id)  # every rank counts the whole step's tokens
                 mine = micro[rank * per_rank : (rank + 1) * per_rank]
                 step_loss = 0.0
                 for i in range(options.grad_accum):
                     lo, hi = i * options.batch_size, (i + 1) * options.batch_size
                     batch = collate(mine[lo:hi], pad_id)
-                    if world == 1:
-                        tokens += count_input_tokens(batch, pad_id)
-                    else:  # every rank counts the whole step's tokens (ranks' batches differ in length)
-                        tokens += sum(count_input_tokens(collate(micro[r * per_rank + lo : r * per_rank + hi], pad_id), pad_id) for r in range(world))
                     batch = {k: v.to(acc.device) for k, v in batch.items()}
                     inputs = {k: v for k, v in batch.items() if k != "labels"}
                     labels = batch["labels"][:, 1:].reshape(-1)

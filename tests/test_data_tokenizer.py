@@ -154,3 +154,22 @@ def test_too_long_policy(tok):
     assert len(tokenize(rows, "text", tokenizer, 16, too_long="drop", source="f.jsonl")) == 1
     with pytest.raises(ConfigError, match=r"f.jsonl: row 2 has \d+ tokens, more than data.max_length=16"):
         tokenize(rows, "text", tokenizer, 16, too_long="error", source="f.jsonl")
+
+
+def test_example_token_count_equals_the_collated_count(tok):
+    """The native trainer counts a step's tokens from its examples (every rank, for the whole
+    step) instead of collating the other ranks' batches: the same number in any batching."""
+    from qpeft.data import count_example_tokens, count_input_tokens, pack
+
+    tokenizer, _ = tok
+    rows = [{"text": "word " * n} for n in (3, 17, 1, 40, 9, 25, 2)]
+    data = tokenize(rows, "text", tokenizer, 64, too_long="truncate", source="f.jsonl")
+    pad = tokenizer.pad_token_id
+    for examples in (data, pack(data, 64)):
+        for size in (1, 2, 3):
+            collated = sum(count_input_tokens(collate(examples[i : i + size], pad), pad) for i in range(0, len(examples), size))
+            assert count_example_tokens(examples, pad) == collated
+    # a pad-id token inside a packed row is not counted, as the collated count (and the HF Trainer) does
+    packed = [{**pack(data, 64)[0]}]
+    packed[0]["input_ids"] = [pad] + packed[0]["input_ids"][1:]
+    assert count_example_tokens(packed, pad) == count_input_tokens(collate(packed, pad), pad) == len(packed[0]["input_ids"]) - 1
