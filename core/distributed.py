@@ -13,6 +13,12 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def local_rank() -> int:
+    """This process's rank on its machine, i.e. the index of its GPU (0 when not launched for
+    several processes)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def world_size() -> int:
     """How many ranks train together (1 when not launched for several processes)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

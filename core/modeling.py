@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import resource
 import time
 from typing import Iterable
 
 from .data import IGNORE, collate
+from .distributed import local_rank
 from .errors import ConfigError, QpeftError
 from .hookspecs import hookimpl
 
@@ -21,7 +21,7 @@ def device_map_for(ctx):
     if dm is not None:
         return dm
     # Under `accelerate launch` each rank holds a whole (quantized) copy on its own GPU.
-    return {"": int(os.environ.get("LOCAL_RANK", "0"))} if ctx.device == "cuda" else {"": "cpu"}
+    return {"": local_rank()} if ctx.device == "cuda" else {"": "cpu"}
 
 
 def load_causal_lm(model_path: str, ctx, **kwargs):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from .checkpoint import find_resume_point
 from .config import ResolvedRun, RunConfig, dump_yaml, load_config, resolve
 from .context import RunContext
 from .data import count_label_tokens, load_records, pack, tokenize
-from .distributed import fsdp_version, gather_trainable_state, world_size
+from .distributed import fsdp_version, gather_trainable_state, local_rank, world_size
 from .distributed import rank as distributed_rank
 from .errors import QpeftError
 from .io import atomic_dir, atomic_write_json, atomic_write_text
@@ -94,9 +93,9 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet, *, resume:
         for note in notes:
             say(note)
         ctx.notes.extend(notes)
-    rank, local_rank = distributed_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+    rank = distributed_rank()
     if ctx.device == "cuda":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_rank())
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "resolved_config.yaml", dump_yaml(resolved.to_dict()))

@@ -165,11 +165,9 @@ class Bnb4bit(_BnbBase):
 
 
 def _quant_storage(name: str, ctx):
-    import torch
-
     if name == "auto":
         name = ctx.dtype if ctx.fsdp else "uint8"
-    return getattr(torch, name)
+    return _dtype(name, ctx)
 
 
 class BnbNF4(Bnb4bit):

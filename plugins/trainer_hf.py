@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Literal
 
 from qpeft import hookimpl
 from qpeft.api import Capabilities, TrainerPlugin, TrainingOptions
 from qpeft.context import TrainResult
+from qpeft.distributed import world_size
 from qpeft.errors import ConfigError
 from qpeft.modeling import release_model
 from qpeft.data import collate, ordered_examples, plan_steps
@@ -84,7 +84,7 @@ class HfTrainer(TrainerPlugin):
 
         # qpeft lays out the epochs itself (same order for every trainer); the Trainer reads it in order.
         # Under `accelerate launch` each optimizer step takes batch × accumulation examples per rank.
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = world_size()
         max_steps, epochs = plan_steps(len(train_data), options.batch_size * options.grad_accum * world, options.epochs, options.max_steps)
         examples = ordered_examples(train_data, ctx.config.seed, epochs)
 

@@ -5,7 +5,6 @@ and data-parallel (DDP) or sharded (FSDP2) training under ``accelerate launch``.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -16,6 +15,7 @@ from qpeft import hookimpl
 from qpeft.api import Capabilities, TrainerPlugin, TrainingOptions
 from qpeft.context import TrainResult
 from qpeft.data import IGNORE, collate, count_example_tokens, ordered_examples, plan_steps
+from qpeft.distributed import gather_trainable_state, world_size
 from qpeft.errors import ConfigError
 from qpeft.modeling import release_model
 
@@ -212,8 +212,6 @@ def _full_state(model, trainable: dict, optimizer, sharded: bool) -> tuple[dict,
         return trainable, optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    from qpeft.distributed import gather_trainable_state
-
     tensors, _ = gather_trainable_state(model)
     return tensors, get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -310,7 +308,7 @@ class NativeTrainer(TrainerPlugin):
         # (a second run in the same process on another device or precision): start from fresh
         # settings, as the transformers Trainer does; under `accelerate launch` the process
         # group (partial state) stays.
-        AcceleratorState._reset_state(reset_partial_state=int(os.environ.get("WORLD_SIZE", "1")) == 1)
+        AcceleratorState._reset_state(reset_partial_state=world_size() == 1)
         acc = Accelerator(mixed_precision=precision, gradient_accumulation_steps=options.grad_accum, cpu=ctx.device == "cpu")
         world, rank = acc.num_processes, acc.process_index
 
