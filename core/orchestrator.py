@@ -13,8 +13,8 @@ import gc
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from . import __version__, capability_table
 from .checkpoint import find_resume_point
@@ -118,7 +118,9 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet, *, resume:
     say(f"data {d.path} ({fmt}): {len(train_data)} train / {len(val_data)} val examples")
     for kind, rows, path in (("training", train_data, d.path), ("validation", val_data, d.val_path or d.path)):
         if not rows:  # checked before any weight loads (training would divide by zero)
-            raise QpeftError(f"data.max_length: no {kind} example of {path} keeps a target token within {d.max_length} tokens; raise data.max_length")
+            raise QpeftError(
+                f"data.max_length: no {kind} example of {path} keeps a target token within {d.max_length} tokens; raise data.max_length"
+            )
     if d.packing:
         n_docs = len(train_data)
         train_data = pack(train_data, d.max_length)
@@ -226,8 +228,7 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet, *, resume:
     return summary
 
 
-def _rebuild_trained(resolved: ResolvedRun, registry: Registry, ctx: RunContext, model_path: str, resize: bool,
-                     vocab: int, trained: dict):
+def _rebuild_trained(resolved: ResolvedRun, registry: Registry, ctx: RunContext, model_path: str, resize: bool, vocab: int, trained: dict):
     """The trained model on this rank alone: a fresh base prepared and adapted as for training,
     with the trained adapter tensors (gathered from FSDP's shards) copied in; in eval mode."""
     import torch
@@ -241,7 +242,9 @@ def _rebuild_trained(resolved: ResolvedRun, registry: Registry, ctx: RunContext,
     names = {n for n, p in params.items() if p.requires_grad}
     if names != set(trained):
         diff = sorted(names ^ set(trained))
-        raise QpeftError(f"the adapter gathered after FSDP training does not match a fresh one: {len(diff)} tensors differ, such as {diff[0]!r}")
+        raise QpeftError(
+            f"the adapter gathered after FSDP training does not match a fresh one: {len(diff)} tensors differ, such as {diff[0]!r}"
+        )
     with torch.no_grad():
         for name, value in trained.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
@@ -300,15 +303,26 @@ def read_adapter_metadata(adapter_dir: str | Path) -> dict:
     return {"model": {"name_or_path": cfg["base_model_name_or_path"]}, "quantizer": {"name": "none"}, "peft": {"name": method}}
 
 
-def load_for_inference(adapter_dir: Path, resolved: ResolvedRun, registry: Registry, ctx: RunContext, *, as_trained: bool = False):
+def load_for_inference(
+    adapter_dir: Path,
+    resolved: ResolvedRun,
+    registry: Registry,
+    ctx: RunContext,
+    *,
+    as_trained: bool = False,
+    training_kernels: bool = False,
+):
     """A freshly loaded quantized base with the saved adapter on it, in eval mode.
 
     ``as_trained`` also applies the quantizer's training preparation (e.g. fp32 norms and
     embeddings after ``prepare_model_for_kbit_training``) so numerics match the trained model.
+    ``training_kernels`` keeps the quantizer's exact training kernels in eval mode instead of
+    its inference kernels (bitsandbytes' AVX512-BF16 CPU path rounds the 4-bit scales through
+    bfloat16, ~3e-3 in logits): the reference a merge is verified against.
     """
     check_weight_files(adapter_dir, allow_pickle=resolved.config.model.allow_pickle)  # before any weight loads
     model_path = resolve_model_path(resolved.config.model.name_or_path)
-    base = resolved.quantizer.load(model_path, resolved.quantizer_options, ctx, training=as_trained)
+    base = resolved.quantizer.load(model_path, resolved.quantizer_options, ctx, training=as_trained or training_kernels)
     if as_trained:
         base = resolved.quantizer.prepare_for_training(base, resolved.quantizer_options, ctx, grad_checkpointing=False)
     try:
@@ -392,7 +406,9 @@ def merge(
     tok, _ = load_tokenizer(model_path)
     probe = tokenize([{"text": "The quick brown fox jumps over the lazy dog."}], "text", tok, 64)[0]
 
-    model = load_for_inference(Path(adapter_dir), resolved, registry, ctx)
+    # The reference is what the adapter was trained against: the quantized base on the
+    # quantizer's exact (training) kernels, not an approximate inference kernel.
+    model = load_for_inference(Path(adapter_dir), resolved, registry, ctx, training_kernels=True)
     reference = logits_for(model, probe, tok.pad_token_id)
     with model.disable_adapter():
         quantized_base = logits_for(model, probe, tok.pad_token_id)
@@ -410,13 +426,25 @@ def merge(
         tok.save_pretrained(tmp)
         atomic_write_json(
             tmp / "qpeft_merge.json",
-            {"adapter": str(adapter_dir), "merge_source": quant.capabilities.merge_source, "dtype": dtype,
-             "max_abs_logit_diff": delta, "base_path_diff": floor},
+            {
+                "adapter": str(adapter_dir),
+                "merge_source": quant.capabilities.merge_source,
+                "dtype": dtype,
+                "max_abs_logit_diff": delta,
+                "base_path_diff": floor,
+            },
         )
-    say(f"merged model written to {out}; max |Δlogit| vs adapter on quantized base = {delta:.3e} "
-        f"(quantized vs float32 base without adapter: {floor:.3e})")
-    result = {"out_dir": str(out), "merge_source": quant.capabilities.merge_source, "dtype": dtype,
-              "max_abs_logit_diff": delta, "base_path_diff": floor}
+    say(
+        f"merged model written to {out}; max |Δlogit| vs adapter on quantized base = {delta:.3e} "
+        f"(quantized vs float32 base without adapter: {floor:.3e})"
+    )
+    result = {
+        "out_dir": str(out),
+        "merge_source": quant.capabilities.merge_source,
+        "dtype": dtype,
+        "max_abs_logit_diff": delta,
+        "base_path_diff": floor,
+    }
     if requantize:
         del merged, full, base, model
         quantized = rq.load(str(out), rq_options, ctx, training=False)
