@@ -59,14 +59,19 @@ def plain_run(spec: dict) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(
         spec["model_path"],
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                               bnb_4bit_compute_dtype=dtype),
-        dtype=dtype, device_map={"": 0} if cuda else {"": "cpu"}, use_safetensors=True,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        ),
+        dtype=dtype,
+        device_map={"": 0} if cuda else {"": "cpu"},
+        use_safetensors=True,
     )
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["grad_ckpt"],
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=spec["r"], lora_alpha=2 * spec["r"], lora_dropout=0.0,
-                                             target_modules="all-linear"))
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=spec["grad_ckpt"], gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    model = get_peft_model(
+        model, LoraConfig(task_type="CAUSAL_LM", r=spec["r"], lora_alpha=2 * spec["r"], lora_dropout=0.0, target_modules="all-linear")
+    )
     model.config.use_cache = False
 
     marks: list[tuple[int, float, float, int]] = []
@@ -80,17 +85,35 @@ def plain_run(spec: dict) -> dict:
         return {k: torch.tensor([b[k] for b in batch]) for k in ("input_ids", "attention_mask", "labels")}
 
     args = TrainingArguments(
-        output_dir=spec["output_dir"], per_device_train_batch_size=spec["batch"], learning_rate=2e-4,
-        lr_scheduler_type="constant", max_steps=spec["steps"], logging_steps=1, save_strategy="no", report_to=[],
-        bf16=cuda, use_cpu=not cuda, seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True,
-        remove_unused_columns=False, include_num_input_tokens_seen="non_padding", optim="adamw_torch",
+        output_dir=spec["output_dir"],
+        per_device_train_batch_size=spec["batch"],
+        learning_rate=2e-4,
+        lr_scheduler_type="constant",
+        max_steps=spec["steps"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        bf16=cuda,
+        use_cpu=not cuda,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        optim="adamw_torch",
     )
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[Marks()])
     trainer.train()
     skip = min(10, max(1, len(marks) // 5))
     (s0, t0, c0, k0), (s1, t1, c1, k1) = marks[skip - 1], marks[-1]
-    return {"tokens_per_s_after_warmup": (k1 - k0) / (t1 - t0), "step_seconds_after_warmup": (t1 - t0) / (s1 - s0),
-            "cpu_seconds_per_step_after_warmup": (c1 - c0) / (s1 - s0), "warmup_steps": s0, "train_tokens": k1}
+    return {
+        "tokens_per_s_after_warmup": (k1 - k0) / (t1 - t0),
+        "step_seconds_after_warmup": (t1 - t0) / (s1 - s0),
+        "cpu_seconds_per_step_after_warmup": (c1 - c0) / (s1 - s0),
+        "warmup_steps": s0,
+        "train_tokens": k1,
+    }
 
 
 def plain_worker(spec_path: str) -> None:
@@ -169,10 +192,15 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3, help="pairs of runs (qpeft + plain)")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on both sides")
-    ap.add_argument("--isolation", choices=["inprocess", "process"], default="inprocess",
-                    help="alternate both sides in this process (default) or run each in a fresh process")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads per run (OMP_NUM_THREADS, passive OpenMP waiting); default: torch's")
+    ap.add_argument(
+        "--isolation",
+        choices=["inprocess", "process"],
+        default="inprocess",
+        help="alternate both sides in this process (default) or run each in a fresh process",
+    )
+    ap.add_argument(
+        "--threads", type=int, default=None, help="CPU threads per run (OMP_NUM_THREADS, passive OpenMP waiting); default: torch's"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -185,6 +213,7 @@ def main() -> None:
 
     import torch
     import yaml
+
     from qpeft.model_source import resolve_model_path
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -197,8 +226,16 @@ def main() -> None:
         tmp = Path(tmpdir)
         n_rows = args.steps * args.batch
         data = Path(make_long_text.build(model_path, tmp / "data", min_tokens=args.max_length, n_train=n_rows, n_val=2)) / "train.jsonl"
-        spec = {"model_path": model_path, "device": device, "data": str(data), "max_length": args.max_length,
-                "batch": args.batch, "steps": args.steps, "r": args.r, "grad_ckpt": args.grad_ckpt}
+        spec = {
+            "model_path": model_path,
+            "device": device,
+            "data": str(data),
+            "max_length": args.max_length,
+            "batch": args.batch,
+            "steps": args.steps,
+            "r": args.r,
+            "grad_ckpt": args.grad_ckpt,
+        }
         matrix = {
             "name": "overhead",
             "base": {
@@ -206,11 +243,12 @@ def main() -> None:
                 # upcast: the plain script's prepare_model_for_kbit_training casts the frozen
                 # non-quantized weights to float32; qpeft keeps them in bf16 unless told (a speed-up
                 # of its own, measured in seed_recipe.py), which would not be overhead
-                "quantizer": {"name": "bnb-nf4", "options": {"double_quant": True, "compute_dtype": "auto",
-                                                             "upcast_non_quantized": True}},
+                "quantizer": {"name": "bnb-nf4", "options": {"double_quant": True, "compute_dtype": "auto", "upcast_non_quantized": True}},
                 "peft": {"name": "lora", "options": {"r": args.r, "alpha": 2 * args.r, "dropout": 0.0}},
-                "trainer": {"name": "hf", "options": {"batch_size": args.batch, "max_steps": args.steps, "lr": 2e-4,
-                                                      "scheduler": "constant", "logging_steps": 1}},
+                "trainer": {
+                    "name": "hf",
+                    "options": {"batch_size": args.batch, "max_steps": args.steps, "lr": 2e-4, "scheduler": "constant", "logging_steps": 1},
+                },
                 "data": {"path": str(data), "format": "text", "max_length": args.max_length, "max_val_examples": 1},
                 "gradient_checkpointing": args.grad_ckpt,
                 "evaluate": False,
@@ -226,16 +264,28 @@ def main() -> None:
             order = ("qpeft", "plain") if rep % 2 == 0 else ("plain", "qpeft")
             pair = {}
             for side in order:
-                pair[side] = (run_qpeft(matrix_path, tmp, rep, args.isolation) if side == "qpeft"
-                              else run_plain(spec, tmp, rep, args.isolation))
+                pair[side] = (
+                    run_qpeft(matrix_path, tmp, rep, args.isolation) if side == "qpeft" else run_plain(spec, tmp, rep, args.isolation)
+                )
                 print(side, rep, round(pair[side]["tokens_per_s_after_warmup"], 2), flush=True)
             q, p = pair["qpeft"]["tokens_per_s_after_warmup"], pair["plain"]["tokens_per_s_after_warmup"]
             qc, pc = pair["qpeft"]["cpu_seconds_per_step_after_warmup"], pair["plain"]["cpu_seconds_per_step_after_warmup"]
-            rows.append({"pair": rep, "order": "/".join(order), "qpeft_tokens_per_s": q, "plain_tokens_per_s": p,
-                         "overhead_pct": 100 * (1 - q / p), "qpeft_step_s": pair["qpeft"]["step_seconds_after_warmup"],
-                         "plain_step_s": pair["plain"]["step_seconds_after_warmup"], "qpeft_cpu_s_per_step": qc,
-                         "plain_cpu_s_per_step": pc, "cpu_overhead_pct": 100 * (1 - pc / qc),
-                         "train_tokens": pair["plain"]["train_tokens"], "qpeft_train_tokens": pair["qpeft"]["train_tokens"]})
+            rows.append(
+                {
+                    "pair": rep,
+                    "order": "/".join(order),
+                    "qpeft_tokens_per_s": q,
+                    "plain_tokens_per_s": p,
+                    "overhead_pct": 100 * (1 - q / p),
+                    "qpeft_step_s": pair["qpeft"]["step_seconds_after_warmup"],
+                    "plain_step_s": pair["plain"]["step_seconds_after_warmup"],
+                    "qpeft_cpu_s_per_step": qc,
+                    "plain_cpu_s_per_step": pc,
+                    "cpu_overhead_pct": 100 * (1 - pc / qc),
+                    "train_tokens": pair["plain"]["train_tokens"],
+                    "qpeft_train_tokens": pair["qpeft"]["train_tokens"],
+                }
+            )
     summary = {
         # wall clock, pair by pair (the two runs of a pair are next to each other in time)
         "median_overhead_pct": statistics.median(r["overhead_pct"] for r in rows),
@@ -251,13 +301,35 @@ def main() -> None:
     name = f"overhead_{device}"
     path = write(
         name,
-        {"command": "python " + " ".join(sys.argv), "environment": environment(), "model": args.model,
-         "workload": {k: v for k, v in spec.items() if k not in ("model_path", "data")} | {"quantizer": "bnb-nf4 (double quant)", "trainer": "hf", "lora": f"r{args.r} alpha{2 * args.r} all-linear",
-                                                                                "isolation": args.isolation, "threads": args.threads or "torch default"},
-         "summary": summary},
+        {
+            "command": "python " + " ".join(sys.argv),
+            "environment": environment(),
+            "model": args.model,
+            "workload": {k: v for k, v in spec.items() if k not in ("model_path", "data")}
+            | {
+                "quantizer": "bnb-nf4 (double quant)",
+                "trainer": "hf",
+                "lora": f"r{args.r} alpha{2 * args.r} all-linear",
+                "isolation": args.isolation,
+                "threads": args.threads or "torch default",
+            },
+            "summary": summary,
+        },
         rows,
-        ["pair", "order", "qpeft_tokens_per_s", "plain_tokens_per_s", "overhead_pct", "qpeft_step_s", "plain_step_s",
-         "qpeft_cpu_s_per_step", "plain_cpu_s_per_step", "cpu_overhead_pct", "train_tokens", "qpeft_train_tokens"],
+        [
+            "pair",
+            "order",
+            "qpeft_tokens_per_s",
+            "plain_tokens_per_s",
+            "overhead_pct",
+            "qpeft_step_s",
+            "plain_step_s",
+            "qpeft_cpu_s_per_step",
+            "plain_cpu_s_per_step",
+            "cpu_overhead_pct",
+            "train_tokens",
+            "qpeft_train_tokens",
+        ],
         args.out and Path(args.out),
     )
     md = path.with_suffix(".md")

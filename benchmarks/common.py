@@ -40,7 +40,14 @@ def write(name: str, payload: dict, table: list[dict], columns: list[str], out_d
     out.mkdir(parents=True, exist_ok=True)
     payload = {**payload, "rows": table}
     atomic_write_json(out / f"{name}.json", payload)
-    lines = [f"# {name}", "", f"command: `{payload.get('command', '')}`", "", f"environment: `{json.dumps(payload.get('environment', {}))}`", ""]
+    lines = [
+        f"# {name}",
+        "",
+        f"command: `{payload.get('command', '')}`",
+        "",
+        f"environment: `{json.dumps(payload.get('environment', {}))}`",
+        "",
+    ]
     lines.append("| " + " | ".join(columns) + " |")
     lines.append("|" + "---|" * len(columns))
     for row in table:

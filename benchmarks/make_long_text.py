@@ -43,8 +43,9 @@ def long_records(docs: list[str], tok, n: int, min_tokens: int, seed: int) -> li
 
 def build(tokenizer: str, out: str | Path, *, min_tokens: int = 1024, n_train: int = 64, n_val: int = 8, seed: int = 0) -> str:
     """Write ``train.jsonl`` and ``val.jsonl`` into ``out`` (skipped when already built alike)."""
-    from qpeft.io import atomic_write_text
     from transformers import AutoTokenizer
+
+    from qpeft.io import atomic_write_text
 
     out = Path(out)
     marker = {"tokenizer": str(Path(tokenizer).resolve()), "min_tokens": min_tokens, "train": n_train, "val": n_val, "seed": seed}

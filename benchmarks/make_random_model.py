@@ -27,11 +27,25 @@ import sys
 from pathlib import Path
 
 SHAPES = {
-    "llama-2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-                   "num_key_value_heads": 32, "max_position_embeddings": 4096, "vocab_size": 32000},
+    "llama-2-7b": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+        "vocab_size": 32000,
+    },
     # Widths are multiples of 128 (bitsandbytes' 4-bit CPU kernels need it); same vocabulary.
-    "tiny": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 4, "max_position_embeddings": 2048, "vocab_size": 32000},
+    "tiny": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 2048,
+        "vocab_size": 32000,
+    },
 }
 INIT_STD = 0.02
 SHARD_BYTES = 4 * 2**30
@@ -106,26 +120,43 @@ def write_weights(config, out: Path, dtype: str, seed: int, device: str) -> int:
         weight_map.update({name: filename for name in shard})
         shard.clear()
     (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8")
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8"
+    )
     return total
 
 
-def build(shape: str, out: str | Path, *, dtype: str = "bfloat16", seed: int = 0, device: str = "auto", force: bool = False,
-          tokenizer_source: str | None = None) -> str:
+def build(
+    shape: str,
+    out: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    device: str = "auto",
+    force: bool = False,
+    tokenizer_source: str | None = None,
+) -> str:
     """Build (or find already built) the random model of ``shape`` in ``out``; return the folder.
     ``tokenizer_source``: a folder holding the embedded SmolLM2's tokenizer files (default: the
     embedded model itself, converted on first use) — lets a machine without the GGUF build it."""
     import torch
+    from transformers import LlamaConfig
+
     from qpeft.io import atomic_dir
     from qpeft.model_source import resolve_model_path
-    from transformers import LlamaConfig
 
     out = Path(out)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     # The same seed draws other numbers on a GPU than on the CPU: the device is part of the build.
-    spec = {"shape": shape, **SHAPES[shape], "dtype": dtype, "seed": seed, "init_std": INIT_STD, "drawn_on": device,
-            "tokenizer": "embedded SmolLM2 byte-level BPE cut to the first vocab_size ids"}
+    spec = {
+        "shape": shape,
+        **SHAPES[shape],
+        "dtype": dtype,
+        "seed": seed,
+        "init_std": INIT_STD,
+        "drawn_on": device,
+        "tokenizer": "embedded SmolLM2 byte-level BPE cut to the first vocab_size ids",
+    }
     if not force and (out / MARKER).is_file() and json.loads((out / MARKER).read_text()) == spec:
         return str(out)
     with atomic_dir(out, replace=True) as tmp:
@@ -158,8 +189,9 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="rebuild even if the folder holds this build")
     ap.add_argument("--tokenizer-source", help="folder with the embedded SmolLM2's tokenizer.json (default: the embedded model)")
     args = ap.parse_args()
-    path = build(args.shape, args.out, dtype=args.dtype, seed=args.seed, device=args.device, force=args.force,
-                 tokenizer_source=args.tokenizer_source)
+    path = build(
+        args.shape, args.out, dtype=args.dtype, seed=args.seed, device=args.device, force=args.force, tokenizer_source=args.tokenizer_source
+    )
     print(path, file=sys.stdout)
 
 

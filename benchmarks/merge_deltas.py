@@ -49,17 +49,42 @@ def main() -> None:
             except Exception as exc:
                 rows.append({"quantizer": cell.quantizer, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
                 continue
-        rows.append({"quantizer": cell.quantizer, "peft": "lora", "device": s["device"], "dtype": s["dtype"],
-                     "merge_source": m["merge_source"], "merged_dtype": m["dtype"], "max_abs_logit_diff": m["max_abs_logit_diff"], "base_path_diff": m["base_path_diff"],
-                     "reload_max_abs_logit_diff": s["reload_max_abs_logit_diff"]})
+        rows.append(
+            {
+                "quantizer": cell.quantizer,
+                "peft": "lora",
+                "device": s["device"],
+                "dtype": s["dtype"],
+                "merge_source": m["merge_source"],
+                "merged_dtype": m["dtype"],
+                "max_abs_logit_diff": m["max_abs_logit_diff"],
+                "base_path_diff": m["base_path_diff"],
+                "reload_max_abs_logit_diff": s["reload_max_abs_logit_diff"],
+            }
+        )
         print(rows[-1], flush=True)
     device = next((r["device"] for r in rows if "device" in r), "cpu")
     write(
         f"merge_deltas_{device}",
-        {"command": "python " + " ".join(sys.argv), "environment": environment(), "model": "SmolLM2-135M-Instruct (embedded)",
-         "probe": "max |Δlogit| over the vocabulary on 'The quick brown fox jumps over the lazy dog.'"},
+        {
+            "command": "python " + " ".join(sys.argv),
+            "environment": environment(),
+            "model": "SmolLM2-135M-Instruct (embedded)",
+            "probe": "max |Δlogit| over the vocabulary on 'The quick brown fox jumps over the lazy dog.'",
+        },
         rows,
-        ["quantizer", "peft", "device", "dtype", "merge_source", "merged_dtype", "max_abs_logit_diff", "base_path_diff", "reload_max_abs_logit_diff", "error"],
+        [
+            "quantizer",
+            "peft",
+            "device",
+            "dtype",
+            "merge_source",
+            "merged_dtype",
+            "max_abs_logit_diff",
+            "base_path_diff",
+            "reload_max_abs_logit_diff",
+            "error",
+        ],
         args.out and __import__("pathlib").Path(args.out),
     )
 

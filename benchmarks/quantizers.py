@@ -41,7 +41,14 @@ def main() -> None:
     for name in args.quantizers.split(","):
         if name not in registry.backends["quantizer"]:
             continue
-        cfg = load_config({"quantizer": name, "peft": "lora", "trainer": "hf", "data": {"path": args.eval_set, "max_val_examples": None, "max_length": args.max_length}})
+        cfg = load_config(
+            {
+                "quantizer": name,
+                "peft": "lora",
+                "trainer": "hf",
+                "data": {"path": args.eval_set, "max_val_examples": None, "max_length": args.max_length},
+            }
+        )
         try:
             resolved, _ = orchestrator.prepare(cfg, registry=registry)
         except Exception as exc:  # e.g. gptqmodel not installed on this machine
@@ -56,16 +63,18 @@ def main() -> None:
         ppl = evaluate_perplexity(model, val, tok.pad_token_id)
         generate_text(model, tok, "Write a short poem about the sea.", args.new_tokens)  # warm-up
         gen2 = generate_text(model, tok, "Explain what a Python list is.", args.new_tokens)
-        rows.append({
-            "quantizer": name,
-            "device": resolved.device,
-            "dtype": resolved.dtype,
-            "weight_memory_gib": weight_memory_gib(model),
-            "perplexity": ppl["perplexity"],
-            "eval_tokens": count_label_tokens(val),
-            "load_s": load_s,
-            "gen_tokens_per_s": gen2["tokens_per_s"],
-        })
+        rows.append(
+            {
+                "quantizer": name,
+                "device": resolved.device,
+                "dtype": resolved.dtype,
+                "weight_memory_gib": weight_memory_gib(model),
+                "perplexity": ppl["perplexity"],
+                "eval_tokens": count_label_tokens(val),
+                "load_s": load_s,
+                "gen_tokens_per_s": gen2["tokens_per_s"],
+            }
+        )
         print(rows[-1], flush=True)
         del model
         gc.collect()
@@ -79,9 +88,26 @@ def main() -> None:
     device = rows[0].get("device", "cpu") if rows else "cpu"
     write(
         f"quantizers_{device}",
-        {"command": "python " + " ".join(sys.argv), "environment": environment(), "model": "SmolLM2-135M-Instruct (embedded)", "eval_set": args.eval_set + " (val split)"},
+        {
+            "command": "python " + " ".join(sys.argv),
+            "environment": environment(),
+            "model": "SmolLM2-135M-Instruct (embedded)",
+            "eval_set": args.eval_set + " (val split)",
+        },
         rows,
-        ["quantizer", "device", "dtype", "weight_memory_gib", "memory_vs_none", "perplexity", "ppl_vs_none_pct", "eval_tokens", "load_s", "gen_tokens_per_s", "error"],
+        [
+            "quantizer",
+            "device",
+            "dtype",
+            "weight_memory_gib",
+            "memory_vs_none",
+            "perplexity",
+            "ppl_vs_none_pct",
+            "eval_tokens",
+            "load_s",
+            "gen_tokens_per_s",
+            "error",
+        ],
         args.out and __import__("pathlib").Path(args.out),
     )
 

@@ -81,7 +81,9 @@ def _recipe_model(model_dir: str, quant: str):
         )
     else:
         bnb = BitsAndBytesConfig(load_in_8bit=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.bfloat16, device_map={"": 0 if DEVICE == "cuda" else "cpu"})
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=bnb, dtype=torch.bfloat16, device_map={"": 0 if DEVICE == "cuda" else "cpu"}
+    )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
@@ -128,7 +130,7 @@ def _peak() -> float:
 
 
 def _variant_options(spec: str) -> dict:
-    """"liger=off+compile=true" → {"liger": "off", "compile": True} (trainer options)."""
+    """ "liger=off+compile=true" → {"liger": "off", "compile": True} (trainer options)."""
     out = {}
     for item in filter(None, spec.split("+")):
         key, _, value = item.partition("=")
@@ -159,8 +161,18 @@ def run_qpeft(model_dir: str, quant: str, steps: int, variant: str = "") -> dict
         "model": {"name_or_path": model_dir, "dtype": "bfloat16", "device": DEVICE},
         "quantizer": {"name": "bnb-nf4" if quant == "nf4" else "bnb-8bit"},
         "peft": {"name": "lora", "options": {"r": 16, "alpha": 32, "dropout": 0.05}},
-        "trainer": {"name": "native", "options": {"batch_size": BATCH, "max_steps": steps, "lr": 2e-4, "scheduler": "constant",
-                                                  "max_grad_norm": 1.0, "logging_steps": 1, **_variant_options(variant)}},
+        "trainer": {
+            "name": "native",
+            "options": {
+                "batch_size": BATCH,
+                "max_steps": steps,
+                "lr": 2e-4,
+                "scheduler": "constant",
+                "max_grad_norm": 1.0,
+                "logging_steps": 1,
+                **_variant_options(variant),
+            },
+        },
         "gradient_checkpointing": True,
         "output_dir": "/tmp/seed-recipe-qpeft",
         "evaluate": False,
@@ -321,8 +333,14 @@ def _write_report(entries, args, device, n_params, out, tag) -> None:
             lines.append(f"| {e['path']} | failed: {e['error']} | | | | | | |")
             continue
         recipe = entries.get("recipe-" + e["path"].split("@")[0].split("-")[1], {})
-        vs = f"{e['tokens_per_s'] / recipe['tokens_per_s']:.2f}×" if recipe.get("tokens_per_s") and not e["path"].startswith("recipe") else ""
-        lines.append(f"| {e['path']} | {e['tokens_per_s']:,.0f} | {vs} | {e['step_seconds']:.3f} | {e['peak_mem_gib']:.2f} | {100 * e['mfu']:.1f}% | {e['load_seconds']:.0f} | {e.get('warmup_seconds', '')} |")
+        vs = (
+            f"{e['tokens_per_s'] / recipe['tokens_per_s']:.2f}×"
+            if recipe.get("tokens_per_s") and not e["path"].startswith("recipe")
+            else ""
+        )
+        lines.append(
+            f"| {e['path']} | {e['tokens_per_s']:,.0f} | {vs} | {e['step_seconds']:.3f} | {e['peak_mem_gib']:.2f} | {100 * e['mfu']:.1f}% | {e['load_seconds']:.0f} | {e.get('warmup_seconds', '')} |"
+        )
     lines += [
         "",
         f"speedup NF4 {report['speedup_nf4']}× at memory ratio {report['mem_ratio_nf4']}; "

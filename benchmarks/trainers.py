@@ -37,7 +37,10 @@ def main() -> None:
                     cfg = {
                         "quantizer": quantizer,
                         "peft": {"name": "lora", "options": {"r": 16, "alpha": 32}},
-                        "trainer": {"name": trainer, "options": {"batch_size": args.batch, "max_steps": args.steps, "lr": 2e-4, "logging_steps": 5}},
+                        "trainer": {
+                            "name": trainer,
+                            "options": {"batch_size": args.batch, "max_steps": args.steps, "lr": 2e-4, "logging_steps": 5},
+                        },
                         "data": {"path": "embedded:text", "max_length": args.max_length, "max_val_examples": 4},
                         "evaluate": False,
                         "output_dir": tmp,
@@ -45,19 +48,39 @@ def main() -> None:
                     }
                     resolved, reg = orchestrator.prepare(cfg, registry=registry)
                     s = orchestrator.run(resolved, reg)
-                rows.append({
-                    "quantizer": quantizer, "trainer": trainer, "repeat": rep, "device": s["device"],
-                    "tokens_per_s": s["tokens_per_s"], "train_seconds": s["train_seconds"], "train_tokens": s["train_tokens"],
-                    "train_loss": s["train_loss"], "grad_ckpt": s["gradient_checkpointing"],
-                    **{k: v for k, v in s.items() if k.startswith("peak_")},
-                })
+                rows.append(
+                    {
+                        "quantizer": quantizer,
+                        "trainer": trainer,
+                        "repeat": rep,
+                        "device": s["device"],
+                        "tokens_per_s": s["tokens_per_s"],
+                        "train_seconds": s["train_seconds"],
+                        "train_tokens": s["train_tokens"],
+                        "train_loss": s["train_loss"],
+                        "grad_ckpt": s["gradient_checkpointing"],
+                        **{k: v for k, v in s.items() if k.startswith("peak_")},
+                    }
+                )
                 print(rows[-1], flush=True)
     device = rows[0]["device"]
     write(
         f"trainers_{device}",
         {"command": "python " + " ".join(sys.argv), "environment": environment(), "model": "SmolLM2-135M-Instruct (embedded)"},
         rows,
-        ["quantizer", "trainer", "repeat", "device", "tokens_per_s", "train_seconds", "train_tokens", "train_loss", "grad_ckpt", "peak_allocated_gib", "peak_rss_gib"],
+        [
+            "quantizer",
+            "trainer",
+            "repeat",
+            "device",
+            "tokens_per_s",
+            "train_seconds",
+            "train_tokens",
+            "train_loss",
+            "grad_ckpt",
+            "peak_allocated_gib",
+            "peak_rss_gib",
+        ],
         args.out and __import__("pathlib").Path(args.out),
     )
 

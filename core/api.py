@@ -53,8 +53,8 @@ class TrainingOptions(Options):
     #: Checkpoints kept (the newest ones).
     save_total_limit: int = Field(2, ge=1)
 
-    def resolved_mixed_precision(self, ctx: "RunContext") -> str:
-        """"no", "bf16" or "fp16" for this run."""
+    def resolved_mixed_precision(self, ctx: RunContext) -> str:
+        """ "no", "bf16" or "fp16" for this run."""
         if self.mixed_precision != "auto":
             return self.mixed_precision
         return {"bfloat16": "bf16", "float16": "fp16"}.get(ctx.dtype, "no") if ctx.device == "cuda" else "no"
@@ -105,7 +105,7 @@ class _Plugin:
     #: qpeft plugin API version this plugin targets.
     api_version: ClassVar[int] = API_VERSION
 
-    def check(self, options: Options, ctx: "RunContext") -> None:
+    def check(self, options: Options, ctx: RunContext) -> None:
         """Refuse a configuration the options model alone cannot judge (raise ConfigError).
 
         Runs before any weight is loaded; ``ctx.device`` is already resolved.
@@ -115,7 +115,7 @@ class _Plugin:
 class QuantizerPlugin(_Plugin):
     """Loads a base model quantized, and prepares it for adapter training."""
 
-    def load(self, model_path: str, options: Options, ctx: "RunContext", *, training: bool):
+    def load(self, model_path: str, options: Options, ctx: RunContext, *, training: bool):
         """Return a ``PreTrainedModel`` loaded from ``model_path`` (a local folder or hub id).
 
         ``training`` says whether adapters will be trained on it, so the plugin can pick
@@ -123,7 +123,7 @@ class QuantizerPlugin(_Plugin):
         """
         raise NotImplementedError
 
-    def prepare_for_training(self, model, options: Options, ctx: "RunContext", *, grad_checkpointing: bool):
+    def prepare_for_training(self, model, options: Options, ctx: RunContext, *, grad_checkpointing: bool):
         """Make the loaded model ready for adapter training (freeze base, cast norms, ...)."""
         return model
 
@@ -135,7 +135,7 @@ class QuantizerPlugin(_Plugin):
         gradients and dequantization afterwards).
         """
 
-    def full_precision_model(self, model, model_path: str, options: Options, ctx: "RunContext"):
+    def full_precision_model(self, model, model_path: str, options: Options, ctx: RunContext):
         """Return a full-precision model to merge adapters into (see ``merge_source``)."""
         raise NotImplementedError(f"quantizer {self.name!r} cannot provide full-precision weights")
 
@@ -143,11 +143,11 @@ class QuantizerPlugin(_Plugin):
 class PeftPlugin(_Plugin):
     """Attaches a parameter-efficient adapter to a model, saves and reloads it."""
 
-    def attach(self, model, options: Options, ctx: "RunContext"):
+    def attach(self, model, options: Options, ctx: RunContext):
         """Return the model wrapped with a fresh, trainable adapter (a ``peft.PeftModel``)."""
         raise NotImplementedError
 
-    def load_adapter(self, model, adapter_dir: str, ctx: "RunContext", *, trainable: bool = False):
+    def load_adapter(self, model, adapter_dir: str, ctx: RunContext, *, trainable: bool = False):
         """Return ``model`` with the adapter saved in ``adapter_dir`` loaded onto it.
 
         The default reads PEFT's format with ``PeftModel.from_pretrained`` (safetensors).
@@ -168,7 +168,7 @@ class PeftPlugin(_Plugin):
 class TrainerPlugin(_Plugin):
     """Runs the optimisation loop over a tokenized dataset."""
 
-    def train(self, model, tokenizer, train_data, eval_data, options: Options, ctx: "RunContext") -> "TrainResult":
+    def train(self, model, tokenizer, train_data, eval_data, options: Options, ctx: RunContext) -> TrainResult:
         """Train the trainable parameters of ``model``; return a :class:`TrainResult`.
 
         ``train_data``/``eval_data`` are lists of dicts with ``input_ids`` and ``labels``

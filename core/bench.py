@@ -397,8 +397,10 @@ def plan(cells: list[Cell], latest: dict[str, dict], rerun: set[str], retry_fail
             action = "unsupported"
         elif cell.id in rerun:
             action = "run"
-        elif prev and prev.get("fingerprint") == cell.fingerprint and (
-            prev.get("status") == "ok" or (prev.get("status") == "failed" and not retry_failed)
+        elif (
+            prev
+            and prev.get("fingerprint") == cell.fingerprint
+            and (prev.get("status") == "ok" or (prev.get("status") == "failed" and not retry_failed))
         ):
             action = "done"
         else:
@@ -443,8 +445,14 @@ def run_matrix(
     counts = {"cells": len(cells), "selected": len(selected), "ok": 0, "failed": 0, "unsupported": 0, "done": 0, "not_started": 0}
 
     def announce(actions):
-        on_event({"type": "plan", "directory": str(directory), "matrix": matrix.config.name,
-                  "cells": [{"cell": c.id, "labels": c.labels, "action": a, "reason": c.reason} for c, a in actions]})
+        on_event(
+            {
+                "type": "plan",
+                "directory": str(directory),
+                "matrix": matrix.config.name,
+                "cells": [{"cell": c.id, "labels": c.labels, "action": a, "reason": c.reason} for c, a in actions],
+            }
+        )
 
     if dry_run:
         actions = plan(selected, latest_records(read_records(directory)), forced, retry_failed)
@@ -457,14 +465,17 @@ def run_matrix(
         actions = plan(selected, latest, forced, retry_failed)
         announce(actions)
         to_run, index = sum(1 for _, a in actions if a == "run"), 0
-        atomic_write_json(directory / MATRIX_FILE, {
-            "name": matrix.config.name,
-            "description": matrix.config.description,
-            "matrix_file": str(matrix.path),
-            "axes": {k: [label for label, _ in pairs] for k, pairs in matrix.axes.items()},
-            "cells": [c.id for c in cells],
-            "base": matrix.base,
-        })
+        atomic_write_json(
+            directory / MATRIX_FILE,
+            {
+                "name": matrix.config.name,
+                "description": matrix.config.description,
+                "matrix_file": str(matrix.path),
+                "axes": {k: [label for label, _ in pairs] for k, pairs in matrix.axes.items()},
+                "cells": [c.id for c in cells],
+                "base": matrix.base,
+            },
+        )
         commit = _git_commit(matrix.path)
 
         def finish(cell: Cell, outcome: dict) -> None:
@@ -540,8 +551,16 @@ def _run_side_by_side(pending, gpus, matrix, directory, on_event, python, finish
                     cell = queue_.pop(0)
                     started[0] += 1
                     on_event({"type": "start", "cell": cell.id, "labels": cell.labels, "index": started[0], "total": total, "gpu": gpu})
-                outcome = run_cell(cell, matrix, directory, on_event=locked_event, python=python,
-                                   extra_env={"CUDA_VISIBLE_DEVICES": gpu}, stop=stop, on_process=track)
+                outcome = run_cell(
+                    cell,
+                    matrix,
+                    directory,
+                    on_event=locked_event,
+                    python=python,
+                    extra_env={"CUDA_VISIBLE_DEVICES": gpu},
+                    stop=stop,
+                    on_process=track,
+                )
                 if outcome is None or stop.is_set():  # stopped by an interrupt: no record, the cell runs next time
                     return
                 with lock:
@@ -610,9 +629,17 @@ def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_cell(cell: Cell, matrix: Matrix, directory: Path, *, on_event: Event = _no_event, python: str = sys.executable,
-             extra_env: dict[str, str] | None = None, stop: threading.Event | None = None,
-             on_process: Callable[[subprocess.Popen | None], None] | None = None) -> dict | None:
+def run_cell(
+    cell: Cell,
+    matrix: Matrix,
+    directory: Path,
+    *,
+    on_event: Event = _no_event,
+    python: str = sys.executable,
+    extra_env: dict[str, str] | None = None,
+    stop: threading.Event | None = None,
+    on_process: Callable[[subprocess.Popen | None], None] | None = None,
+) -> dict | None:
     """Run one cell in a fresh process; return its record (status "ok" or "failed").
 
     The process's stderr goes to ``cells/<slug>/log.txt``; its stdout carries progress events
@@ -640,8 +667,11 @@ def run_cell(cell: Cell, matrix: Matrix, directory: Path, *, on_event: Event = _
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [python, "-m", "qpeft.bench", str(cell_dir / "cell.json")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-            env=child_environment(extra_env), start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=child_environment(extra_env),
+            start_new_session=True,
         )
         if on_process is not None:
             on_process(proc)
@@ -674,8 +704,7 @@ def run_cell(cell: Cell, matrix: Matrix, directory: Path, *, on_event: Event = _
                 on_process(None)
         reader.join(timeout=5)
     wall = time.monotonic() - t0
-    record: dict[str, Any] = {"wall_seconds": round(wall, 1), "returncode": proc.returncode,
-                              "log": str(log_path.relative_to(directory))}
+    record: dict[str, Any] = {"wall_seconds": round(wall, 1), "returncode": proc.returncode, "log": str(log_path.relative_to(directory))}
     if proc.returncode == 0 and result_path.is_file():
         result = json.loads(result_path.read_text(encoding="utf-8"))
         record.update(status="ok", metrics=result["metrics"], environment=result["environment"])
@@ -690,7 +719,7 @@ def _read_events(stream, log, events: queue.Queue) -> None:
         line = raw.decode("utf-8", errors="replace")
         if line.startswith(EVENT_PREFIX):
             try:
-                events.put(json.loads(line[len(EVENT_PREFIX):]))
+                events.put(json.loads(line[len(EVENT_PREFIX) :]))
                 continue
             except json.JSONDecodeError:
                 pass
@@ -734,20 +763,43 @@ def _is_oom(error: str) -> bool:
     """Whether a cell's error is running out of memory: CUDA's OutOfMemoryError, or on a CPU an
     allocation the operating system refused (torch's "Cannot allocate memory", MemoryError)."""
     e = error.lower()
-    return any(k in e for k in ("out of memory", "outofmemory", "out-of-memory", "cannot allocate memory", "can't allocate memory", "memoryerror"))
+    return any(
+        k in e for k in ("out of memory", "outofmemory", "out-of-memory", "cannot allocate memory", "can't allocate memory", "memoryerror")
+    )
 
 
 # ---------------------------------------------------------------------------- the cell process
 
 
 SUMMARY_METRICS = (
-    "device", "device_name", "dtype", "gradient_checkpointing",
-    "load_seconds", "weight_memory_gib", "peak_allocated_gib", "peak_reserved_gib", "peak_rss_gib",
-    "trainable_params", "total_params", "trainable_percent",
-    "train_steps", "train_tokens", "train_seconds", "tokens_per_s",
-    "warmup_steps", "tokens_per_s_after_warmup", "step_seconds_after_warmup", "cpu_seconds_per_step_after_warmup", "train_loss",
-    "val_tokens", "val_loss_before", "val_loss_after", "val_perplexity_before", "val_perplexity_after",
-    "reload_max_abs_logit_diff", "adapter_bytes",
+    "device",
+    "device_name",
+    "dtype",
+    "gradient_checkpointing",
+    "load_seconds",
+    "weight_memory_gib",
+    "peak_allocated_gib",
+    "peak_reserved_gib",
+    "peak_rss_gib",
+    "trainable_params",
+    "total_params",
+    "trainable_percent",
+    "train_steps",
+    "train_tokens",
+    "train_seconds",
+    "tokens_per_s",
+    "warmup_steps",
+    "tokens_per_s_after_warmup",
+    "step_seconds_after_warmup",
+    "cpu_seconds_per_step_after_warmup",
+    "train_loss",
+    "val_tokens",
+    "val_loss_before",
+    "val_loss_after",
+    "val_perplexity_before",
+    "val_perplexity_after",
+    "reload_max_abs_logit_diff",
+    "adapter_bytes",
 )
 
 
@@ -780,13 +832,20 @@ def environment() -> dict:
     for dist in ("qpeft", "transformers", "peft", "accelerate", "bitsandbytes", "gptqmodel", "optimum", "safetensors"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             env[dist] = importlib.metadata.version(dist)
-    threading_env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ}
+    threading_env = {
+        k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ
+    }
     if threading_env:
         env["env"] = threading_env
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                   gpu_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda, driver=_nvidia_driver())
+        env.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpu_capability=f"{props.major}.{props.minor}",
+            cuda=torch.version.cuda,
+            driver=_nvidia_driver(),
+        )
     return env
 
 
@@ -800,8 +859,9 @@ def _cpu_name() -> str:
 
 def _nvidia_driver() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=False)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=20, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
@@ -816,8 +876,15 @@ class _StepEvents:
     @hookimpl
     def qpeft_on_step_end(self, step, max_steps, logs, ctx):
         """Send the step, the planned number of steps, the loss and the tokens seen."""
-        self.emit({"kind": "step", "step": int(step), "max_steps": int(max_steps),
-                   "loss": float(logs.get("loss", float("nan"))), "tokens": int(logs.get("tokens", 0))})
+        self.emit(
+            {
+                "kind": "step",
+                "step": int(step),
+                "max_steps": int(max_steps),
+                "loss": float(logs.get("loss", float("nan"))),
+                "tokens": int(logs.get("tokens", 0)),
+            }
+        )
 
 
 def cell_main(argv: list[str] | None = None) -> int:
@@ -859,8 +926,14 @@ def cell_main(argv: list[str] | None = None) -> int:
             say("merging the adapter to measure the merge's max |Δlogit|")
             merged_dir = Path(resolved.config.output_dir) / "merged"
             t0 = time.perf_counter()
-            merge = orchestrator.merge(str(Path(resolved.config.output_dir) / "adapter"), str(merged_dir), registry,
-                                       force=True, dtype=spec.get("merge_dtype", "float32"), say=say)
+            merge = orchestrator.merge(
+                str(Path(resolved.config.output_dir) / "adapter"),
+                str(merged_dir),
+                registry,
+                force=True,
+                dtype=spec.get("merge_dtype", "float32"),
+                say=say,
+            )
             merge["seconds"] = round(time.perf_counter() - t0, 2)
             shutil.rmtree(merged_dir, ignore_errors=True)  # the Δ is the measurement; the weights are not kept
         atomic_write_json(spec["result"], {"cell": spec["cell"], "metrics": cell_metrics(summary, merge), "environment": environment()})

@@ -27,11 +27,24 @@ PLOT_SPEED = "memory_vs_tokens_per_s.png"
 PLOT_QUALITY = "quality_vs_memory.png"
 
 ENV_ROWS = (
-    ("gpu", "GPU"), ("gpu_memory_gib", "GPU memory (GiB)"), ("driver", "NVIDIA driver"), ("cuda", "CUDA (torch build)"),
-    ("cpu", "CPU"), ("cpu_count", "CPU cores"), ("torch_threads", "torch threads"), ("platform", "platform"),
-    ("python", "Python"), ("torch", "torch"), ("transformers", "transformers"), ("peft", "peft"),
-    ("accelerate", "accelerate"), ("bitsandbytes", "bitsandbytes"), ("gptqmodel", "gptqmodel"), ("optimum", "optimum"),
-    ("qpeft", "qpeft"), ("env", "environment variables"),
+    ("gpu", "GPU"),
+    ("gpu_memory_gib", "GPU memory (GiB)"),
+    ("driver", "NVIDIA driver"),
+    ("cuda", "CUDA (torch build)"),
+    ("cpu", "CPU"),
+    ("cpu_count", "CPU cores"),
+    ("torch_threads", "torch threads"),
+    ("platform", "platform"),
+    ("python", "Python"),
+    ("torch", "torch"),
+    ("transformers", "transformers"),
+    ("peft", "peft"),
+    ("accelerate", "accelerate"),
+    ("bitsandbytes", "bitsandbytes"),
+    ("gptqmodel", "gptqmodel"),
+    ("optimum", "optimum"),
+    ("qpeft", "qpeft"),
+    ("env", "environment variables"),
 )
 
 METRIC_NOTES = """\
@@ -155,15 +168,32 @@ def markdown(meta: dict, rows: list[dict], plots: list[str], directory: Path, pl
     if ok or failed:
         on_cuda = any(r.get("metrics", {}).get("peak_allocated_gib") is not None for r in ok)
         peak_title = "peak alloc / reserved GiB" if on_cuda else "peak GiB"
-        header = [*map(axis_title, axes), "status", "tokens/s", "step s", peak_title, "grad ckpt", "weights GiB", "load s", "trainable",
-                  "val ppl before → after", "gen tok/s", "adapter MiB", "merge Δ", "wall s"]
+        header = [
+            *map(axis_title, axes),
+            "status",
+            "tokens/s",
+            "step s",
+            peak_title,
+            "grad ckpt",
+            "weights GiB",
+            "load s",
+            "trainable",
+            "val ppl before → after",
+            "gen tok/s",
+            "adapter MiB",
+            "merge Δ",
+            "wall s",
+        ]
         lines += ["## Results", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in ok + failed:
             labels = [_md_escape(r.get("labels", {}).get(a, "")) for a in axes]
             if r.get("status") != "ok":
                 err = "OOM" if r.get("oom") else "failed"
-                lines.append("| " + " | ".join(labels + [f"**{err}**"] + ["–"] * (len(header) - len(axes) - 2)
-                                                 + [_fmt(r.get("wall_seconds"), ".0f")]) + " |")
+                lines.append(
+                    "| "
+                    + " | ".join(labels + [f"**{err}**"] + ["–"] * (len(header) - len(axes) - 2) + [_fmt(r.get("wall_seconds"), ".0f")])
+                    + " |"
+                )
                 continue
             m = r.get("metrics", {})
             trainable = m.get("trainable_params")
@@ -173,17 +203,38 @@ def markdown(meta: dict, rows: list[dict], plots: list[str], directory: Path, pl
             merge = _fmt(m.get("merge_max_abs_logit_diff"), ".2e") if "merge_max_abs_logit_diff" in m else "n/m"
             if m.get("merge_base_path_diff"):
                 merge += f" (floor {m['merge_base_path_diff']:.2g})"
-            lines.append("| " + " | ".join(labels + [
-                "ok", _fmt(_tokens_per_s(m), ".1f"), _fmt(m.get("step_seconds_after_warmup"), ".3g"), _peak_text(m),
-                _fmt(m.get("gradient_checkpointing")),
-                _fmt(m.get("weight_memory_gib"), ".3f"), _fmt(m.get("load_seconds"), ".1f"), trainable_text, ppl,
-                _fmt(m.get("generation_tokens_per_s"), ".1f"), _fmt(adapter / 2**20 if adapter else None, ".2f"),
-                merge, _fmt(r.get("wall_seconds"), ".0f"),
-            ]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    labels
+                    + [
+                        "ok",
+                        _fmt(_tokens_per_s(m), ".1f"),
+                        _fmt(m.get("step_seconds_after_warmup"), ".3g"),
+                        _peak_text(m),
+                        _fmt(m.get("gradient_checkpointing")),
+                        _fmt(m.get("weight_memory_gib"), ".3f"),
+                        _fmt(m.get("load_seconds"), ".1f"),
+                        trainable_text,
+                        ppl,
+                        _fmt(m.get("generation_tokens_per_s"), ".1f"),
+                        _fmt(adapter / 2**20 if adapter else None, ".2f"),
+                        merge,
+                        _fmt(r.get("wall_seconds"), ".0f"),
+                    ]
+                )
+                + " |"
+            )
         lines.append("")
     if unsupported:
-        lines += ["## Not supported", "", "Refused by the capability checks before loading any weight (not failures).", "",
-                  "| cell | reason |", "|---|---|"]
+        lines += [
+            "## Not supported",
+            "",
+            "Refused by the capability checks before loading any weight (not failures).",
+            "",
+            "| cell | reason |",
+            "|---|---|",
+        ]
         lines += [f"| {_md_escape(r['cell'])} | {_md_escape(r.get('reason', ''))} |" for r in unsupported]
         lines.append("")
     if failed:
@@ -209,17 +260,40 @@ def csv_text(meta: dict, rows: list[dict]) -> str:
     env_keys: list[str] = []
     for r in rows:
         env_keys += [k for k in r.get("environment", {}) if k not in env_keys]
-    columns = ["cell", *map(axis_title, axes), "status", "reason", "error", "oom", "wall_seconds", *metric_keys,
-               *(f"env.{k}" for k in env_keys), "qpeft_commit", "command", "recorded_at", "log"]
+    columns = [
+        "cell",
+        *map(axis_title, axes),
+        "status",
+        "reason",
+        "error",
+        "oom",
+        "wall_seconds",
+        *metric_keys,
+        *(f"env.{k}" for k in env_keys),
+        "qpeft_commit",
+        "command",
+        "recorded_at",
+        "log",
+    ]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        row = {"cell": r["cell"], **{axis_title(k): v for k, v in r.get("labels", {}).items()}, "status": r.get("status"), "reason": r.get("reason"),
-               "error": r.get("error"), "oom": r.get("oom"), "wall_seconds": r.get("wall_seconds"),
-               **r.get("metrics", {}), **{f"env.{k}": v for k, v in r.get("environment", {}).items()},
-               "qpeft_commit": r.get("qpeft_commit"), "command": r.get("command"), "recorded_at": r.get("recorded_at"),
-               "log": r.get("log")}
+        row = {
+            "cell": r["cell"],
+            **{axis_title(k): v for k, v in r.get("labels", {}).items()},
+            "status": r.get("status"),
+            "reason": r.get("reason"),
+            "error": r.get("error"),
+            "oom": r.get("oom"),
+            "wall_seconds": r.get("wall_seconds"),
+            **r.get("metrics", {}),
+            **{f"env.{k}": v for k, v in r.get("environment", {}).items()},
+            "qpeft_commit": r.get("qpeft_commit"),
+            "command": r.get("command"),
+            "recorded_at": r.get("recorded_at"),
+            "log": r.get("log"),
+        }
         writer.writerow(row)
     return buf.getvalue()
 
@@ -252,8 +326,11 @@ def plots(meta: dict, rows: list[dict], directory: Path) -> list[str]:
     shapes = {v: markers[i % len(markers)] for i, v in enumerate(dict.fromkeys(r["labels"].get(marker_axis) for r in ok))}
     others = [a for a in axes if a not in (color_axis, marker_axis)]
     name = meta.get("name") or directory.name
-    device = ", ".join(sorted({str(r.get("environment", {}).get("gpu") or r.get("environment", {}).get("cpu")
-                                   or r["metrics"].get("device_name")) for r in ok}))
+    device = ", ".join(
+        sorted(
+            {str(r.get("environment", {}).get("gpu") or r.get("environment", {}).get("cpu") or r["metrics"].get("device_name")) for r in ok}
+        )
+    )
 
     def draw(filename: str, xy, xlabel: str, ylabel: str, title: str, logy: bool = False) -> str | None:
         points = [(r, *xy(r["metrics"])) for r in ok]
@@ -263,8 +340,16 @@ def plots(meta: dict, rows: list[dict], directory: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
         tags: dict[tuple, list[str]] = {}  # cells at the same point (e.g. trainers with equal results) share one label
         for r, x, y in points:
-            ax.scatter([x], [y], s=60, color=colors[r["labels"].get(color_axis)], marker=shapes[r["labels"].get(marker_axis)],
-                       edgecolors="black", linewidths=0.5, zorder=3)
+            ax.scatter(
+                [x],
+                [y],
+                s=60,
+                color=colors[r["labels"].get(color_axis)],
+                marker=shapes[r["labels"].get(marker_axis)],
+                edgecolors="black",
+                linewidths=0.5,
+                zorder=3,
+            )
             tag = "/".join(r["labels"].get(a, "") for a in others)
             if tag:
                 tags.setdefault((f"{x:.6g}", f"{y:.6g}"), [x, y]).append(tag)
@@ -280,7 +365,9 @@ def plots(meta: dict, rows: list[dict], directory: Path) -> list[str]:
         ax.grid(True, alpha=0.3)
         handles = [Line2D([], [], marker="o", linestyle="", color=c, label=f"{axis_title(color_axis)}={v}") for v, c in colors.items()]
         if marker_axis:
-            handles += [Line2D([], [], marker=m, linestyle="", color="0.4", label=f"{axis_title(marker_axis)}={v}") for v, m in shapes.items()]
+            handles += [
+                Line2D([], [], marker=m, linestyle="", color="0.4", label=f"{axis_title(marker_axis)}={v}") for v, m in shapes.items()
+            ]
         ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.8)
         fig.tight_layout()
         fig.savefig(directory / filename)
@@ -290,11 +377,21 @@ def plots(meta: dict, rows: list[dict], directory: Path) -> list[str]:
     on_cuda = any(r["metrics"].get("peak_reserved_gib") is not None for r in ok)
     mem_label = "peak reserved GPU memory during training (GiB)" if on_cuda else "peak RSS of the cell process (GiB)"
     written = [
-        draw(PLOT_SPEED, lambda m: (_peak(m), _tokens_per_s(m)), mem_label, "training tokens/s after warm-up",
-             "memory vs training throughput (up and left is better)"),
-        draw(PLOT_QUALITY, lambda m: (m.get("weight_memory_gib"), m.get("val_perplexity_after")),
-             "base model weight memory (GiB)", "validation perplexity after training",
-             "quality vs memory (down and left is better)", logy=True),
+        draw(
+            PLOT_SPEED,
+            lambda m: (_peak(m), _tokens_per_s(m)),
+            mem_label,
+            "training tokens/s after warm-up",
+            "memory vs training throughput (up and left is better)",
+        ),
+        draw(
+            PLOT_QUALITY,
+            lambda m: (m.get("weight_memory_gib"), m.get("val_perplexity_after")),
+            "base model weight memory (GiB)",
+            "validation perplexity after training",
+            "quality vs memory (down and left is better)",
+            logy=True,
+        ),
     ]
     return [w for w in written if w]
 

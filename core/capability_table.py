@@ -39,11 +39,7 @@ def cell(quant, peft) -> Cell:
 
 def table(registry) -> list[Cell]:
     """Every (quantizer, peft) cell, sorted by quantizer then method."""
-    return [
-        cell(q, p)
-        for _, q in sorted(registry.backends["quantizer"].items())
-        for _, p in sorted(registry.backends["peft"].items())
-    ]
+    return [cell(q, p) for _, q in sorted(registry.backends["quantizer"].items()) for _, p in sorted(registry.backends["peft"].items())]
 
 
 def markdown(registry) -> str:

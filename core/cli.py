@@ -9,7 +9,6 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 import typer.core
@@ -85,7 +84,7 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
 @app.command()
 def run(
     config: str = typer.Argument(..., help="YAML config file."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
     check: bool = typer.Option(False, "--check", help="Validate the config and exit (loads no weights)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in output_dir."),
 ):
@@ -99,7 +98,9 @@ def run(
     except USER_ERRORS as exc:
         _fail(exc)
     if check:
-        out.print(f"config ok: quantizer {resolved.quantizer.name}, peft {resolved.peft.name}, trainer {resolved.trainer.name} on {resolved.device}")
+        out.print(
+            f"config ok: quantizer {resolved.quantizer.name}, peft {resolved.peft.name}, trainer {resolved.trainer.name} on {resolved.device}"
+        )
         for note in resolved.notes:
             out.print(f"note: {note}")
         return
@@ -124,7 +125,10 @@ def _print_summary(s: dict, output_dir: str) -> None:
         ("backends", f"{s['quantizer']} + {s['peft']} + {s['trainer']} on {s['device']} ({s['device_name']}, {s['dtype']})"),
         ("base weights", f"{s['weight_memory_gib']:.3f} GiB, loaded in {s['load_seconds']:.1f} s"),
         ("trainable", f"{s['trainable_params']:,} / {s['total_params']:,} ({s['trainable_percent']:.3f}%)"),
-        ("training", f"{s['train_steps']} steps, {s['train_tokens']:,} tokens in {s['train_seconds']:.1f} s = {s['tokens_per_s']:.1f} tokens/s"),
+        (
+            "training",
+            f"{s['train_steps']} steps, {s['train_tokens']:,} tokens in {s['train_seconds']:.1f} s = {s['tokens_per_s']:.1f} tokens/s",
+        ),
         ("train loss", f"{s['train_loss']:.4f}"),
         ("peak memory", mem),
         ("val perplexity", f"{s['val_perplexity_before']} → {s['val_perplexity_after']} ({s['val_tokens']} tokens)"),
@@ -145,7 +149,7 @@ def generate(
     adapter: str = typer.Option(..., "--adapter", help="Adapter folder written by qpeft."),
     prompt: str = typer.Option(..., "--prompt"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override the base, e.g. --set quantizer=bnb-8bit."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override the base, e.g. --set quantizer=bnb-8bit."),
 ):
     """Rebuild the quantized base from the adapter's metadata, load the adapter, generate."""
     from . import orchestrator
@@ -155,7 +159,9 @@ def generate(
     except USER_ERRORS as exc:
         _fail(exc)
     out.print(result["completion"], highlight=False)
-    console.print(f"[dim]{result['new_tokens']} tokens, {result['tokens_per_s']:.1f} tokens/s, stopped at EOS: {result['stopped_at_eos']}[/]")
+    console.print(
+        f"[dim]{result['new_tokens']} tokens, {result['tokens_per_s']:.1f} tokens/s, stopped at EOS: {result['stopped_at_eos']}[/]"
+    )
 
 
 @app.command()
@@ -164,8 +170,10 @@ def merge(
     out_dir: str = typer.Option(..., "--out", help="Folder for the merged full-precision model."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     dtype: str = typer.Option("float32", "--dtype", help="Saved dtype: float32, bfloat16 or float16 (the merge runs in float32)."),
-    requantize: Optional[str] = typer.Option(None, "--requantize", help="Also save the merged model quantized with this quantizer (e.g. bnb-nf4) as OUT-NAME."),
-    set_: Optional[List[str]] = typer.Option(None, "--set"),
+    requantize: str | None = typer.Option(
+        None, "--requantize", help="Also save the merged model quantized with this quantizer (e.g. bnb-nf4) as OUT-NAME."
+    ),
+    set_: list[str] | None = typer.Option(None, "--set"),
 ):
     """Merge the adapter into full-precision weights; write a plain transformers model."""
     from . import orchestrator
@@ -173,14 +181,16 @@ def merge(
     try:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise QpeftError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
-        result = orchestrator.merge(adapter, out_dir, _registry(), force=force, overrides=set_ or [], dtype=dtype, requantize=requantize, say=_say_factory())
+        result = orchestrator.merge(
+            adapter, out_dir, _registry(), force=force, overrides=set_ or [], dtype=dtype, requantize=requantize, say=_say_factory()
+        )
     except USER_ERRORS as exc:
         _fail(exc)
     out.print_json(json.dumps(result))
 
 
 @config_app.command("schema")
-def config_schema(backend: Optional[str] = typer.Argument(None, help="kind:name, e.g. quantizer:bnb-nf4")):
+def config_schema(backend: str | None = typer.Argument(None, help="kind:name, e.g. quantizer:bnb-nf4")):
     """Print the JSON schema of the run config, or of one backend's options."""
     from .config import RunConfig
 
@@ -208,7 +218,9 @@ class _BenchGroup(typer.core.TyperGroup):
         return super().parse_args(ctx, args)
 
 
-bench_app = typer.Typer(cls=_BenchGroup, no_args_is_help=True, help="Benchmark matrices: quantizer × PEFT method × trainer × any config key.")
+bench_app = typer.Typer(
+    cls=_BenchGroup, no_args_is_help=True, help="Benchmark matrices: quantizer × PEFT method × trainer × any config key."
+)
 app.add_typer(bench_app, name="bench")
 
 
@@ -233,20 +245,33 @@ class _BenchDisplay:
         if kind == "plan":
             actions = [c["action"] for c in event["cells"]]
             n_run = actions.count("run")
-            say(f"matrix [bold]{escape(event['matrix'])}[/]: {len(actions)} cells — {n_run} to run, {actions.count('done')} "
-                f"finished before, {actions.count('unsupported')} not supported; results in {escape(event['directory'])}", highlight=False)
+            say(
+                f"matrix [bold]{escape(event['matrix'])}[/]: {len(actions)} cells — {n_run} to run, {actions.count('done')} "
+                f"finished before, {actions.count('unsupported')} not supported; results in {escape(event['directory'])}",
+                highlight=False,
+            )
             if n_run and self.progress is None:
                 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-                self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                         TimeElapsedColumn(), console=self.console, transient=True)
+                self.progress = Progress(
+                    SpinnerColumn(),
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    console=self.console,
+                    transient=True,
+                )
                 self.progress.start()
                 self.matrix_task = self.progress.add_task("cells", total=n_run)
         elif kind == "unsupported":
             say(f"  [yellow]–[/] {escape(self._name(event['labels']))}: not supported: {escape(event['reason'])}", highlight=False)
         elif kind == "done":
             status = event["record"].get("status")
-            say(f"  [dim]{'✓' if status == 'ok' else '✗'} {escape(self._name(event['labels']))}: finished before ({status})[/]", highlight=False)
+            say(
+                f"  [dim]{'✓' if status == 'ok' else '✗'} {escape(self._name(event['labels']))}: finished before ({status})[/]",
+                highlight=False,
+            )
         elif kind == "start" and self.progress is not None:
             gpu = f" (GPU {event['gpu']})" if "gpu" in event else ""
             prefix = f"[{event['index']}/{event['total']}] {escape(self._name(event['labels']))}{gpu}"
@@ -254,8 +279,9 @@ class _BenchDisplay:
         elif kind == "progress" and event["cell"] in self.cells:
             task, prefix = self.cells[event["cell"]]
             if event.get("kind") == "step":
-                self.progress.update(task, total=event["max_steps"], completed=event["step"],
-                                     description=f"{prefix}: training, loss {event['loss']:.3f}")
+                self.progress.update(
+                    task, total=event["max_steps"], completed=event["step"], description=f"{prefix}: training, loss {event['loss']:.3f}"
+                )
             elif event.get("kind") == "message":
                 self.progress.update(task, description=f"{prefix}: {escape(event['text'][:70])}")
         elif kind == "end":
@@ -268,12 +294,16 @@ class _BenchDisplay:
                 m = r["metrics"]
                 peak = m.get("peak_reserved_gib", m.get("peak_rss_gib"))
                 tps = m.get("tokens_per_s_after_warmup") or m.get("tokens_per_s")
+
                 def num(x, spec):
                     return "–" if x is None else format(x, spec)
 
-                say(f"  [green]✓[/] {name}: {num(tps, '.1f')} tok/s, peak {num(peak, '.2f')} GiB, val ppl "
+                say(
+                    f"  [green]✓[/] {name}: {num(tps, '.1f')} tok/s, peak {num(peak, '.2f')} GiB, val ppl "
                     f"{num(m.get('val_perplexity_before'), '.5g')} → {num(m.get('val_perplexity_after'), '.5g')} "
-                    f"({r['wall_seconds']:.0f} s)", highlight=False)
+                    f"({r['wall_seconds']:.0f} s)",
+                    highlight=False,
+                )
             else:
                 say(f"  [red]✗[/] {name}: {escape(r['error'])} (log: {escape(r['log'])})", highlight=False)
 
@@ -290,15 +320,21 @@ def _interrupt(signum, frame):
 @bench_app.command("run")
 def bench_run(
     matrix: str = typer.Argument(..., help="Matrix YAML file (see configs/bench/)."),
-    out_dir: Optional[str] = typer.Option(None, "--out", help="Results folder (default: the matrix's output_dir, else runs/bench/NAME)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a run-config key in every cell: --set trainer.options.max_steps=2 (repeatable)."),
-    only: Optional[List[str]] = typer.Option(None, "--only", help="Run only matching cells: 'quantizer=bnb-nf4,peft=lora' or a glob on the cell id (repeatable)."),
-    rerun: Optional[List[str]] = typer.Option(None, "--rerun", help="Run matching cells again even if finished (same syntax; '*' for all)."),
+    out_dir: str | None = typer.Option(None, "--out", help="Results folder (default: the matrix's output_dir, else runs/bench/NAME)."),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="Override a run-config key in every cell: --set trainer.options.max_steps=2 (repeatable)."
+    ),
+    only: list[str] | None = typer.Option(
+        None, "--only", help="Run only matching cells: 'quantizer=bnb-nf4,peft=lora' or a glob on the cell id (repeatable)."
+    ),
+    rerun: list[str] | None = typer.Option(None, "--rerun", help="Run matching cells again even if finished (same syntax; '*' for all)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run the cells that failed before again."),
     list_cells: bool = typer.Option(False, "--list", help="List the cells and what a run would do; run nothing."),
-    stop_after: Optional[float] = typer.Option(None, "--stop-after", help="Start no new cell after this many seconds (run again to resume)."),
+    stop_after: float | None = typer.Option(None, "--stop-after", help="Start no new cell after this many seconds (run again to resume)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write the report (Markdown, CSV, plots) at the end."),
-    gpus: Optional[str] = typer.Option(None, "--gpus", help="Run cells side by side, one per GPU of this comma-separated list (CUDA_VISIBLE_DEVICES), e.g. 0,1,2,3."),
+    gpus: str | None = typer.Option(
+        None, "--gpus", help="Run cells side by side, one per GPU of this comma-separated list (CUDA_VISIBLE_DEVICES), e.g. 0,1,2,3."
+    ),
 ):
     """Run every cell of a matrix in its own process; resume where an earlier run stopped."""
     import shlex
@@ -309,10 +345,19 @@ def bench_run(
     display = _BenchDisplay(console)
     signal.signal(signal.SIGTERM, _interrupt)  # e.g. `timeout`: stop the running cell, record nothing for it
     try:
-        result = bench.run_matrix(matrix, out_dir=out_dir, overrides=set_ or [], only=only or [], rerun=rerun or [], retry_failed=retry_failed,
-                                  dry_run=list_cells, stop_after_s=stop_after, on_event=display if not list_cells else bench._no_event,
-                                  command="qpeft " + shlex.join(sys.argv[1:]),
-                                  gpus=[g.strip() for g in gpus.split(",") if g.strip()] if gpus else ())
+        result = bench.run_matrix(
+            matrix,
+            out_dir=out_dir,
+            overrides=set_ or [],
+            only=only or [],
+            rerun=rerun or [],
+            retry_failed=retry_failed,
+            dry_run=list_cells,
+            stop_after_s=stop_after,
+            on_event=display if not list_cells else bench._no_event,
+            command="qpeft " + shlex.join(sys.argv[1:]),
+            gpus=[g.strip() for g in gpus.split(",") if g.strip()] if gpus else (),
+        )
     except QpeftError as exc:
         display.close()
         _fail(exc)
@@ -328,8 +373,11 @@ def bench_run(
             table.add_row(cell_id, action, reason)
         out.print(table)
         return
-    out.print(f"{result['ok']} ok, {result['failed']} failed, {result['unsupported']} not supported, "
-              f"{result['done']} finished before, {result['not_started']} not started; results in {result['directory']}", highlight=False)
+    out.print(
+        f"{result['ok']} ok, {result['failed']} failed, {result['unsupported']} not supported, "
+        f"{result['done']} finished before, {result['not_started']} not started; results in {result['directory']}",
+        highlight=False,
+    )
     if report and (Path(result["directory"]) / bench.RESULTS_FILE).is_file():
         _bench_report(result["directory"])
 

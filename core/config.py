@@ -212,7 +212,9 @@ def validation_error(exc: ValidationError, model: type[BaseModel], prefix: str =
     if len(shown) > 60:
         shown = shown[:57] + "..."
     # A value no member of a union accepts: say what each member wanted.
-    msgs = list(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors if _field_loc(model, tuple(e["loc"]))[: len(loc)] == loc))
+    msgs = list(
+        dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors if _field_loc(model, tuple(e["loc"]))[: len(loc)] == loc)
+    )
     return ConfigError(key, f"{'; or: '.join(msgs[:4])} (got {shown})")
 
 
@@ -397,9 +399,11 @@ def check_fsdp(ctx, plugins: dict, registry) -> None:
     accelerators only) and backends whose FSDP run was never tested. A plugin's own ``check``
     refuses its options that do not work under FSDP."""
     if ctx.fsdp != 2:
-        raise ConfigError("accelerate: fsdp_version",
-                          f"launched with FSDP version {ctx.fsdp}; qpeft trains under FSDP version 2 (fully_shard): "
-                          "accelerate launch --use_fsdp --fsdp_version 2 ...")
+        raise ConfigError(
+            "accelerate: fsdp_version",
+            f"launched with FSDP version {ctx.fsdp}; qpeft trains under FSDP version 2 (fully_shard): "
+            "accelerate launch --use_fsdp --fsdp_version 2 ...",
+        )
     if ctx.device != "cuda":
         raise ConfigError("model.device", f"FSDP runs on GPUs (accelerate runs FSDP on accelerators only); this run is on {ctx.device}")
     for kind, plugin in plugins.items():

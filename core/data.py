@@ -132,9 +132,7 @@ def detect_format(rows: list[dict], source: str, key: str) -> str:
         return "prompt_response"
     if "text" in cols:
         return "text"
-    raise ConfigError(
-        key, f"{source}: row 1 has columns {sorted(cols)}; expected 'text', 'prompt'+'response' or 'messages'"
-    )
+    raise ConfigError(key, f"{source}: row 1 has columns {sorted(cols)}; expected 'text', 'prompt'+'response' or 'messages'")
 
 
 _REQUIRED = {"text": ("text",), "prompt_response": ("prompt", "response"), "chat": ("messages",)}
@@ -242,8 +240,10 @@ def tokenize(rows: list[dict], fmt: str, tok, max_length: int, *, too_long: str 
     if say and long_rows:
         verb = "dropped" if too_long == "drop" else "truncated to"
         rows = "1 row" if len(long_rows) == 1 else f"{len(long_rows)} rows"
-        say(f"{source}: {rows} longer than {max_length} tokens {verb}{'' if too_long == 'drop' else f' {max_length}'} "
-            f"(row{'' if len(long_rows) == 1 else 's'} {_row_list(long_rows)})")
+        say(
+            f"{source}: {rows} longer than {max_length} tokens {verb}{'' if too_long == 'drop' else f' {max_length}'} "
+            f"(row{'' if len(long_rows) == 1 else 's'} {_row_list(long_rows)})"
+        )
     if say and empty_rows:
         say(f"{source}: {len(empty_rows)} rows have no target token left after truncation and were skipped (rows {_row_list(empty_rows)})")
     return out

@@ -129,8 +129,7 @@ def check_model_config(folder: str | Path) -> None:
         import transformers
 
         raise QpeftError(
-            f"{path}: model_type {model_type!r} is unknown to transformers {transformers.__version__}; "
-            "a newer transformers may support it"
+            f"{path}: model_type {model_type!r} is unknown to transformers {transformers.__version__}; a newer transformers may support it"
         )
 
 

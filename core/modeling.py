@@ -7,7 +7,7 @@ import logging
 import math
 import resource
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from .data import IGNORE, collate
 from .distributed import local_rank
@@ -51,15 +51,13 @@ def load_causal_lm(model_path: str, ctx, **kwargs):
         )
     except OSError as exc:
         raise QpeftError(
-            f"cannot load model {model_path!r}: {str(exc).splitlines()[0]} "
-            "(qpeft runs offline; for a hub id set QPEFT_ALLOW_HUB=1)"
+            f"cannot load model {model_path!r}: {str(exc).splitlines()[0]} (qpeft runs offline; for a hub id set QPEFT_ALLOW_HUB=1)"
         ) from None
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise ConfigError(
                 "model.trust_remote_code",
-                f"{model_path} needs its own Python code to load; set model.trust_remote_code: true "
-                "only if you trust its author",
+                f"{model_path} needs its own Python code to load; set model.trust_remote_code: true only if you trust its author",
             ) from None
         raise QpeftError(f"cannot load model {model_path!r}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
 
@@ -144,8 +142,7 @@ def check_target_modules(model, requested: Iterable[str], key: str) -> None:
     if missing:
         raise ConfigError(
             key,
-            f"no module named {missing[0]!r} in {type(model).__name__}; "
-            f"linear candidates: {', '.join(find_linear_targets(model))}",
+            f"no module named {missing[0]!r} in {type(model).__name__}; linear candidates: {', '.join(find_linear_targets(model))}",
         )
 
 
@@ -258,7 +255,7 @@ class StepTimer:
         self.plugin_manager = plugin_manager
         self.marks: list[tuple[int, float, float, int]] = []
 
-    def __enter__(self) -> "StepTimer":
+    def __enter__(self) -> StepTimer:
         if self.plugin_manager is not None:
             self.plugin_manager.register(self)
         return self

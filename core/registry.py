@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import difflib
 import importlib.metadata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import pluggy
 
@@ -122,10 +123,12 @@ def _malformed(kind: str, backend: Any, source: str) -> str | None:
 
     name = getattr(backend, "name", None)
     if not isinstance(name, str) or not name.strip() or name != name.strip():
-        return f"registered a {kind} whose name is {name!r}; set name = \"...\" (what configs write) on {type(backend).__name__}"
+        return f'registered a {kind} whose name is {name!r}; set name = "..." (what configs write) on {type(backend).__name__}'
     stated = declared_api_version(backend)
     if stated is None and not _is_builtin(source) and source != "(in-process)":
-        return f"{kind} {name!r} does not state the qpeft plugin API it targets; set api_version = {API_VERSION} on {type(backend).__name__}"
+        return (
+            f"{kind} {name!r} does not state the qpeft plugin API it targets; set api_version = {API_VERSION} on {type(backend).__name__}"
+        )
     version = getattr(backend, "api_version", None)
     if version != API_VERSION:
         return f"{kind} {name!r} targets qpeft plugin API {version!r}, this qpeft has {API_VERSION}; install a {source.split(' ', 1)[0]} release for API {API_VERSION}"
@@ -196,8 +199,7 @@ def _add_backend(reg: Registry, kind: str, backend: Any, plugin_name: str, sourc
     existing = reg.backends[kind].get(backend.name)
     if existing is not None:
         raise PluginError(
-            f"two plugins provide the {kind} {backend.name!r}: {reg.origins[(kind, backend.name)]} and {label}; "
-            "uninstall one of them"
+            f"two plugins provide the {kind} {backend.name!r}: {reg.origins[(kind, backend.name)]} and {label}; uninstall one of them"
         )
     reg.backends[kind][backend.name] = backend
     reg.origins[(kind, backend.name)] = label

@@ -256,11 +256,7 @@ def _lora_grads(peft_model, batch) -> dict:
     peft_model.train()
     peft_model.zero_grad(set_to_none=True)
     peft_model(**batch, labels=batch["input_ids"]).loss.backward()
-    return {
-        n: (p.grad.detach().float().cpu() if p.grad is not None else None)
-        for n, p in peft_model.named_parameters()
-        if p.requires_grad
-    }
+    return {n: (p.grad.detach().float().cpu() if p.grad is not None else None) for n, p in peft_model.named_parameters() if p.requires_grad}
 
 
 def flat_tensors(t) -> list:
@@ -476,12 +472,18 @@ class QuantizerChecker:
             is_builtin or declared_api_version(plugin) is not None,
             f"does not state the plugin API it targets: set api_version = {API_VERSION} on {type(plugin).__name__}",
         )
-        self.expect(isinstance(plugin.description, str) and plugin.description.strip() != "", "has no description (shown by `qpeft plugins`)")
+        self.expect(
+            isinstance(plugin.description, str) and plugin.description.strip() != "", "has no description (shown by `qpeft plugins`)"
+        )
         caps = plugin.capabilities
         self.expect(isinstance(caps, Capabilities), "capabilities is not a qpeft.api.Capabilities")
-        self.expect(bool(caps.devices) and set(caps.devices) <= {"cpu", "cuda"}, f"capabilities.devices {caps.devices!r}: use 'cpu' and/or 'cuda'")
+        self.expect(
+            bool(caps.devices) and set(caps.devices) <= {"cpu", "cuda"}, f"capabilities.devices {caps.devices!r}: use 'cpu' and/or 'cuda'"
+        )
         self.expect(caps.trainable, "capabilities.trainable is False: the kit tests adapter training, which such a quantizer refuses")
-        self.expect(caps.bits is None or 0 < caps.bits <= 16, f"capabilities.bits {caps.bits!r}: bits per weight, or None for full precision")
+        self.expect(
+            caps.bits is None or 0 < caps.bits <= 16, f"capabilities.bits {caps.bits!r}: bits per weight, or None for full precision"
+        )
         self.expect(type(plugin).load is not QuantizerPlugin.load, "does not implement load()")
         if caps.merge_source != "none":
             self.expect(
@@ -549,7 +551,9 @@ class QuantizerChecker:
         self.expect(got.shape == want.shape, f"logits shape {tuple(got.shape)} != {tuple(want.shape)}")
         self.expect(bool(got.isfinite().all()), "logits are not finite")
         rel = float((got - want).norm() / want.norm())
-        self.expect(rel <= self.logit_tolerance, f"logits are {rel:.3f} (relative L2) from the float32 model's (tolerance {self.logit_tolerance})")
+        self.expect(
+            rel <= self.logit_tolerance, f"logits are {rel:.3f} (relative L2) from the float32 model's (tolerance {self.logit_tolerance})"
+        )
         self.expect(
             find_linear_targets(model) == find_linear_targets(full),
             f"LoRA's all-linear targets differ after quantizing: {find_linear_targets(model)} vs {find_linear_targets(full)}",
@@ -585,7 +589,13 @@ class QuantizerChecker:
             f"qpeft would report {reported / 2**20:.3f} MiB of weights (model.get_memory_footprint()) but they hold "
             f"{true_total / 2**20:.3f} MiB; make get_memory_footprint count the quantized storage",
         )
-        return {"linear_bytes": q_bytes, "linear_bytes_fp32": f_bytes, "ratio": ratio, "model_bytes": true_total, "model_bytes_fp32": module_nbytes(full)}
+        return {
+            "linear_bytes": q_bytes,
+            "linear_bytes_fp32": f_bytes,
+            "ratio": ratio,
+            "model_bytes": true_total,
+            "model_bytes_fp32": module_nbytes(full),
+        }
 
     def check_lora_gradients(self) -> dict:
         """LoRA gradients through the quantized base equal those through a float32 model that
@@ -627,7 +637,11 @@ class QuantizerChecker:
         )
         # For information: how far quantization moves gradients from the unquantized model's.
         orig = self.float_model()
-        po = lora.attach(reference_model(self.tiny_path, {n: m.weight.detach().float().cpu() for n, m in linear_modules(orig).items()}).to(self.device), lora_opts, ctx)
+        po = lora.attach(
+            reference_model(self.tiny_path, {n: m.weight.detach().float().cpu() for n, m in linear_modules(orig).items()}).to(self.device),
+            lora_opts,
+            ctx,
+        )
         _set_lora_weights(po)
         vs_orig = _lora_grads(po, batch)
         quant_effect = max(float((got[n] - vs_orig[n]).norm() / vs_orig[n].norm()) for n in vs_orig)
@@ -723,7 +737,12 @@ class QuantizerChecker:
         merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
         odd = [n for n, p in merged.named_parameters() if type(p.data) is not torch.Tensor or not p.is_floating_point()]
         self.expect(not odd, f"the merged model has non-float or subclassed weights: {odd[:3]}")
-        return {"merge": "ok", "merge_source": source, "max_abs_logit_diff": result["max_abs_logit_diff"], "base_path_diff": result["base_path_diff"]}
+        return {
+            "merge": "ok",
+            "merge_source": source,
+            "max_abs_logit_diff": result["max_abs_logit_diff"],
+            "base_path_diff": result["base_path_diff"],
+        }
 
     CHECKS: ClassVar[tuple[str, ...]] = (
         "registration",

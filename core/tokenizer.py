@@ -42,8 +42,7 @@ def load_tokenizer(model_path: str, *, trust_remote_code: bool = False):
         if "trust_remote_code" in str(exc):
             raise ConfigError(
                 "model.trust_remote_code",
-                f"the tokenizer of {model_path} needs its own Python code; set model.trust_remote_code: true "
-                "only if you trust its author",
+                f"the tokenizer of {model_path} needs its own Python code; set model.trust_remote_code: true only if you trust its author",
             ) from None
         hint = "" if Path(model_path).is_dir() else " (qpeft runs offline; for a hub id set QPEFT_ALLOW_HUB=1)"
         raise QpeftError(f"cannot load the tokenizer of {model_path}: {reason}{hint}") from None
@@ -75,9 +74,7 @@ def chat_turn_end_id(tok) -> int | None:
         return None
     marker = "qpeftmarker"
     try:
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
-        )
+        text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
     except Exception:
         return None
     tail = text.split(marker, 1)[-1]

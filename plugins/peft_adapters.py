@@ -129,8 +129,7 @@ def _check_targets(model, targets: list[str]) -> None:
         blocks = sorted({_leaf(n) for n in names if _leaf(n) in MLP_NAMES + ATTENTION_NAMES})
         raise ConfigError(
             "peft.options.target_modules",
-            f"no module named {missing[0]!r} in {type(model).__name__}"
-            + (f"; block candidates: {', '.join(blocks)}" if blocks else ""),
+            f"no module named {missing[0]!r} in {type(model).__name__}" + (f"; block candidates: {', '.join(blocks)}" if blocks else ""),
         )
 
 
@@ -216,18 +215,18 @@ def _build() -> dict:
     class BottleneckConfig(PeftConfig):
         """Configuration of bottleneck adapters (see the module docstring of qpeft.plugins.peft_adapters)."""
 
-        target_modules: Optional[Union[list[str], str]] = field(
+        target_modules: list[str] | str | None = field(
             default=None,
             metadata={"help": "Modules whose output gets an adapter (names, suffixes or a regex); None = by placement."},
         )
-        exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip."})
+        exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to skip."})
         placement: str = field(default="pfeiffer", metadata={"help": "pfeiffer (after FFN) or houlsby (after attention and FFN)."})
         reduction_factor: int = field(default=16, metadata={"help": "Bottleneck width = hidden_size // reduction_factor."})
         non_linearity: str = field(default="relu", metadata={"help": f"One of {NON_LINEARITIES}."})
         init_scale: float = field(default=0.02, metadata={"help": "Std of the down-projection init (up starts at 0)."})
         scaling: float = field(default=1.0, metadata={"help": "Multiplier of the adapter output."})
-        hidden_size: Optional[int] = field(default=None, metadata={"help": "Width of the adapted outputs; None = model's."})
-        modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained in full and saved."})
+        hidden_size: int | None = field(default=None, metadata={"help": "Width of the adapted outputs; None = model's."})
+        modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained in full and saved."})
 
         def __post_init__(self):
             super().__post_init__()

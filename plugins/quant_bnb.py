@@ -107,10 +107,7 @@ class _BnbBase(QuantizerPlugin):
 
 def _repacked_for_cpu_inference(model) -> bool:
     """Whether bitsandbytes repacked any 4-bit weight for its CPU inference kernel."""
-    return any(
-        getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
-        for m in model.modules()
-    )
+    return any(getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False) for m in model.modules())
 
 
 class Bnb4bit(_BnbBase):
@@ -123,9 +120,11 @@ class Bnb4bit(_BnbBase):
     def check(self, options, ctx):
         super().check(options, ctx)
         if ctx.fsdp and options.quant_storage not in ("auto", ctx.dtype):
-            raise ConfigError("quantizer.options.quant_storage",
-                              f"{options.quant_storage!r} under FSDP: FSDP would leave uint8 weights unsharded and cast other dtypes "
-                              f"to the run's {ctx.dtype}, scrambling the packed bytes; use auto or {ctx.dtype}")
+            raise ConfigError(
+                "quantizer.options.quant_storage",
+                f"{options.quant_storage!r} under FSDP: FSDP would leave uint8 weights unsharded and cast other dtypes "
+                f"to the run's {ctx.dtype}, scrambling the packed bytes; use auto or {ctx.dtype}",
+            )
         if ctx.device == "cpu" and _dtype(options.compute_dtype, ctx) != _dtype("float32", ctx):
             ctx.notes.append(
                 f"{self.name}: compute_dtype {options.compute_dtype} on CPU; float32 is ~16x faster on CPUs without AVX512-BF16"
@@ -159,9 +158,7 @@ class Bnb4bit(_BnbBase):
                 module.support_avx512bf16_for_cpu = False
                 state = getattr(module.weight, "quant_state", None)
                 if state is not None and getattr(state, "packing_format_for_cpu", False):
-                    module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                        module.weight.data, state
-                    )
+                    module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
 
 
 def _quant_storage(name: str, ctx):

@@ -307,8 +307,7 @@ class Gptq(QuantizerPlugin):
             _check_calibration(options)
         elif spec["bits"] != options.bits or spec["group_size"] != options.group_size:
             ctx.notes.append(
-                f"gptq: quantized_path is {spec['bits']}-bit, group {spec['group_size']}; "
-                "bits/group_size/act_order/sym options are ignored"
+                f"gptq: quantized_path is {spec['bits']}-bit, group {spec['group_size']}; bits/group_size/act_order/sym options are ignored"
             )
         peft = getattr(getattr(ctx.config, "peft", None), "options", None) or {}
         if peft.get("use_dora"):
@@ -429,7 +428,10 @@ class Gptq(QuantizerPlugin):
             raise
         seconds = time.perf_counter() - t0
         # GPTQConfig keeps the tokenized calibration set; do not write it into config.json.
-        for qc in (getattr(model.config, "quantization_config", None), getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)):
+        for qc in (
+            getattr(model.config, "quantization_config", None),
+            getattr(getattr(model, "hf_quantizer", None), "quantization_config", None),
+        ):
             if qc is not None:
                 qc.dataset = None
                 qc.tokenizer = None

@@ -8,10 +8,10 @@ from typing import Literal
 from qpeft import hookimpl
 from qpeft.api import Capabilities, TrainerPlugin, TrainingOptions
 from qpeft.context import TrainResult
+from qpeft.data import collate, ordered_examples, plan_steps
 from qpeft.distributed import world_size
 from qpeft.errors import ConfigError
 from qpeft.modeling import release_model
-from qpeft.data import collate, ordered_examples, plan_steps
 
 
 class HfTrainerOptions(TrainingOptions):
@@ -67,9 +67,11 @@ class HfTrainer(TrainerPlugin):
 
     def check(self, options, ctx):
         if ctx.fsdp and options.save_steps:
-            raise ConfigError("trainer.options.save_steps",
-                              "the hf trainer's checkpoints (and --resume) are not supported under FSDP; remove save_steps, "
-                              "or use trainer native, whose checkpoints work under FSDP")
+            raise ConfigError(
+                "trainer.options.save_steps",
+                "the hf trainer's checkpoints (and --resume) are not supported under FSDP; remove save_steps, "
+                "or use trainer native, whose checkpoints work under FSDP",
+            )
 
     def train(self, model, tokenizer, train_data, eval_data, options, ctx):
         from transformers import PrinterCallback, TrainingArguments

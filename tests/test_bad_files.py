@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 from conftest import WeightWatch
-from qpeft import cli
-from qpeft.registry import load_registry
 from transformers.utils import logging as transformers_logging
 from typer.testing import CliRunner
+
+from qpeft import cli
+from qpeft.registry import load_registry
 
 # Let transformers attach its log handler to the real stderr now: set up inside a CliRunner
 # invocation it would keep that invocation's (later closed) stream.
@@ -93,7 +94,9 @@ def _zero_bytes(p: Path) -> None:
     p.write_bytes(b"")
 
 
-@pytest.mark.parametrize("damage", [_truncate, _garbage_header, _bad_header_json, _zero_bytes], ids=["truncated", "header-length", "header-json", "empty"])
+@pytest.mark.parametrize(
+    "damage", [_truncate, _garbage_header, _bad_header_json, _zero_bytes], ids=["truncated", "header-length", "header-json", "empty"]
+)
 def test_corrupt_model_safetensors(qpeft, tiny_llama_path, tmp_path, damage):
     model = clone(tiny_llama_path, tmp_path / "model")
     damage(model / "model.safetensors")
@@ -106,7 +109,13 @@ def test_corrupt_model_safetensors(qpeft, tiny_llama_path, tmp_path, damage):
 def test_shard_missing_from_index(qpeft, tiny_llama_path, tmp_path):
     model = clone(tiny_llama_path, tmp_path / "model")
     (model / "model.safetensors").rename(model / "model-00001-of-00002.safetensors")
-    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {
+            "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+            "lm_head.weight": "model-00002-of-00002.safetensors",
+        },
+    }
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
     result, line, watch = qpeft("run", write_config(tmp_path / "c.yaml", str(model), tmp_path / "out"))
     assert result.exit_code == 2 and "lists model-00002-of-00002.safetensors, which is missing" in line, line
@@ -115,8 +124,11 @@ def test_shard_missing_from_index(qpeft, tiny_llama_path, tmp_path):
 
 @pytest.mark.parametrize(
     "text,fragment",
-    [('{"model_type": "llama", ', "config.json is not valid JSON"), ('{"hidden_size": 8}', "names no model_type"),
-     ('{"model_type": "qpeft_unknown_arch"}', "model_type 'qpeft_unknown_arch' is unknown to transformers")],
+    [
+        ('{"model_type": "llama", ', "config.json is not valid JSON"),
+        ('{"hidden_size": 8}', "names no model_type"),
+        ('{"model_type": "qpeft_unknown_arch"}', "model_type 'qpeft_unknown_arch' is unknown to transformers"),
+    ],
     ids=["not-json", "no-model-type", "unknown-model-type"],
 )
 def test_broken_model_config(qpeft, tiny_llama_path, tmp_path, text, fragment):
@@ -148,6 +160,7 @@ def test_pickle_checkpoint_is_refused_naming_the_file_and_opt_in(qpeft, pickle_m
 
 def test_pickle_checkpoint_loads_when_opted_in_and_is_logged(pickle_model, tiny_llama_path, tmp_path, caplog):
     import torch
+
     from qpeft.config import load_config
     from qpeft.context import RunContext
     from qpeft.modeling import load_causal_lm
@@ -182,10 +195,26 @@ def plain_adapters(tiny_llama_path, tmp_path_factory):
 
 def test_pickle_adapter_is_refused_unless_opted_in(qpeft, plain_adapters):
     adapter = plain_adapters / "pickle"
-    result, line, watch = qpeft("generate", "--adapter", str(adapter), "--prompt", "hi", "--max-new-tokens", "2", "--set", "model.device=cpu")
-    assert result.exit_code == 2 and f"{adapter / 'adapter_model.bin'} is a pickle checkpoint" in line and "model.allow_pickle: true" in line, line
+    result, line, watch = qpeft(
+        "generate", "--adapter", str(adapter), "--prompt", "hi", "--max-new-tokens", "2", "--set", "model.device=cpu"
+    )
+    assert (
+        result.exit_code == 2 and f"{adapter / 'adapter_model.bin'} is a pickle checkpoint" in line and "model.allow_pickle: true" in line
+    ), line
     assert watch.loaded == 0
-    result, _, _ = qpeft("generate", "--adapter", str(adapter), "--prompt", "hi", "--max-new-tokens", "2", "--set", "model.device=cpu", "--set", "model.allow_pickle=true")
+    result, _, _ = qpeft(
+        "generate",
+        "--adapter",
+        str(adapter),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+        "--set",
+        "model.device=cpu",
+        "--set",
+        "model.allow_pickle=true",
+    )
     assert result.exit_code == 0, result.output
 
 
@@ -211,7 +240,11 @@ def test_adapter_for_another_base(qpeft, plain_adapters, tiny_llama_path, tmp_pa
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_path)
     other = tmp_path / "other"
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok), hidden_size=256, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2
+        )
+    ).save_pretrained(other)
     tok.save_pretrained(other)
     adapter = plain_adapters / "safe"
     result, line, _ = qpeft("generate", "--adapter", str(adapter), "--prompt", "hi", "--set", f"model={other}", "--set", "model.device=cpu")
@@ -239,16 +272,21 @@ def test_model_that_needs_remote_code_is_refused_and_its_code_never_runs(qpeft, 
     model = clone(tiny_llama_path, tmp_path / "model")
     marker = tmp_path / "REMOTE_CODE_RAN"
     config = json.loads((model / "config.json").read_text())
-    config.update(model_type="qpeft_custom", auto_map={"AutoConfig": "modeling_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    config.update(
+        model_type="qpeft_custom",
+        auto_map={"AutoConfig": "modeling_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomModel"},
+    )
     (model / "config.json").write_text(json.dumps(config))
-    (model / "modeling_custom.py").write_text(textwrap.dedent(f"""
+    (model / "modeling_custom.py").write_text(
+        textwrap.dedent(f"""
         open({str(marker)!r}, "w").write("ran")
         from transformers import LlamaConfig, LlamaForCausalLM
         class CustomConfig(LlamaConfig):
             model_type = "qpeft_custom"
         class CustomModel(LlamaForCausalLM):
             config_class = CustomConfig
-    """))
+    """)
+    )
     result, line, watch = qpeft("run", write_config(tmp_path / "c.yaml", str(model), tmp_path / "out"))
     assert result.exit_code == 2 and line.startswith("error: model.trust_remote_code:") and str(model) in line, line
     assert "set model.trust_remote_code: true only if you trust its author" in line
@@ -256,7 +294,13 @@ def test_model_that_needs_remote_code_is_refused_and_its_code_never_runs(qpeft, 
 
 
 def test_trust_remote_code_on_is_logged(qpeft, tiny_llama_path, tmp_path, caplog):
-    cfg = write_config(tmp_path / "c.yaml", tiny_llama_path, tmp_path / "out", model={"trust_remote_code": True}, data={"path": str(tmp_path / "missing.jsonl")})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_llama_path,
+        tmp_path / "out",
+        model={"trust_remote_code": True},
+        data={"path": str(tmp_path / "missing.jsonl")},
+    )
     result, line, watch = qpeft("run", cfg)
     assert "trust_remote_code is ON" in result.stderr
     assert result.exit_code == 2 and "data file not found" in line and watch.loaded == 0
@@ -265,7 +309,9 @@ def test_trust_remote_code_on_is_logged(qpeft, tiny_llama_path, tmp_path, caplog
     from qpeft.context import RunContext
     from qpeft.modeling import load_causal_lm
 
-    config = load_config({"quantizer": "none", "peft": "lora", "trainer": "hf", "model": {"name_or_path": tiny_llama_path, "trust_remote_code": True}})
+    config = load_config(
+        {"quantizer": "none", "peft": "lora", "trainer": "hf", "model": {"name_or_path": tiny_llama_path, "trust_remote_code": True}}
+    )
     with caplog.at_level(logging.WARNING, logger="qpeft"):
         load_causal_lm(tiny_llama_path, RunContext(config=config, device="cpu", dtype="float32", output_dir=str(tmp_path)))
     assert any("trust_remote_code is on" in r.getMessage() for r in caplog.records)
@@ -317,7 +363,9 @@ def _offline_env(tmp_path, **extra):
 
 def test_hub_id_is_offline_without_opt_in_and_opens_no_socket(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", "some-org/some-model", tmp_path / "out")
-    proc = subprocess.run([sys.executable, "-c", AUDIT, "run", cfg], capture_output=True, text=True, timeout=300, env=_offline_env(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-c", AUDIT, "run", cfg], capture_output=True, text=True, timeout=300, env=_offline_env(tmp_path)
+    )
     assert "NETWORK" not in proc.stderr, proc.stderr
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -327,6 +375,8 @@ def test_hub_id_is_offline_without_opt_in_and_opens_no_socket(tmp_path):
 def test_hub_access_only_with_opt_in(tmp_path):
     probe = "import os,sys; sys.argv=['qpeft','--help']\nfrom qpeft import cli\ntry: cli.main()\nexcept SystemExit: pass\nprint('HF_HUB_OFFLINE=' + str(os.environ.get('HF_HUB_OFFLINE')))"
     off = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=_offline_env(tmp_path))
-    on = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=_offline_env(tmp_path, QPEFT_ALLOW_HUB="1"))
+    on = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=_offline_env(tmp_path, QPEFT_ALLOW_HUB="1")
+    )
     assert off.stdout.strip().endswith("HF_HUB_OFFLINE=1"), off.stdout
     assert on.stdout.strip().endswith("HF_HUB_OFFLINE=None"), on.stdout

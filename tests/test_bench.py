@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO
+from typer.testing import CliRunner
+
 from qpeft import bench, orchestrator
 from qpeft.bench_report import PLOT_QUALITY, PLOT_SPEED
 from qpeft.cli import app
 from qpeft.errors import ConfigError, QpeftError
 from qpeft.registry import load_registry
-from typer.testing import CliRunner
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import make_random_model
@@ -125,7 +126,8 @@ def test_shipped_matrices_expand(tmp_path):
 
     builtin = {q for q in REGISTRY.backends["quantizer"] if "(qpeft " in REGISTRY.origins[("quantizer", q)]}
     supported = {(c.quantizer, c.peft) for c in capability_table.table(REGISTRY) if c.train and c.quantizer in builtin} - {
-        (q, p) for q in ("gptq", "bnb-4bit") for p in REGISTRY.backends["peft"]}
+        (q, p) for q in ("gptq", "bnb-4bit") for p in REGISTRY.backends["peft"]
+    }
     assert {(c.labels["quantizer"], c.labels["peft"]) for c in smoke} == supported
     assert len(smoke) == 2 * len(supported) and all(c.status == "pending" and c.device == "cpu" for c in smoke)
     assert sum(c.mergeable for c in smoke) == 8
@@ -174,7 +176,11 @@ def matrix_file(random_tiny, tmp_path_factory) -> str:
     shutil.copytree(random_tiny, broken)
     with open(broken / "model.safetensors", "r+b") as f:
         f.truncate(4096)
-    matrix = {"name": "tiny", "base": _base(random_tiny), "axes": {"model": {"tiny": random_tiny, "broken": str(broken)}, "peft": ["lora", "prefix"]}}
+    matrix = {
+        "name": "tiny",
+        "base": _base(random_tiny),
+        "axes": {"model": {"tiny": random_tiny, "broken": str(broken)}, "peft": ["lora", "prefix"]},
+    }
     return _write(d / "matrix.yaml", matrix)
 
 
@@ -308,16 +314,21 @@ def test_cells_side_by_side_one_per_listed_gpu(random_tiny, tmp_path):
     sees only its slot's GPU (CUDA_VISIBLE_DEVICES, recorded in its environment), every cell is
     recorded exactly once, and a second run finds them all finished. (On this CPU machine the
     GPU ids are only labels: the point is the scheduling and the records.)"""
-    matrix = {"name": "sbs", "base": _base(random_tiny), "axes": {"trainer.name": ["hf", "native"], "peft": ["lora", "adapters"]},
-              "exclude": [{"trainer": "hf", "peft": "adapters"}]}
+    matrix = {
+        "name": "sbs",
+        "base": _base(random_tiny),
+        "axes": {"trainer.name": ["hf", "native"], "peft": ["lora", "adapters"]},
+        "exclude": [{"trainer": "hf", "peft": "adapters"}],
+    }
     path = _write(tmp_path / "m.yaml", matrix)
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = CliRunner().invoke(app, ["bench", "run", path, "--out", str(out), "--gpus", "0,1", "--no-report"], env=env)
     assert res.exit_code == 0, res.output
     records = _lines(out)
-    assert sorted(r["cell"] for r in records) == sorted(c for c in (
-        "trainer=hf,peft=lora", "trainer=native,peft=lora", "trainer=native,peft=adapters"))
+    assert sorted(r["cell"] for r in records) == sorted(
+        c for c in ("trainer=hf,peft=lora", "trainer=native,peft=lora", "trainer=native,peft=adapters")
+    )
     assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
     seen = [r["environment"]["env"]["CUDA_VISIBLE_DEVICES"] for r in records]
     assert set(seen) == {"0", "1"}, seen

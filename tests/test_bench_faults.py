@@ -4,7 +4,6 @@ again on the next invocation, and an out-of-memory cell is recorded as such whil
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -32,7 +31,10 @@ def _matrix(tmp_path, model, axes, steps=3):
         "model": model,
         "quantizer": "none",
         "peft": {"name": "lora", "options": {"r": 4, "alpha": 8}},
-        "trainer": {"name": "native", "options": {"batch_size": 2, "max_steps": steps, "lr": 1e-3, "scheduler": "constant", "loss": "full"}},
+        "trainer": {
+            "name": "native",
+            "options": {"batch_size": 2, "max_steps": steps, "lr": 1e-3, "scheduler": "constant", "loss": "full"},
+        },
         "data": {"path": "embedded:text", "max_length": 32, "max_train_examples": 6, "max_val_examples": 2},
         "generate": {"max_new_tokens": 2, "chat_template": False},
     }
@@ -50,7 +52,9 @@ def test_kill_9_of_the_bench_during_a_cell_keeps_results_and_resumes(random_tiny
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "qpeft", "bench", matrix, "--out", str(out), "--no-report"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 300
@@ -102,7 +106,9 @@ def test_sigterm_of_side_by_side_bench_stops_every_running_cell(random_tiny, tmp
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "qpeft", "bench", matrix, "--out", str(out), "--no-report", "--gpus", "0,1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 300
@@ -111,13 +117,17 @@ def test_sigterm_of_side_by_side_bench_stops_every_running_cell(random_tiny, tmp
             time.sleep(0.5)
         assert all((out / "cells" / c / "run").exists() for c in ("a", "b")), "the two cells did not run side by side"
         # this test's cells only (processes of other tests may still be running)
-        pids = [int(p) for p in subprocess.run(["pgrep", "-f", f"qpeft.bench {out}/cells/.*cell.json"], capture_output=True, text=True).stdout.split()]
+        pids = [
+            int(p)
+            for p in subprocess.run(["pgrep", "-f", f"qpeft.bench {out}/cells/.*cell.json"], capture_output=True, text=True).stdout.split()
+        ]
         assert len(pids) >= 2
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) != 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
     def alive(pid):  # a zombie waiting for this container's init to reap it has ended
         try:
             return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"

@@ -52,9 +52,12 @@ def test_int8_dequantize_matmul_is_exact_and_trains_lora(registry, tiny_llama_pa
 
     # Reference: a float32 model holding exactly the dequantized int8 weights.
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32)
-    deq = {k: v for k, v in plugin.full_precision_model(
-        plugin.load(tiny_llama_path, opts, ctx, training=True), tiny_llama_path, opts, ctx
-    ).state_dict().items()}
+    deq = {
+        k: v
+        for k, v in plugin.full_precision_model(plugin.load(tiny_llama_path, opts, ctx, training=True), tiny_llama_path, opts, ctx)
+        .state_dict()
+        .items()
+    }
     ref.load_state_dict({k: deq[k].float() for k in ref.state_dict()}, strict=True)
 
     gq, lq = _grads_and_logits(_lora(q), ids)

@@ -127,7 +127,11 @@ def _cli(tmp_path, text, *args):
     [
         ("quantizer: bnb-nf9\npeft: lora\ntrainer: hf\n", [], "quantizer.name"),
         ("quantizer: bnb-nf4\npeft: lora\ntrainer: hf\n", ["--set", "peft.options.r=many"], "peft.options.r"),
-        ("quantizer: {name: bnb-8bit, options: {cpu_offload: true}}\npeft: lora\ntrainer: hf\nmodel: {device: cpu}\n", [], "quantizer.options.cpu_offload"),
+        (
+            "quantizer: {name: bnb-8bit, options: {cpu_offload: true}}\npeft: lora\ntrainer: hf\nmodel: {device: cpu}\n",
+            [],
+            "quantizer.options.cpu_offload",
+        ),
         ("quantizer: [1\n", [], "not valid YAML"),
         ("- a\n- b\n", [], "top level must be a mapping"),
     ],
@@ -155,9 +159,27 @@ def test_shipped_qlora_7b_config_is_valid(tiny_llama_path):
     from conftest import REPO
 
     cfg = str(REPO / "configs" / "qlora_7b.yaml")
-    ok = subprocess.run([sys.executable, "-m", "qpeft", "run", cfg, "--check", "--set", f"model.name_or_path={tiny_llama_path}",
-                         "--set", "model.device=cpu", "--set", "model.dtype=float32", "--set", "quantizer.options.compute_dtype=float32"],
-                        capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qpeft",
+            "run",
+            cfg,
+            "--check",
+            "--set",
+            f"model.name_or_path={tiny_llama_path}",
+            "--set",
+            "model.device=cpu",
+            "--set",
+            "model.dtype=float32",
+            "--set",
+            "quantizer.options.compute_dtype=float32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "bnb-nf4" in ok.stdout and "native" in ok.stdout
     raw = yaml.safe_load(open(cfg))

@@ -15,9 +15,7 @@ from qpeft.testing import ConformanceError, QuantizerChecker, QuantizerConforman
 
 
 def _needs(module: str):
-    return pytest.mark.skipif(
-        __import__("importlib").util.find_spec(module) is None, reason=f"{module} is not installed"
-    )
+    return pytest.mark.skipif(__import__("importlib").util.find_spec(module) is None, reason=f"{module} is not installed")
 
 
 class TestNone(QuantizerConformance):
@@ -189,8 +187,7 @@ def test_kit_requires_the_entry_point_for_packages():
 
 def test_kit_imports_without_pytest_or_torch():
     code = (
-        "import sys; sys.modules['pytest'] = None; import qpeft.testing; "
-        "assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+        "import sys; sys.modules['pytest'] = None; import qpeft.testing; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

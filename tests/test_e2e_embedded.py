@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, tol
 
 
@@ -13,9 +12,23 @@ from conftest import REPO, tol
 def test_quickstart_on_embedded_model(tmp_path, embedded_model_path):
     out = tmp_path / "quickstart"
     proc = subprocess.run(
-        [sys.executable, "-m", "qpeft", "run", str(REPO / "configs" / "quickstart.yaml"),
-         "--set", "trainer.options.max_steps=8", "--set", f"output_dir={out}", "--set", "generate.max_new_tokens=24"],
-        capture_output=True, text=True, timeout=900, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-m",
+            "qpeft",
+            "run",
+            str(REPO / "configs" / "quickstart.yaml"),
+            "--set",
+            "trainer.options.max_steps=8",
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            "generate.max_new_tokens=24",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "qpeft run summary" in proc.stdout
@@ -33,10 +46,31 @@ def test_quickstart_on_embedded_model(tmp_path, embedded_model_path):
 def test_other_methods_on_embedded_model(tmp_path, embedded_model_path, method, lr):
     out = tmp_path / method
     proc = subprocess.run(
-        [sys.executable, "-m", "qpeft", "run", str(REPO / "configs" / "quickstart.yaml"), "--set", f"peft={method}",
-         "--set", "trainer.options.max_steps=6", "--set", f"trainer.options.lr={lr}", "--set", "trainer.options.scheduler=constant",
-         "--set", f"output_dir={out}", "--set", "generate.max_new_tokens=16", "--set", "evaluate=false"],
-        capture_output=True, text=True, timeout=900, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-m",
+            "qpeft",
+            "run",
+            str(REPO / "configs" / "quickstart.yaml"),
+            "--set",
+            f"peft={method}",
+            "--set",
+            "trainer.options.max_steps=6",
+            "--set",
+            f"trainer.options.lr={lr}",
+            "--set",
+            "trainer.options.scheduler=constant",
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            "generate.max_new_tokens=16",
+            "--set",
+            "evaluate=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())

@@ -15,10 +15,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from qpeft.testing import QuantizerConformance, tiny_model_path
-
-from conftest import REPO
 
 DIST = "qpeft-torchao"
 QUANTIZER = "torchao-int8"
@@ -113,7 +112,9 @@ def test_memory_footprint_guard(tmp_path):
     path = tiny_model_path()
     cfg = load_config({"model": path, "quantizer": QUANTIZER, "peft": "lora", "trainer": "hf"})
     r = resolve(cfg, load_registry(), device="cpu")
-    model = r.quantizer.load(path, r.quantizer_options, RunContext(config=cfg, device="cpu", dtype="float32", output_dir=str(tmp_path)), training=True)
+    model = r.quantizer.load(
+        path, r.quantizer_options, RunContext(config=cfg, device="cpu", dtype="float32", output_dir=str(tmp_path)), training=True
+    )
     fp32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).get_memory_footprint()
     assert PreTrainedModel.get_memory_footprint(model) == fp32  # the transformers bug
     guarded = weight_memory_gib(model) * 2**30

@@ -15,8 +15,14 @@ def registry():
 
 
 def _run(tiny_config, registry, tmp_path, name, quantizer="none", device="cpu", peft="lora", **opts):
-    cfg = tiny_config(quantizer=quantizer, peft=peft, trainer={"name": "native", "options": {"batch_size": 4, "max_steps": 5, "lr": 3e-3, "scheduler": "constant", **opts}},
-                      evaluate=False, output_dir=str(tmp_path / name), gradient_checkpointing="auto" if peft == "prefix" else True)
+    cfg = tiny_config(
+        quantizer=quantizer,
+        peft=peft,
+        trainer={"name": "native", "options": {"batch_size": 4, "max_steps": 5, "lr": 3e-3, "scheduler": "constant", **opts}},
+        evaluate=False,
+        output_dir=str(tmp_path / name),
+        gradient_checkpointing="auto" if peft == "prefix" else True,
+    )
     cfg["model"]["device"] = device
     cfg["data"]["max_train_examples"] = 12
     resolved, reg = orchestrator.prepare(cfg, registry=registry)

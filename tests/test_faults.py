@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 
 import pytest
-from qpeft.io import WriteError, atomic_dir, atomic_write_text
 from transformers.utils import logging as transformers_logging
+
+from qpeft.io import WriteError, atomic_dir, atomic_write_text
 
 # Let transformers attach its log handler to the real stderr now: set up inside a CliRunner
 # invocation it would keep that invocation's (later closed) stream.
@@ -49,8 +50,12 @@ def hidden(root: Path) -> list[str]:
 
 def start(code: str, *args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, **(env or {})}, cwd=cwd,
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
 
 
@@ -190,7 +195,10 @@ def test_enospc_in_atomic_write_text(tmp_path, monkeypatch):
         atomic_write_text(target, "x" * 100_000)
     monkeypatch.undo()
     msg = str(exc.value)
-    assert msg == f"could not write {target}: No space left on device (errno 28); the previous {target} is unchanged; free some space and run again"
+    assert (
+        msg
+        == f"could not write {target}: No space left on device (errno 28); the previous {target} is unchanged; free some space and run again"
+    )
     assert target.read_text() == "old" and hidden(tmp_path) == []
 
 
@@ -203,7 +211,9 @@ def test_enospc_inside_atomic_dir_names_the_folder(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "write", full)
-    with pytest.raises(WriteError, match=rf"could not write {target}: No space left on device \(errno 28\); the previous {target} is unchanged"):
+    with pytest.raises(
+        WriteError, match=rf"could not write {target}: No space left on device \(errno 28\); the previous {target} is unchanged"
+    ):
         with atomic_dir(target) as tmp:
             atomic_write_text(tmp / "qpeft.json", "new")
     monkeypatch.undo()
@@ -233,7 +243,10 @@ def test_file_size_limit_in_the_rust_safetensors_writer(tmp_path):
         (tmp / "adapter_model.safetensors").write_bytes(b"old")
     proc = subprocess.run([sys.executable, "-c", FSIZE, str(target)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"could not write {target}: File too large (errno 27); the previous {target} is unchanged; free some space and run again"
+    assert (
+        proc.stdout.strip()
+        == f"could not write {target}: File too large (errno 27); the previous {target} is unchanged; free some space and run again"
+    )
     assert (target / "adapter_model.safetensors").read_bytes() == b"old" and hidden(tmp_path) == []
 
 
@@ -334,7 +347,13 @@ def test_kill_during_training_keeps_earlier_outputs(earlier_run, tiny_llama_path
     root, out = earlier_run
     before = _earlier(out)
     mark = root / "mark-train"
-    proc = start(DRIVER, "run", str(write_run_config(root, tiny_llama_path, out, 200)), env={"QPEFT_TEST_FAULT": "train", "QPEFT_TEST_MARK": str(mark)}, cwd=root)
+    proc = start(
+        DRIVER,
+        "run",
+        str(write_run_config(root, tiny_llama_path, out, 200)),
+        env={"QPEFT_TEST_FAULT": "train", "QPEFT_TEST_MARK": str(mark)},
+        cwd=root,
+    )
     assert kill_when(proc, mark, 600).startswith("training step 2 of 200")
     assert _earlier(out) == before
     assert hidden(out) == [], hidden(out)
@@ -368,8 +387,9 @@ def test_kill_during_adapter_save_then_a_later_run_works(earlier_run, tiny_llama
 
 def cli_run(config: Path):
     """``qpeft run CONFIG`` in this process (cheaper than a new one when nothing is killed)."""
-    from qpeft import cli
     from typer.testing import CliRunner
+
+    from qpeft import cli
 
     return CliRunner().invoke(cli.app, ["run", str(config)])
 
@@ -390,6 +410,8 @@ def test_disk_full_during_adapter_save(earlier_run, tiny_llama_path, monkeypatch
     result = cli_run(write_run_config(root, tiny_llama_path, out, 1))
     assert result.exit_code == 2, result.output[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: could not write {out / 'adapter'}: No space left on device (errno 28); the previous {out / 'adapter'} is unchanged; free some space and run again"], result.stderr[-2000:]
+    assert errors == [
+        f"error: could not write {out / 'adapter'}: No space left on device (errno 28); the previous {out / 'adapter'} is unchanged; free some space and run again"
+    ], result.stderr[-2000:]
     assert "Traceback" not in result.output
     assert _earlier(out) == before and hidden(out) == []

@@ -9,11 +9,11 @@ What qpeft does not run under FSDP is refused before any weight is loaded."""
 
 import pytest
 import torch
+from test_multi_gpu import _one_vs_two, _run
 
 from qpeft.config import load_config, resolve
 from qpeft.errors import ConfigError
 from qpeft.registry import load_registry
-from test_multi_gpu import _one_vs_two, _run
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +37,24 @@ def _check_fsdp_run(one, two, a, b, rel):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("trainer,quantizer", [("native", "bnb-nf4"), ("hf", "bnb-nf4"), ("native", "none")])
 def test_two_gpu_fsdp2_equals_one_gpu_run(tiny_config, tmp_path, trainer, quantizer):
-    one, two, a, b = _one_vs_two(tiny_config, tmp_path, trainer, quantizer=quantizer, device="cuda", steps=6, examples=24,
-                                 fsdp=True, evaluate=True)
+    one, two, a, b = _one_vs_two(
+        tiny_config, tmp_path, trainer, quantizer=quantizer, device="cuda", steps=6, examples=24, fsdp=True, evaluate=True
+    )
     _check_fsdp_run(one, two, a, b, rel=2e-2)  # bf16 compute, gradients reduced in another order
 
 
 @pytest.mark.parametrize("trainer", ["native", "hf"])
 def test_two_cpu_processes_fsdp2_equal_one_process(tiny_config, tmp_path, trainer):
-    one, two, a, b = _one_vs_two(tiny_config, tmp_path, trainer, quantizer="bnb-nf4", device="cpu", steps=4, examples=16,
-                                 cpu=True, fsdp=True, evaluate=True)
+    one, two, a, b = _one_vs_two(
+        tiny_config, tmp_path, trainer, quantizer="bnb-nf4", device="cpu", steps=4, examples=16, cpu=True, fsdp=True, evaluate=True
+    )
     _check_fsdp_run(one, two, a, b, rel=1e-4)  # float32
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    torch.cuda.device_count() < 2, reason="needs two GPUs")])])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")])],
+)
 def test_fsdp2_native_resume_gives_the_uninterrupted_adapter(tiny_config, tmp_path, device):
     """Checkpoints under FSDP hold the gathered adapter and the full optimizer state; resuming
     from step 4 of 6 (the step-6 checkpoint and the outputs deleted) ends with the same adapter.
@@ -59,9 +63,15 @@ def test_fsdp2_native_resume_gives_the_uninterrupted_adapter(tiny_config, tmp_pa
 
     from safetensors.torch import load_file
 
-    cfg = tiny_config(output_dir=str(tmp_path / "run"), evaluate=False, generate={"max_new_tokens": 2},
-                      trainer={"name": "native", "options": {"batch_size": 2, "max_steps": 6, "save_steps": 2, "lr": 3e-3,
-                                                             "scheduler": "cosine", "warmup_steps": 2}})
+    cfg = tiny_config(
+        output_dir=str(tmp_path / "run"),
+        evaluate=False,
+        generate={"max_new_tokens": 2},
+        trainer={
+            "name": "native",
+            "options": {"batch_size": 2, "max_steps": 6, "save_steps": 2, "lr": 3e-3, "scheduler": "cosine", "warmup_steps": 2},
+        },
+    )
     cfg["model"]["device"] = device
     cfg["data"]["max_train_examples"] = 16
     cpu = device == "cpu"
@@ -121,9 +131,12 @@ def test_fsdp_refuses_what_it_does_not_run(under_fsdp, tiny_config, registry):
     msg = _refused(tiny_config, registry, "quantizer.name", quantizer="bnb-8bit")
     assert "bnb-8bit" in msg and "bnb-nf4" in msg and "none" in msg  # names the valid choices
     assert "lora" in _refused(tiny_config, registry, "peft.name", peft={"name": "prefix"})
-    assert "bfloat16" in _refused(tiny_config, registry, "quantizer.options.quant_storage",
-                                  quantizer={"name": "bnb-nf4", "options": {"quant_storage": "uint8"}})
-    _refused(tiny_config, registry, "quantizer.options.quant_storage", quantizer={"name": "bnb-nf4", "options": {"quant_storage": "float32"}})
+    assert "bfloat16" in _refused(
+        tiny_config, registry, "quantizer.options.quant_storage", quantizer={"name": "bnb-nf4", "options": {"quant_storage": "uint8"}}
+    )
+    _refused(
+        tiny_config, registry, "quantizer.options.quant_storage", quantizer={"name": "bnb-nf4", "options": {"quant_storage": "float32"}}
+    )
     _refused(tiny_config, registry, "trainer.options.save_steps", trainer={"name": "hf", "options": {"save_steps": 2}})
     _resolve(tiny_config, registry, trainer={"name": "native", "options": {"save_steps": 2}})  # native checkpoints under FSDP
     for key, value in (("loss", "chunked"), ("compile", True), ("liger", "on")):

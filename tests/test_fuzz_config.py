@@ -29,14 +29,15 @@ import yaml
 from transformers.utils import logging as transformers_logging
 
 hypothesis = pytest.importorskip("hypothesis")
+from conftest import WeightWatch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
-from conftest import WeightWatch
+from typer.testing import CliRunner
+
 from qpeft import capability_table, cli, orchestrator
 from qpeft.config import INT64_MAX, RunConfig
 from qpeft.registry import load_registry
-from typer.testing import CliRunner
 
 # Let transformers attach its log handler to the real stderr now: set up inside a CliRunner
 # invocation it would keep that invocation's (later closed) stream.
@@ -153,7 +154,10 @@ def _bounds(field) -> dict:
 
 
 NOT_NUMBER = st.text(max_size=12).map(lambda s: "x" + s)  # never parses as a number, bool or name
-CONTAINERS = st.one_of(st.lists(st.integers(), min_size=1, max_size=3), st.dictionaries(st.text("abc", min_size=1, max_size=3), st.integers(), min_size=1, max_size=2))
+CONTAINERS = st.one_of(
+    st.lists(st.integers(), min_size=1, max_size=3),
+    st.dictionaries(st.text("abc", min_size=1, max_size=3), st.integers(), min_size=1, max_size=2),
+)
 HUGE = st.sampled_from([10**30, -(10**30), INT64_MAX + 1, -(INT64_MAX + 2)])
 NONFINITE = st.sampled_from([math.nan, math.inf, -math.inf])
 
@@ -173,7 +177,11 @@ def invalid_values(field) -> st.SearchStrategy | None:
         return None
     if kinds == {bool} or kinds == {bool} | set():
         if bool in kinds and not literals:
-            options += [NOT_NUMBER, st.integers().filter(lambda i: i not in (0, 1)), st.floats(allow_nan=False).filter(lambda x: x not in (0.0, 1.0))]
+            options += [
+                NOT_NUMBER,
+                st.integers().filter(lambda i: i not in (0, 1)),
+                st.floats(allow_nan=False).filter(lambda x: x not in (0.0, 1.0)),
+            ]
         elif bool in kinds:  # bool | Literal["auto"]
             options += [NOT_NUMBER.filter(lambda s: s not in literals), st.integers(min_value=2)]
     elif int in kinds and not literals:
@@ -199,8 +207,11 @@ def invalid_values(field) -> st.SearchStrategy | None:
         if b.get("min_length"):
             options.append(st.just(""))
     elif literals and not kinds:
-        options += [NOT_NUMBER.filter(lambda s: s not in literals), st.integers().filter(lambda i: i not in literals),
-                    st.booleans().filter(lambda b: b not in literals)]
+        options += [
+            NOT_NUMBER.filter(lambda s: s not in literals),
+            st.integers().filter(lambda i: i not in literals),
+            st.booleans().filter(lambda b: b not in literals),
+        ]
     elif any(typing.get_origin(m) is list for m in members):  # list[str] | None | Literal[...]
         options += [st.integers(), NOT_NUMBER.filter(lambda s: s not in literals), st.lists(st.integers(), min_size=1, max_size=2)]
     else:
@@ -344,10 +355,17 @@ def test_several_invalid_values_still_one_line(workdir, data):
 # ---------------------------------------------------------------------------- arbitrary input
 
 YAML_SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(), HUGE, st.floats(), st.text(max_size=20),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    HUGE,
+    st.floats(),
+    st.text(max_size=20),
     st.sampled_from(["auto", "cpu", "cuda", "lora", "bnb-nf4", "hf", "smollm2", "", "~", "null", "1e400", "-0", "0x1F"]),
 )
-YAML_VALUES = st.recursive(YAML_SCALARS, lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=8), c, max_size=3)), max_leaves=8)
+YAML_VALUES = st.recursive(
+    YAML_SCALARS, lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=8), c, max_size=3)), max_leaves=8
+)
 
 
 @st.composite
@@ -387,11 +405,16 @@ BASE_TEXT = "quantizer: none\npeft: lora\ntrainer: hf\nmodel: {device: cpu}\n"
     sets=st.lists(
         st.one_of(
             st.text(max_size=30),
-            st.tuples(st.sampled_from([".".join(p) for p, _ in fields_for(
-                {k: {"name": NAMES[k][0]} for k in ("quantizer", "peft", "trainer")})] + ["quantizer", "peft", "x.y", ".", "a..b"]),
-                st.text(max_size=15)).map("=".join),
+            st.tuples(
+                st.sampled_from(
+                    [".".join(p) for p, _ in fields_for({k: {"name": NAMES[k][0]} for k in ("quantizer", "peft", "trainer")})]
+                    + ["quantizer", "peft", "x.y", ".", "a..b"]
+                ),
+                st.text(max_size=15),
+            ).map("=".join),
         ),
-        min_size=1, max_size=3,
+        min_size=1,
+        max_size=3,
     )
 )
 def test_arbitrary_set_overrides_never_crash(workdir, sets):
@@ -399,7 +422,9 @@ def test_arbitrary_set_overrides_never_crash(workdir, sets):
     outcome(invoke(workdir, BASE_TEXT, "--check", *args), "arbitrary --set overrides", allow_ok=True)
 
 
-PATH_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00"), min_size=1, max_size=40).filter(lambda s: s not in (".", ".."))
+PATH_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00"), min_size=1, max_size=40).filter(
+    lambda s: s not in (".", "..")
+)
 
 
 @fuzz_settings(30)
@@ -439,8 +464,12 @@ def expected_refusal(q, p, t, gc, device, packing) -> str | None:
 
 @fuzz_settings(100)
 @given(
-    q=st.sampled_from(NAMES["quantizer"]), p=st.sampled_from(NAMES["peft"]), t=st.sampled_from(NAMES["trainer"]),
-    gc=st.sampled_from(GC), device=st.sampled_from(DEVICES), packing=st.booleans(),
+    q=st.sampled_from(NAMES["quantizer"]),
+    p=st.sampled_from(NAMES["peft"]),
+    t=st.sampled_from(NAMES["trainer"]),
+    gc=st.sampled_from(GC),
+    device=st.sampled_from(DEVICES),
+    packing=st.booleans(),
 )
 def test_combinations_follow_declared_capabilities(workdir, q, p, t, gc, device, packing):
     data = {"quantizer": q, "peft": p, "trainer": t, "gradient_checkpointing": gc, "model": {"device": device}}
@@ -508,9 +537,13 @@ def test_missing_unicode_model_paths_fail_before_weights(workdir, model_name, ou
     """Through the real orchestrator.run: a model folder that does not exist (unicode names)
     is a one-line exit 2 before any weight loads; the unicode output folder is written."""
     watch = WeightWatch()
-    data = {"quantizer": "none", "peft": "lora", "trainer": "hf",
-            "model": {"name_or_path": f"{workdir}/no-such-dir/{model_name}", "device": "cpu"},
-            "output_dir": str(workdir / "out" / out_name)}
+    data = {
+        "quantizer": "none",
+        "peft": "lora",
+        "trainer": "hf",
+        "model": {"name_or_path": f"{workdir}/no-such-dir/{model_name}", "device": "cpu"},
+        "output_dir": str(workdir / "out" / out_name),
+    }
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(orchestrator, "run", _REAL_RUN)
         mp.setattr(cli, "_registry", lambda extra=(): load_registry([*extra, watch]))
@@ -528,10 +561,18 @@ def test_missing_unicode_model_paths_fail_before_weights(workdir, model_name, ou
 SUBPROCESS_CASES = [
     ("quantizer: none\npeft: lora\ntrainer: {name: hf, options: {lr: .inf}}\n", [], "trainer.options.lr"),
     ("quantizer: none\npeft: lora\ntrainer: hf\nseed: 1.0e+30\n", [], "seed"),
-    ("quantizer: none\npeft: lora\ntrainer: hf\ngradient_checkpointing: maybe\n", [], "gradient_checkpointing: Input should be a valid boolean"),
+    (
+        "quantizer: none\npeft: lora\ntrainer: hf\ngradient_checkpointing: maybe\n",
+        [],
+        "gradient_checkpointing: Input should be a valid boolean",
+    ),
     ("quantizer: none\npeft: prefix\ntrainer: hf\ngradient_checkpointing: true\nmodel: {device: cpu}\n", [], "gradient_checkpointing"),
     ("quantizer: none\npeft: lora\ntrainer: hf\n", ["--set", "peft.options.target_modules=[1]"], "peft.options.target_modules"),
-    ("quantizer: none\npeft: lora\ntrainer: hf\n", ["--set", "seed=[/bold] x"], "seed: Input should be a valid integer, unable to parse string as an integer (got '[/bold] x')"),
+    (
+        "quantizer: none\npeft: lora\ntrainer: hf\n",
+        ["--set", "seed=[/bold] x"],
+        "seed: Input should be a valid integer, unable to parse string as an integer (got '[/bold] x')",
+    ),
     ("\x00\x01\x02 binary", [], "not valid YAML"),
 ]
 

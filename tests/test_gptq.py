@@ -164,8 +164,10 @@ def test_quantize_shrinks_weight_memory(quantized, tiny_path, cache):
     fp = fp_model(tiny_path)
     q_bytes = sum(b.numel() * b.element_size() for m in quant_layers(model).values() for b in m.buffers())
     fp_bytes = sum(fp.get_submodule(n).weight.numel() * 4 for n in quant_layers(model))
-    print(f"\n[gptq] linear weights {fp_bytes} B fp32 -> {q_bytes} B GPTQ ({q_bytes / fp_bytes:.3f}); "
-          f"model footprint {fp.get_memory_footprint()} -> {model.get_memory_footprint()} B; quantize {seconds:.1f}s")
+    print(
+        f"\n[gptq] linear weights {fp_bytes} B fp32 -> {q_bytes} B GPTQ ({q_bytes / fp_bytes:.3f}); "
+        f"model footprint {fp.get_memory_footprint()} -> {model.get_memory_footprint()} B; quantize {seconds:.1f}s"
+    )
     assert q_bytes < 0.16 * fp_bytes  # 4 bit/weight + fp16 scales + int32 g_idx: measured 0.144
     assert model.get_memory_footprint() < 0.5 * fp.get_memory_footprint()  # embeddings/head stay fp32
     assert any("quantized" in n and "cached at" in n for n in notes)
@@ -187,8 +189,10 @@ def test_logits_close_to_full_precision(quantized, tiny_path, batch):
     kernel_err = float((lq - lref).abs().max())
     quant_rel = float((lq - lf).norm() / lf.norm())
     quant_max = float((lq - lf).abs().max())
-    print(f"\n[gptq] logits vs fp32: max |d| {quant_max:.4f} (max |logit| {lf.abs().max():.3f}), "
-          f"rel L2 {quant_rel:.4f}; vs dequantized-weight reference: max |d| {kernel_err:.2e}")
+    print(
+        f"\n[gptq] logits vs fp32: max |d| {quant_max:.4f} (max |logit| {lf.abs().max():.3f}), "
+        f"rel L2 {quant_rel:.4f}; vs dequantized-weight reference: max |d| {kernel_err:.2e}"
+    )
     # The kernel computes exactly what its dequantized weights say...
     assert kernel_err < 1e-4
     # ...and 4-bit GPTQ of random weights moves logits by ~17% (measured rel 0.16, max 0.19).
@@ -265,8 +269,10 @@ def test_cached_checkpoint_reloads_with_identical_logits(quantized, cache, tiny_
     fast = Gptq().load(tiny_path, opts(), ctx, training=False)
     assert {type(m).__name__ for m in quant_layers(fast).values()} == {"TorchAtenLinear"}
     d_fast = float((logits(fast, batch) - before).abs().max())
-    print(f"\n[gptq] reload from cache {reload_s:.1f}s (quantize {seconds:.1f}s): max |d| {d_cache:.1e}; "
-          f"quantized_path {d_path:.1e}; inference kernel {d_fast:.1e}")
+    print(
+        f"\n[gptq] reload from cache {reload_s:.1f}s (quantize {seconds:.1f}s): max |d| {d_cache:.1e}; "
+        f"quantized_path {d_path:.1e}; inference kernel {d_fast:.1e}"
+    )
     assert d_cache == 0.0 and d_path == 0.0
     assert d_fast < 0.05
 
@@ -350,7 +356,12 @@ def test_check_refuses_dora(tiny_path, tmp_path):
 
 def test_resolve_reports_missing_calibration(tiny_path):
     cfg = load_config(
-        {"model": tiny_path, "quantizer": {"name": "gptq", "options": {"calibration": "/no/such/file.jsonl"}}, "peft": "lora", "trainer": "hf"}
+        {
+            "model": tiny_path,
+            "quantizer": {"name": "gptq", "options": {"calibration": "/no/such/file.jsonl"}},
+            "peft": "lora",
+            "trainer": "hf",
+        }
     )
     with pytest.raises(ConfigError) as e:
         resolve(cfg, load_registry(), device="cpu")

@@ -31,22 +31,33 @@ def test_gpu_run_trains_saves_reloads(quantizer, tiny_config, registry):
 
 def test_gpu_nf4_lora_gradients_match_dequantized_reference(tiny_llama_path, tmp_path, registry):
     import bitsandbytes as bnb
+    from test_bnb_guard import _lora_grads_vs_reference
     from transformers import AutoModelForCausalLM
 
-    from test_bnb_guard import _lora_grads_vs_reference
-
-    cfg = {"model": {"name_or_path": tiny_llama_path, "device": "cuda", "dtype": "float32"}, "quantizer": "bnb-nf4",
-           "peft": "lora", "trainer": "hf", "output_dir": str(tmp_path)}
+    cfg = {
+        "model": {"name_or_path": tiny_llama_path, "device": "cuda", "dtype": "float32"},
+        "quantizer": "bnb-nf4",
+        "peft": "lora",
+        "trainer": "hf",
+        "output_dir": str(tmp_path),
+    }
     resolved, _ = orchestrator.prepare(cfg, registry=registry)
     ctx = orchestrator._context(resolved, registry)
     model = resolved.quantizer.load(tiny_llama_path, resolved.quantizer_options, ctx, training=True)
-    batch = {"input_ids": torch.randint(3, 500, (2, 16), device="cuda"), "attention_mask": torch.ones(2, 16, dtype=torch.long, device="cuda")}
+    batch = {
+        "input_ids": torch.randint(3, 500, (2, 16), device="cuda"),
+        "attention_mask": torch.ones(2, 16, dtype=torch.long, device="cuda"),
+    }
     model.eval()
     with torch.no_grad():
         model(**batch)
     resolved.quantizer.ensure_training_kernels(model, resolved.quantizer_options)
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32).cuda()
-    deq = {n: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    deq = {
+        n: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
+        for n, m in model.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    }
     for n, m in ref.named_modules():
         if n in deq:
             m.weight.data.copy_(deq[n])
@@ -57,8 +68,13 @@ def test_gpu_gptq_inference_load_of_embedded_model(embedded_model_path, registry
     """The embedded SmolLM2 (576-wide layers) quantized with group 128 loads for inference on CUDA
     (gptqmodel's own choice, Marlin, refuses those layers) and gives finite logits."""
     pytest.importorskip("gptqmodel")
-    cfg = {"model": {"name_or_path": embedded_model_path, "device": "cuda", "dtype": "bfloat16"}, "quantizer": "gptq",
-           "peft": "lora", "trainer": "hf", "output_dir": str(tmp_path)}
+    cfg = {
+        "model": {"name_or_path": embedded_model_path, "device": "cuda", "dtype": "bfloat16"},
+        "quantizer": "gptq",
+        "peft": "lora",
+        "trainer": "hf",
+        "output_dir": str(tmp_path),
+    }
     resolved, _ = orchestrator.prepare(cfg, registry=registry)
     ctx = orchestrator._context(resolved, registry)
     model = resolved.quantizer.load(embedded_model_path, resolved.quantizer_options, ctx, training=False)

@@ -3,13 +3,12 @@ the tiny Llama: train (loss down, base untouched), save, reload (same logits), a
 mergeable. docs/methods.md is generated from the same capabilities, so each "yes" is a test."""
 
 import pytest
+from conftest import tol
 
 import qpeft
 from qpeft import capability_table, orchestrator
 from qpeft.registry import load_registry
 from qpeft.testing import flat_tensors, same_tensors
-
-from conftest import tol
 
 REGISTRY = load_registry()
 CELLS = capability_table.table(REGISTRY)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+
 def _free_port() -> int:
     import socket
 
@@ -22,16 +23,34 @@ def _free_port() -> int:
 
 #: accelerate launch flags for FSDP2 as docs/training.md gives them (qpeft does its own
 #: activation checkpointing; each rank loads its own copy, so no rank-0-only loading).
-FSDP2_FLAGS = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-               "--fsdp_reshard_after_forward", "true", "--fsdp_state_dict_type", "FULL_STATE_DICT",
-               "--fsdp_cpu_ram_efficient_loading", "false", "--fsdp_activation_checkpointing", "false"]
+FSDP2_FLAGS = [
+    "--use_fsdp",
+    "--fsdp_version",
+    "2",
+    "--fsdp_auto_wrap_policy",
+    "TRANSFORMER_BASED_WRAP",
+    "--fsdp_reshard_after_forward",
+    "true",
+    "--fsdp_state_dict_type",
+    "FULL_STATE_DICT",
+    "--fsdp_cpu_ram_efficient_loading",
+    "false",
+    "--fsdp_activation_checkpointing",
+    "false",
+]
 #: What those flags put in the ranks' environment, for CPU processes started by torchrun (with
 #: tests/fsdp_on_cpu, which lets accelerate keep FSDP on CPUs).
-FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-             "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
-             "FSDP_CPU_RAM_EFFICIENT_LOADING": "false", "FSDP_ACTIVATION_CHECKPOINTING": "false",
-             "QPEFT_FSDP_ON_CPU": "1", "PYTHONPATH": os.pathsep.join(filter(None, [os.path.join(os.path.dirname(__file__), "fsdp_on_cpu"),
-                                                                                os.environ.get("PYTHONPATH")]))}
+FSDP2_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_RESHARD_AFTER_FORWARD": "true",
+    "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+    "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
+    "FSDP_ACTIVATION_CHECKPOINTING": "false",
+    "QPEFT_FSDP_ON_CPU": "1",
+    "PYTHONPATH": os.pathsep.join(filter(None, [os.path.join(os.path.dirname(__file__), "fsdp_on_cpu"), os.environ.get("PYTHONPATH")])),
+}
 
 
 def _run(cfg: dict, tmp_path, name: str, processes: int, cpu: bool = False, fsdp: bool = False, args=(), ok: bool = True):
@@ -43,11 +62,40 @@ def _run(cfg: dict, tmp_path, name: str, processes: int, cpu: bool = False, fsdp
     elif cpu:
         if fsdp:
             env.update(FSDP2_ENV)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(_free_port()),
-               "-m", "qpeft", "run", str(path), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "qpeft",
+            "run",
+            str(path),
+            *args,
+        ]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *(FSDP2_FLAGS if fsdp else ["--multi_gpu"]), "--num_machines", "1",
-               "--num_processes", str(processes), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qpeft", "run", str(path), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            *(FSDP2_FLAGS if fsdp else ["--multi_gpu"]),
+            "--num_machines",
+            "1",
+            "--num_processes",
+            str(processes),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "qpeft",
+            "run",
+            str(path),
+            *args,
+        ]
     if not cpu:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(processes))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -63,8 +111,12 @@ def _one_vs_two(tiny_config, tmp_path, trainer, *, quantizer, device, steps, exa
     and their per-step losses, after the checks every device shares (steps and tokens equal)."""
 
     def cfg(name, per_rank):
-        c = tiny_config(quantizer=quantizer, output_dir=str(tmp_path / name), evaluate=evaluate,
-                        trainer={"name": trainer, "options": {"batch_size": per_rank, "max_steps": steps, "lr": 3e-3, "scheduler": "constant"}})
+        c = tiny_config(
+            quantizer=quantizer,
+            output_dir=str(tmp_path / name),
+            evaluate=evaluate,
+            trainer={"name": trainer, "options": {"batch_size": per_rank, "max_steps": steps, "lr": 3e-3, "scheduler": "constant"}},
+        )
         c["model"]["device"] = device
         c["data"]["max_train_examples"] = examples
         if cpu:

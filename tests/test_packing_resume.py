@@ -115,7 +115,10 @@ def test_pack_restarts_positions_and_never_targets_a_document_start(tiny):
 def _cfg(tiny_config, tmp_path, trainer, name, **opts):
     cfg = tiny_config(
         quantizer="none",
-        trainer={"name": trainer, "options": {"batch_size": 2, "max_steps": 6, "lr": 3e-3, "scheduler": "cosine", "warmup_steps": 1, **opts}},
+        trainer={
+            "name": trainer,
+            "options": {"batch_size": 2, "max_steps": 6, "lr": 3e-3, "scheduler": "cosine", "warmup_steps": 1, **opts},
+        },
         evaluate=False,
         output_dir=str(tmp_path / name),
     )

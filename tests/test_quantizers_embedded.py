@@ -29,8 +29,14 @@ BOUNDS = {"bnb-8bit": (0.45, 1.05), "bnb-nf4": (0.35, 1.45), "bnb-fp4": (0.35, 1
 def setup(embedded_model_path):
     registry = load_registry()
     tok, _ = load_tokenizer(embedded_model_path)
-    cfg = load_config({"quantizer": "none", "peft": "lora", "trainer": "hf",
-                       "data": {"path": "embedded:text", "max_val_examples": None, "max_length": 256}})
+    cfg = load_config(
+        {
+            "quantizer": "none",
+            "peft": "lora",
+            "trainer": "hf",
+            "data": {"path": "embedded:text", "max_val_examples": None, "max_length": 256},
+        }
+    )
     _, val_rows, fmt = load_records(cfg.data)
     val, n = [], 0
     for ex in tokenize(val_rows, fmt, tok, 256):

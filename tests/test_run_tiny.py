@@ -6,13 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tol
 from safetensors.torch import load_file
 
 from qpeft import orchestrator
 from qpeft.errors import ConfigError, QpeftError
 from qpeft.registry import load_registry
-
-from conftest import tol
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +76,9 @@ def test_generate_cli_rebuilds_base_from_metadata(nf4_run):
     _, out = nf4_run
     proc = subprocess.run(
         [sys.executable, "-m", "qpeft", "generate", "--adapter", str(out / "adapter"), "--prompt", "Hi", "--max-new-tokens", "4"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "tokens/s" in proc.stderr and "bnb-nf4" in proc.stderr
@@ -129,7 +130,9 @@ def test_qpeft_lora_loads_in_plain_peft(nf4_run, registry, tiny_llama_path):
     _, out = nf4_run
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32).to(device), out / "adapter")
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32).to(device), out / "adapter"
+    )
     ours = _qpeft_model(str(out / "adapter"), registry, ["quantizer=none", "model.dtype=float32"])
     assert torch.allclose(_plain_logits(plain, ids.to(device)), _plain_logits(ours, ids.to(device)), atol=1e-5)
 
@@ -155,7 +158,11 @@ def test_adapter_for_another_base_is_a_clear_error(nf4_run, registry, tmp_path, 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     _, out = nf4_run
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=49152, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        )
+    )
     other.save_pretrained(tmp_path / "other")
     AutoTokenizer.from_pretrained(tiny_llama_path).save_pretrained(tmp_path / "other")
     with pytest.raises(QpeftError, match=r"does not load on base .*other.*size mismatch"):
@@ -182,8 +189,12 @@ def test_qpeft_prefix_loads_in_plain_peft(tiny_config, registry, tiny_llama_path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(quantizer="none", peft={"name": "prefix", "options": {"num_virtual_tokens": 4}}, evaluate=False,
-                      model={"name_or_path": tiny_llama_path, "device": "cpu"})
+    cfg = tiny_config(
+        quantizer="none",
+        peft={"name": "prefix", "options": {"num_virtual_tokens": 4}},
+        evaluate=False,
+        model={"name_or_path": tiny_llama_path, "device": "cpu"},
+    )
     cfg["trainer"]["options"].update(max_steps=2, lr=3e-2)
     resolved, reg = orchestrator.prepare(cfg, registry=registry)
     orchestrator.run(resolved, reg)

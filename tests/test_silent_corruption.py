@@ -33,17 +33,22 @@ def nf4_adapter(tiny_llama_path, tmp_path_factory):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32)
     get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False)).save_pretrained(out)
-    (out / "qpeft.json").write_text(json.dumps({
-        "model": {"name_or_path": tiny_llama_path, "device": "cpu", "dtype": "float32"},
-        "quantizer": {"name": "bnb-nf4", "options": {}},
-        "peft": {"name": "lora", "options": {}},
-    }))
+    (out / "qpeft.json").write_text(
+        json.dumps(
+            {
+                "model": {"name_or_path": tiny_llama_path, "device": "cpu", "dtype": "float32"},
+                "quantizer": {"name": "bnb-nf4", "options": {}},
+                "peft": {"name": "lora", "options": {}},
+            }
+        )
+    )
     return out
 
 
 def _merged_weights(adapter, out, registry):
-    from qpeft import orchestrator
     from safetensors.torch import load_file
+
+    from qpeft import orchestrator
 
     result = orchestrator.merge(str(adapter), str(out), registry, overrides=["model.device=cpu"])
     return result, load_file(str(out / "model.safetensors"))
@@ -77,11 +82,14 @@ def test_merge_after_eval_forward_on_4bit(nf4_adapter, tmp_path, monkeypatch):
 
 def test_autocast_wrapper_left_by_accelerate_is_removed():
     from accelerate import Accelerator
-    from qpeft.modeling import release_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from qpeft.modeling import release_model
+
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    )
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         fp32 = model(input_ids=ids).logits

@@ -14,8 +14,15 @@ def registry():
 
 
 def _losses(tiny_config, registry, trainer, tmp_path, **opts):
-    cfg = tiny_config(quantizer="none", trainer={"name": trainer, "options": {"batch_size": 4, "max_steps": 6, "lr": 3e-3, "scheduler": "cosine", "warmup_steps": 1, **opts}},
-                      evaluate=False, output_dir=str(tmp_path / trainer))
+    cfg = tiny_config(
+        quantizer="none",
+        trainer={
+            "name": trainer,
+            "options": {"batch_size": 4, "max_steps": 6, "lr": 3e-3, "scheduler": "cosine", "warmup_steps": 1, **opts},
+        },
+        evaluate=False,
+        output_dir=str(tmp_path / trainer),
+    )
     cfg["data"]["max_train_examples"] = 10
     resolved, reg = orchestrator.prepare(cfg, registry=registry)
     s = orchestrator.run(resolved, reg)
