@@ -36,7 +36,7 @@ PATHS = ("recipe-nf4", "qpeft-nf4", "recipe-int8", "qpeft-int8")
 #: "cpu" only for a smoke test of this script on a tiny model (timings meaningless there).
 DEVICE = os.environ.get("SEED_RECIPE_DEVICE", "cuda")
 BATCH, SEQ = 4, 1024
-H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM (the issue quotes ~790 measured)
+H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM (the recipe's reference figures quote ~790 measured)
 
 
 class _Profiler:
