@@ -267,7 +267,7 @@ def main() -> None:
     tag = "h100" if "H100" in device else "".join(c for c in device.lower() if c.isalnum())[:16]
     entries = {}
     previous = out / f"seed_recipe_{tag}.json"
-    if args.append and previous.is_file():  # paths measured by an earlier call on this card
+    if args.append and previous.is_file():  # paths measured by an earlier run on this card
         entries = {e["path"]: e for e in json.loads(previous.read_text())["paths"]}
     for name in args.paths.split(","):
         result = Path(f"/tmp/seed_recipe_{name}.json")
@@ -281,7 +281,7 @@ def main() -> None:
             continue
         entries[name] = _summarise(name, json.loads(result.read_text()), args.warmup, n_params, H100_BF16_TFLOPS)
         print(json.dumps({k: v for k, v in entries[name].items() if k != "losses"}), flush=True)
-        _write_report(entries, args, device, n_params, out, tag)  # after every path: a cut-off call keeps what ran
+        _write_report(entries, args, device, n_params, out, tag)  # after every path: a run cut off keeps what ran
 
 
 def _write_report(entries, args, device, n_params, out, tag) -> None:
