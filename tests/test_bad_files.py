@@ -1,4 +1,4 @@
-"""Bad files (issue 10): truncated or corrupt safetensors, broken model configs, pickle
+"""Bad files: truncated or corrupt safetensors, broken model configs, pickle
 checkpoints, adapters for another base, a missing tokenizer, models that need remote code,
 hub ids while offline. Each must end with exit status 2 and one error line that names the
 file and says what to do — and, where the problem can be seen from the files, before any

@@ -1,4 +1,4 @@
-"""Fault injection (issue 10): ``kill -9`` during training and during the adapter save, a
+"""Fault injection: ``kill -9`` during training and during the adapter save, a
 full disk during the save, and kills at every step of qpeft's atomic writer.
 
 Afterwards every earlier output must be intact (byte for byte), nothing half-written may be
@@ -9,9 +9,9 @@ wrapper around qpeft's own save) and the test kills it there. Disk full is real:
 answers ENOSPC (a file that is ``/dev/full``) or EFBIG (``RLIMIT_FSIZE``), or, in-process,
 ``os.write`` raises ENOSPC after writing part of the data.
 
-Not here yet (docs/reliability.md lists them as TODO): kill -9 while a training checkpoint
-is written and ``--resume`` afterwards (issue 6), kill -9 and out-of-memory in a ``qpeft
-bench`` cell (issue 7).
+Elsewhere: kill -9 while a training checkpoint is written and ``--resume`` afterwards
+(tests/test_packing_resume.py), kill -9 and out-of-memory in a ``qpeft bench`` cell
+(tests/test_bench_faults.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Config fuzzing (issue 10): property-based tests feed invalid and edge-case configs to the
+"""Config fuzzing: property-based tests feed invalid and edge-case configs to the
 entry point of ``qpeft run`` (``qpeft.cli.app`` through typer's CliRunner, in-process).
 
 Every invalid config must end with exit status 2 and exactly one line on stderr, never a

@@ -1,4 +1,4 @@
-"""The same flows on a CUDA device (skipped on CPU machines; run on the H100 via the device tool)."""
+"""The same flows on a CUDA device (skipped on CPU machines; run on GPU machines by scripts/gpu/test.sh)."""
 
 import pytest
 import torch
