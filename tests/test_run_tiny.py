@@ -97,6 +97,34 @@ def test_merge_into_dequantized_weights(nf4_run, registry, tmp_path):
         orchestrator.merge(str(out / "adapter"), str(tmp_path / "merged"), registry)
 
 
+def test_merge_reference_runs_on_the_training_kernels(nf4_run, registry):
+    """The merge is verified against the adapter on the kernels it was trained on. bnb's CPU
+    inference kernel on AVX512-BF16 CPUs (emulated here where the CPU lacks it) repacks the
+    4-bit weights with bf16-rounded scales: 2.8e-3 to 6.4e-3 in logits, which failed merges
+    of correct weights on those CPUs."""
+    import bitsandbytes as bnb
+    import torch
+
+    from qpeft.modeling import logits_for
+
+    _, out = nf4_run
+    resolved = orchestrator.resolve_from_adapter(out / "adapter", registry)
+    ctx = orchestrator._context(resolved, registry)
+    probe = torch.arange(3, 40).tolist()
+
+    def repacked_after_forward(**kw) -> bool:
+        model = orchestrator.load_for_inference(out / "adapter", resolved, registry, ctx, **kw)
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        if not kw:  # what bnb does on an AVX512-BF16 CPU
+            for m in layers:
+                m.support_avx512bf16_for_cpu = True
+        logits_for(model, {"input_ids": probe, "labels": probe}, 0)
+        return any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+
+    assert repacked_after_forward(), "bnb no longer repacks on AVX512-BF16 CPUs: the merge reference guard may go"
+    assert not repacked_after_forward(training_kernels=True)
+
+
 def test_unknown_target_module_lists_candidates(tiny_config, registry):
     cfg = tiny_config(peft={"name": "lora", "options": {"target_modules": ["qkv_proj"]}}, quantizer="none", evaluate=False)
     resolved, reg = orchestrator.prepare(cfg, registry=registry)
