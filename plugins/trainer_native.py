@@ -223,10 +223,9 @@ def _full_state(model, trainable: dict, optimizer, sharded: bool) -> tuple[dict,
 def _load_sharded_optimizer(path: Path, model, optimizer) -> None:
     """Under FSDP, after ``prepare``: every rank loads the full optimizer state of a checkpoint and
     keeps its own shard of it."""
-    import torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    state = torch.load(path / OPTIMIZER_FILE[True], weights_only=True)
+    state = _load_tensors(path / OPTIMIZER_FILE[True])
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 
@@ -251,6 +250,19 @@ def _save_state(path: Path, trainable: dict, optim_state: dict, scheduler, step:
         mark_complete(tmp, step=step, trainer="native", config_fingerprint=fingerprint(ctx.config))
 
 
+def _load_tensors(file: Path):
+    """``torch.load`` restricted to tensors and plain containers; anything else is refused."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(file, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        first = next((l for l in str(exc).splitlines() if l.strip()), type(exc).__name__)
+        raise ConfigError("--resume", f"{file} is not a checkpoint file qpeft wrote (refused to load it: {first[:200]})") from None
+
+
 def _load_state(path: Path, trainable: dict, optimizer, scheduler, sharded: bool) -> int:
     """Restore a checkpoint written by :func:`_save_state`; return its step. ``sharded`` (FSDP):
     the optimizer state is left for :func:`_load_sharded_optimizer`, once the model is sharded."""
@@ -271,10 +283,12 @@ def _load_state(path: Path, trainable: dict, optimizer, scheduler, sharded: bool
     if not (path / OPTIMIZER_FILE[sharded]).is_file():
         made, now = ("without", "under") if sharded else ("under", "without")
         raise ConfigError("--resume", f"{path} was written {made} FSDP; resume it {made} FSDP, not {now}")
+    # A checkpoint folder is data: every pickle is read with weights_only=True (tensors and plain
+    # containers only), so a planted file cannot run code.
     if not sharded:
-        optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE[False], weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=False)  # python's RNG state is a tuple; qpeft wrote it
+        optimizer.load_state_dict(_load_tensors(path / OPTIMIZER_FILE[False]))
+    scheduler.load_state_dict(_load_tensors(path / "scheduler.pt"))
+    rng = _load_tensors(path / "rng.pt")
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if "cuda" in rng and torch.cuda.is_available():

@@ -277,3 +277,38 @@ def test_chunked_loss_reenters_autocast():
         ref = torch.nn.functional.cross_entropy(head(hidden).float(), labels, ignore_index=IGNORE, reduction="sum")
     assert got.item() == pytest.approx(ref.item(), rel=1e-3)
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file named in ``__reduce__``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("planted", ["rng.pt", "scheduler.pt", "optimizer.pt"])
+def test_resume_never_unpickles_code_from_a_checkpoint(tmp_path, planted):
+    """A checkpoint folder is data: a planted pickle is refused with one line and never runs."""
+    import torch
+    from safetensors.torch import save_file
+
+    from qpeft.errors import ConfigError
+    from qpeft.plugins import trainer_native
+
+    p = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([p])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    ckpt = tmp_path / "checkpoint-1"
+    ckpt.mkdir()
+    save_file({"w": torch.ones(2)}, str(ckpt / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), ckpt / "optimizer.pt")
+    torch.save(scheduler.state_dict(), ckpt / "scheduler.pt")
+    torch.save({"torch": torch.get_rng_state(), "python": __import__("random").getstate()}, ckpt / "rng.pt")
+    marker = tmp_path / "code-ran"
+    torch.save({"state": _Payload(marker)}, ckpt / planted)
+    with pytest.raises(ConfigError, match=rf"{planted} is not a checkpoint file qpeft wrote"):
+        trainer_native._load_state(ckpt, {"w": p}, optimizer, scheduler, sharded=False)
+    assert not marker.exists()
