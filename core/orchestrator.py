@@ -10,13 +10,13 @@ reload on a fresh quantized base → check logits → generate.
 from __future__ import annotations
 
 import gc
-import json
 import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__, capability_table
+from .adapter_source import METADATA_FILE, absolute_base, read_adapter_metadata, trusted_run_sections
 from .checkpoint import find_resume_point
 from .config import ResolvedRun, RunConfig, dump_yaml, load_config, resolve
 from .context import RunContext
@@ -41,7 +41,6 @@ from .modeling import (
 from .registry import Registry, load_registry
 from .tokenizer import load_tokenizer
 
-METADATA_FILE = "qpeft.json"
 Say = Callable[[str], None]
 
 
@@ -256,8 +255,8 @@ def save_adapter(model, peft, adapter_dir: Path, resolved: ResolvedRun, summary:
     """Write the adapter (PEFT format, safetensors) plus qpeft's metadata, atomically."""
     meta = {
         "qpeft_version": __version__,
-        "base_model": resolved.config.model.name_or_path,
-        "model": resolved.config.model.model_dump(mode="json"),
+        "base_model": absolute_base(resolved.config.model.name_or_path),
+        "model": {**resolved.config.model.model_dump(mode="json"), "name_or_path": absolute_base(resolved.config.model.name_or_path)},
         "quantizer": {"name": resolved.quantizer.name, "options": resolved.quantizer_options.model_dump(mode="json")},
         "peft": {"name": resolved.peft.name, "options": resolved.peft_options.model_dump(mode="json")},
         "dtype": resolved.dtype,
@@ -269,38 +268,6 @@ def save_adapter(model, peft, adapter_dir: Path, resolved: ResolvedRun, summary:
             raise QpeftError(f"{peft.name} wrote a pickle file; qpeft saves safetensors only")
         atomic_write_json(tmp / METADATA_FILE, meta)
         atomic_write_text(tmp / "resolved_config.yaml", dump_yaml(resolved.to_dict()))
-
-
-#: peft_type in adapter_config.json -> qpeft PEFT plugin, for adapters trained with plain peft.
-PEFT_TYPES = {"LORA": "lora", "PREFIX_TUNING": "prefix", "QPEFT_BOTTLENECK": "adapters"}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise QpeftError(f"{path} is corrupt: {getattr(exc, 'msg', exc)}") from None
-    if not isinstance(data, dict):
-        raise QpeftError(f"{path} is corrupt: expected a JSON object")
-    return data
-
-
-def read_adapter_metadata(adapter_dir: str | Path) -> dict:
-    """How to rebuild an adapter's base: ``qpeft.json`` when qpeft saved it, else what plain
-    peft's ``adapter_config.json`` says (base model, method; full-precision base)."""
-    path = Path(adapter_dir)
-    if not (path / "adapter_config.json").is_file():
-        raise QpeftError(f"{path} is not an adapter folder (no adapter_config.json)")
-    if (path / METADATA_FILE).is_file():
-        return _read_json(path / METADATA_FILE)
-    cfg = _read_json(path / "adapter_config.json")
-    method = PEFT_TYPES.get(str(cfg.get("peft_type")))
-    if method is None or not cfg.get("base_model_name_or_path"):
-        raise QpeftError(
-            f"{path}: adapter_config.json has peft_type {cfg.get('peft_type')!r} and base model "
-            f"{cfg.get('base_model_name_or_path')!r}; qpeft reads {', '.join(PEFT_TYPES)} adapters with a base model path"
-        )
-    return {"model": {"name_or_path": cfg["base_model_name_or_path"]}, "quantizer": {"name": "none"}, "peft": {"name": method}}
 
 
 def load_for_inference(
@@ -338,25 +305,33 @@ def load_for_inference(
     return model
 
 
-def resolve_from_adapter(adapter_dir: str | Path, registry: Registry, overrides=()) -> ResolvedRun:
-    """Rebuild a run config from an adapter's metadata (``--set`` may override, e.g. the quantizer)."""
-    meta = read_adapter_metadata(adapter_dir)
+def resolve_from_adapter(adapter_dir: str | Path, registry: Registry, overrides=(), say: Say = _quiet) -> ResolvedRun:
+    """Rebuild a run config from an adapter's metadata (``--set`` may override, e.g. the quantizer).
+
+    The metadata is untrusted data: only the base's identity and the backends' names and
+    quantizer options come from it (:mod:`qpeft.adapter_source`); remote code, pickles and
+    device maps only from ``overrides``. What it asked for and did not get is in the notes."""
+    user_keys = {o.split("=", 1)[0].strip() for o in overrides}
+    if "model" in user_keys:
+        user_keys.add("model.name_or_path")
+    sections, ignored = trusted_run_sections(read_adapter_metadata(adapter_dir), adapter_dir, user_keys)
     data = {
-        "model": dict(meta["model"]),
-        "quantizer": meta["quantizer"],
-        "peft": {"name": meta["peft"]["name"]},  # options describe training, not loading
+        **sections,
         "trainer": {"name": next(iter(sorted(registry.backends["trainer"])), "hf")},
         "output_dir": str(adapter_dir),
     }
-    data["model"]["device"] = "auto"
-    data["model"]["dtype"] = "auto"
+    data["model"].update(device="auto", dtype="auto")
     config = load_config(data, list(overrides))
-    return resolve(config, registry)
+    resolved = resolve(config, registry)
+    resolved.notes.extend(ignored)
+    for note in ignored:
+        say(f"[yellow]{note}[/yellow]")
+    return resolved
 
 
 def generate(adapter_dir: str, prompt: str, registry: Registry, overrides=(), max_new_tokens: int = 64, say: Say = _quiet) -> dict:
     """Load the base an adapter was trained on (or the one overrides ask for) and generate."""
-    resolved = resolve_from_adapter(adapter_dir, registry, overrides)
+    resolved = resolve_from_adapter(adapter_dir, registry, overrides, say=say)
     ctx = _context(resolved, registry)
     model_path = resolve_model_path(resolved.config.model.name_or_path, progress=say)
     tok, _ = load_tokenizer(model_path, trust_remote_code=resolved.config.model.trust_remote_code)
@@ -386,7 +361,7 @@ def merge(
     """
     import torch
 
-    resolved = resolve_from_adapter(adapter_dir, registry, overrides)
+    resolved = resolve_from_adapter(adapter_dir, registry, overrides, say=say)
     quant, peft = resolved.quantizer, resolved.peft
     support = capability_table.cell(quant, peft)  # the same rule the docs and bench use
     if not support.merge:

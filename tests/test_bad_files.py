@@ -380,3 +380,100 @@ def test_hub_access_only_with_opt_in(tmp_path):
     )
     assert off.stdout.strip().endswith("HF_HUB_OFFLINE=1"), off.stdout
     assert on.stdout.strip().endswith("HF_HUB_OFFLINE=None"), on.stdout
+
+
+# An adapter folder is data: its metadata never widens trust (qpeft.adapter_source).
+
+
+def _adapter_with_metadata(src: Path, dst: Path, model: dict) -> Path:
+    adapter = shutil.copytree(src, dst)
+    meta = {"model": model, "quantizer": {"name": "none", "options": {}}, "peft": {"name": "lora"}}
+    (adapter / "qpeft.json").write_text(json.dumps(meta))
+    return adapter
+
+
+def _base_with_code(tiny_llama_path: str, root: Path) -> tuple[Path, Path]:
+    """The tiny model with an ``auto_map`` to Python in its folder that leaves a marker file
+    when it is imported."""
+    base = clone(tiny_llama_path, root / "base-with-code")
+    marker = root / "code-ran"
+    (base / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import LlamaForCausalLM as EvilModel, PreTrainedTokenizerFast as EvilTokenizer\n"
+    )
+    for name, auto_map in (
+        ("config.json", {"AutoModelForCausalLM": "evil.EvilModel"}),
+        ("tokenizer_config.json", {"AutoTokenizer": ["evil.EvilTokenizer", None]}),
+    ):
+        cfg = json.loads((base / name).read_text())
+        (base / name).write_text(json.dumps({**cfg, "auto_map": auto_map}))
+    return base, marker
+
+
+@pytest.mark.parametrize("command", ["generate", "merge"])
+def test_adapter_metadata_cannot_turn_on_remote_code(qpeft, plain_adapters, tiny_llama_path, tmp_path, command):
+    base, marker = _base_with_code(tiny_llama_path, tmp_path)
+    adapter = _adapter_with_metadata(
+        plain_adapters / "safe", tmp_path / "adapter", {"name_or_path": str(base), "trust_remote_code": True, "allow_pickle": True}
+    )
+    args = ["--prompt", "hi", "--max-new-tokens", "2"] if command == "generate" else ["--out", str(tmp_path / "merged")]
+    result, line, _ = qpeft(command, "--adapter", str(adapter), *args, "--set", "model.device=cpu")
+    assert not marker.exists(), "an adapter's qpeft.json ran a base folder's Python"
+    assert result.exit_code in (0, 2), result.output
+    if result.exit_code == 0:
+        assert "ignored trust_remote_code=True" in result.output and "only your own --set model.trust_remote_code" in result.output
+
+
+def test_adapter_metadata_cannot_allow_pickles(qpeft, plain_adapters, tiny_llama_path, tmp_path):
+    adapter = _adapter_with_metadata(
+        plain_adapters / "pickle", tmp_path / "adapter", {"name_or_path": tiny_llama_path, "allow_pickle": True}
+    )
+    result, line, watch = qpeft("generate", "--adapter", str(adapter), "--prompt", "hi", "--set", "model.device=cpu")
+    assert result.exit_code == 2 and "adapter_model.bin is a pickle checkpoint" in line and "allow_pickle" in line, line
+    assert watch.loaded == 0
+
+
+@pytest.mark.parametrize("written_by", ["qpeft", "peft"])
+@pytest.mark.parametrize("base", ["../../base", "base", "~/base", "/models/../base"])
+def test_adapter_metadata_paths_are_not_resolved_against_the_current_folder(
+    qpeft, plain_adapters, tiny_llama_path, tmp_path, monkeypatch, written_by, base
+):
+    monkeypatch.chdir(tmp_path)
+    clone(tiny_llama_path, tmp_path / "base")  # so that 'base' is a folder here, not a hub id
+    if written_by == "qpeft":
+        adapter = _adapter_with_metadata(plain_adapters / "safe", tmp_path / "adapter", {"name_or_path": base})
+    else:
+        adapter = shutil.copytree(plain_adapters / "safe", tmp_path / "adapter")
+        cfg = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": base}))
+    result, line, watch = qpeft("generate", "--adapter", str(adapter), "--prompt", "hi", "--set", "model.device=cpu")
+    assert result.exit_code == 2 and f"names the base model {base!r}" in line and "--set model.name_or_path=PATH" in line, line
+    assert watch.loaded == 0
+    # The user may name it.
+    result, line, _ = qpeft(
+        "generate",
+        "--adapter",
+        str(adapter),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+        "--set",
+        "model.device=cpu",
+        "--set",
+        f"model.name_or_path={tmp_path / 'base'}",
+    )
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [{"model": "smollm2", "quantizer": {"name": "none"}, "peft": {"name": "lora"}}, {"model": {"name_or_path": "smollm2"}}, []],
+    ids=["model-as-string", "missing-sections", "not-an-object"],
+)
+def test_malformed_adapter_metadata_is_one_line(qpeft, plain_adapters, tmp_path, meta):
+    adapter = shutil.copytree(plain_adapters / "safe", tmp_path / "adapter")
+    (adapter / "qpeft.json").write_text(json.dumps(meta))
+    result, line, watch = qpeft("generate", "--adapter", str(adapter), "--prompt", "hi", "--set", "model.device=cpu")
+    assert result.exit_code == 2 and str(adapter / "qpeft.json") in line, line
+    assert watch.loaded == 0
