@@ -40,7 +40,7 @@ format:
 
 # pytest exits 5 when it collected no test; make fails on any non-zero status.
 test: install-test lint
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(JOBS) --dist loadgroup --durations=10
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(JOBS) --dist loadscope --durations=10
 
 # Every quantizer x method x trainer cell on the embedded model (report in runs/bench/cpu_smoke).
 smoke: install

@@ -22,6 +22,8 @@ from qpeft.modeling import evaluate_perplexity, release_model, weight_memory_gib
 from qpeft.registry import load_registry
 from qpeft.tokenizer import load_tokenizer
 
+pytestmark = pytest.mark.slow  # end to end on the embedded model
+
 BOUNDS = {"bnb-8bit": (0.45, 1.05), "bnb-nf4": (0.35, 1.45), "bnb-fp4": (0.35, 1.45)}
 
 
