@@ -10,6 +10,27 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (e.g. "AMD EPYC"), else the platform's."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_isa() -> str:
+    """The CPU family as it matters to bitsandbytes' CPU kernels: "amx" (Intel AMX and
+    AVX512-BF16), "avx512bf16" (e.g. AMD Zen 4) or "avx2"."""
+    try:
+        flags = next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo", encoding="utf-8") if l.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return "amx" if "amx_tile" in flags else "avx512bf16" if "avx512_bf16" in flags else "avx2"
+
+
 def environment() -> dict:
     import torch
     import transformers
@@ -19,6 +40,8 @@ def environment() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
+        "cpu_isa": cpu_isa(),
         "cpu_threads": torch.get_num_threads(),
     }
     for mod in ("peft", "bitsandbytes", "gptqmodel", "accelerate"):

@@ -1,6 +1,6 @@
 """Merge Δ for every mergeable cell on the embedded SmolLM2-135M: train LoRA a few steps on
 each quantizer, merge into full-precision weights, report max |Δlogit| against the adapter on
-its quantized base. Writes benchmarks/results/merge_deltas_<device>.{json,md}.
+its quantized base. Writes benchmarks/results/merge_deltas_<device>[_<cpu family>].{json,md}.
 
     python benchmarks/merge_deltas.py [--steps 4] [--quantizers none,bnb-8bit,bnb-4bit,bnb-nf4,bnb-fp4,gptq]
 """
@@ -12,7 +12,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from common import environment, write  # noqa: E402
+from common import cpu_isa, environment, write  # noqa: E402
 
 
 def main() -> None:
@@ -65,7 +65,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     device = next((r["device"] for r in rows if "device" in r), "cpu")
     write(
-        f"merge_deltas_{device}",
+        f"merge_deltas_{device}" + (f"_{cpu_isa()}" if device == "cpu" else ""),
         {
             "command": "python " + " ".join(sys.argv),
             "environment": environment(),
