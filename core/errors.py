@@ -20,3 +20,17 @@ class ConfigError(QpeftError):
 
 class PluginError(QpeftError):
     """A plugin is missing, broken, or two plugins claim the same name."""
+
+
+class TrainingDiverged(QpeftError):
+    """Training produced a non-finite loss or gradient norm: the run stops, saves no adapter,
+    and keeps the checkpoints written before (exit status 2, like every run failure)."""
+
+    def __init__(self, message: str, *, step: int):
+        self.step = step
+        super().__init__(message)
+
+
+class NonFiniteError(QpeftError):
+    """Weights holding NaN/inf: refused when an adapter or a merged model would be written or
+    loaded, naming the tensor."""

@@ -11,6 +11,7 @@ run would read it, and never destroys the previous complete output.
 * An OS-level write failure (disk full, quota, file size limit, permissions) becomes a
   one-line :class:`~qpeft.errors.QpeftError` naming the target and saying that the previous
   version is unchanged.
+* JSON outputs are valid JSON: NaN and ±inf are written as ``null`` (:func:`finite_json`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import ctypes
 import errno
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -160,9 +162,34 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def finite_json(data):
+    """``data`` with every non-finite float (NaN, ±inf) replaced by None.
+
+    JSON has no NaN or Infinity (Python's ``json`` writes them as bare ``NaN``/``Infinity``,
+    which strict parsers refuse). A non-finite number in what qpeft writes means "could not be
+    computed" — a perplexity that overflowed (``exp`` of a large finite loss: the loss itself is
+    in the file), a comparison of logits that were not finite — so it is written as ``null``,
+    like any missing value. Runs whose loss or weights are non-finite fail before writing
+    (:mod:`qpeft.integrity`)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_json(v) for v in data]
+    return data
+
+
+def dumps_json(data, **kwargs) -> str:
+    """``json.dumps`` that never writes NaN/Infinity (:func:`finite_json`); other objects as ``str``."""
+    kwargs.setdefault("default", str)
+    return json.dumps(finite_json(data), allow_nan=False, **kwargs)
+
+
 def atomic_write_json(path: str | Path, data) -> None:
-    """Write ``data`` as indented JSON atomically."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """Write ``data`` as indented, valid JSON atomically: non-finite floats become ``null``
+    (:func:`finite_json`), and ``allow_nan=False`` guarantees none is left."""
+    atomic_write_text(path, dumps_json(data, indent=2, sort_keys=False) + "\n")
 
 
 @contextlib.contextmanager

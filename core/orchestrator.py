@@ -10,6 +10,7 @@ reload on a fresh quantized base → check logits → generate.
 from __future__ import annotations
 
 import gc
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -23,7 +24,8 @@ from .context import RunContext
 from .data import count_label_tokens, load_records, pack, tokenize
 from .distributed import fsdp_version, gather_trainable_state, local_rank, world_size
 from .distributed import rank as distributed_rank
-from .errors import QpeftError
+from .errors import QpeftError, TrainingDiverged
+from .integrity import check_adapter_applied, check_adapter_files, check_finite
 from .io import atomic_dir, atomic_write_json, atomic_write_text
 from .model_source import check_weight_files, resolve_model_path
 from .modeling import (
@@ -149,6 +151,11 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet, *, resume:
     reset_peak_memory(ctx.device)
     with kv_cache_off(model), StepTimer(registry.pm) as steps:
         result = trainer.train(model, tok, train_data, val_data, resolved.trainer_options, ctx)
+    if not math.isfinite(result.train_loss):  # the built-in trainers stop at the first non-finite loss
+        raise TrainingDiverged(
+            f"training diverged: trainer {trainer.name} reported a non-finite loss ({result.train_loss}); no adapter was saved",
+            step=result.steps,
+        )
     memory = {k: round(v, 3) for k, v in peak_memory_gib(ctx.device).items()}
     peak = ", ".join(f"{k.removesuffix('_gib').replace('_', ' ')} {v:.2f} GiB" for k, v in memory.items())
     who = f"rank {rank}: " if world_size() > 1 else ""
@@ -266,6 +273,7 @@ def save_adapter(model, peft, adapter_dir: Path, resolved: ResolvedRun, summary:
         peft.save(model, str(tmp))
         if list(tmp.glob("*.bin")) or list(tmp.glob("*.pt")):
             raise QpeftError(f"{peft.name} wrote a pickle file; qpeft saves safetensors only")
+        check_adapter_files(tmp, f"refusing to save a diverged adapter ({adapter_dir} is left as it was)")
         atomic_write_json(tmp / METADATA_FILE, meta)
         atomic_write_text(tmp / "resolved_config.yaml", dump_yaml(resolved.to_dict()))
 
@@ -288,6 +296,7 @@ def load_for_inference(
     bfloat16, ~3e-3 in logits): the reference a merge is verified against.
     """
     check_weight_files(adapter_dir, allow_pickle=resolved.config.model.allow_pickle)  # before any weight loads
+    check_adapter_files(adapter_dir)  # NaN/inf tensors: a diverged run's adapter, or a damaged file
     model_path = resolve_model_path(resolved.config.model.name_or_path)
     base = resolved.quantizer.load(model_path, resolved.quantizer_options, ctx, training=as_trained or training_kernels)
     if as_trained:
@@ -301,6 +310,7 @@ def load_for_inference(
             f"adapter {adapter_dir} does not load on base {resolved.config.model.name_or_path!r} "
             f"({type(base).__name__}): {first[:300]}; load it on the base model it was trained on"
         ) from None
+    check_adapter_applied(model, adapter_dir)  # peft only warns when no key matches
     model.eval()
     return model
 
@@ -393,7 +403,10 @@ def merge(
     # The floor: how far the quantized inference path is from float32 weights before any merge
     # (LLM.int8 also quantizes activations; GPTQ merges into the unquantized original).
     floor = float((logits_for(full, probe, tok.pad_token_id) - quantized_base).abs().max())
-    merged = peft.merge(peft.load_adapter(full, str(adapter_dir), ctx)).to(getattr(torch, dtype))
+    adapted = peft.load_adapter(full, str(adapter_dir), ctx)
+    check_adapter_applied(adapted, adapter_dir)
+    merged = peft.merge(adapted).to(getattr(torch, dtype))
+    check_finite(merged.state_dict().items(), f"refusing to write the merged model to {out} (non-finite merged weights)")
     merged_logits = logits_for(merged, probe, tok.pad_token_id)
     delta = float((merged_logits - reference).abs().max())
     with atomic_dir(out, replace=True) as tmp:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Literal
 
@@ -11,6 +12,7 @@ from qpeft.context import TrainResult
 from qpeft.data import collate, ordered_examples, plan_steps
 from qpeft.distributed import world_size
 from qpeft.errors import ConfigError
+from qpeft.integrity import DivergenceGuard, first_non_finite
 from qpeft.modeling import release_model
 
 
@@ -18,19 +20,24 @@ class HfTrainerOptions(TrainingOptions):
     optim: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_bnb_8bit", "sgd"] = "adamw_torch"
 
 
-def _qpeft_callback(ctx):
+def _qpeft_callback(ctx, guard: DivergenceGuard):
     """A TrainerCallback that feeds the Trainer's logged steps to qpeft's lifecycle hooks and
-    marks each checkpoint complete once the Trainer has finished writing it."""
+    marks each checkpoint complete once the Trainer has finished writing it (never one with
+    non-finite adapter tensors)."""
     from transformers import TrainerCallback
 
     from qpeft.checkpoint import checkpoint_dir, fingerprint, mark_complete
 
     class QpeftCallback(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
+        def on_save(self, args, state, control, model=None, **kwargs):
             # The Trainer writes checkpoints in place; without this marker (written last,
             # atomically) a checkpoint interrupted mid-write would look resumable.
+            path = checkpoint_dir(ctx.output_dir, state.global_step)
+            # Every rank holds the same adapter (DDP; no hf checkpoints under FSDP): all decide alike.
+            trainable = ((n, p) for n, p in model.named_parameters() if p.requires_grad) if model is not None else ()
+            if (bad := first_non_finite(trainable)) is not None:  # left unmarked: never resumed from
+                raise guard.diverged(state.global_step, f"the adapter tensor {bad[0]!r} is non-finite in {path.name}")
             if state.is_world_process_zero:
-                path = checkpoint_dir(ctx.output_dir, state.global_step)
                 if path.is_dir():
                     mark_complete(path, step=state.global_step, trainer="hf", config_fingerprint=fingerprint(ctx.config))
 
@@ -47,14 +54,41 @@ def _qpeft_callback(ctx):
     return QpeftCallback()
 
 
-def _in_order_trainer_class():
-    """A transformers Trainer that reads the training set in the order qpeft laid it out."""
+def _in_order_trainer_class(guard: DivergenceGuard):
+    """A transformers Trainer that reads the training set in the order qpeft laid it out, and
+    stops at the first non-finite loss (or gradient norm, where no fp16 loss scaler handles it)
+    with ``guard``'s one-line error, before the optimizer applies it."""
     import torch
     from transformers import Trainer
 
     class InOrderTrainer(Trainer):
+        _step_loss = 0.0
+
         def _get_train_sampler(self, train_dataset=None):
             return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            # The unscaled loss of one micro-batch (already divided for accumulation), after its
+            # backward, before the optimizer step. Every rank decides alike.
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            value, step = float(loss), self.state.global_step + 1
+            if self.accelerator.num_processes > 1:
+                others = float(self.accelerator.reduce(torch.tensor(float(not math.isfinite(value)), device=loss.device), reduction="sum"))
+                if others and math.isfinite(value):
+                    raise guard.diverged(step, "the training loss is non-finite on another rank")
+            guard.check_loss(step, value)
+            self._step_loss += value
+            return loss
+
+        def _get_grad_norm(self, model, grad_norm=None):
+            # Called once per optimizer step, between the backward passes and optimizer.step().
+            norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+            step = self.state.global_step + 1
+            if self.accelerator.scaler is None and norm is not None:  # fp16's scaler skips overflow steps itself
+                guard.check_grad_norm(step, float(norm), self._step_loss)
+            guard.step_done(step, self._step_loss)
+            self._step_loss = 0.0
+            return norm
 
     return InOrderTrainer
 
@@ -115,20 +149,25 @@ class HfTrainer(TrainerPlugin):
             dataloader_num_workers=0,
             disable_tqdm=True,
             include_num_input_tokens_seen="non_padding",
+            # A non-finite loss is an error (the guard below), never averaged away in the logs.
+            logging_nan_inf_filter=False,
         )
-        trainer = _in_order_trainer_class()(
+        guard = DivergenceGuard(ctx, options, precision)
+        trainer = _in_order_trainer_class(guard)(
             model=model,
             args=args,
             train_dataset=examples,
             data_collator=lambda batch: collate(batch, pad_id),
             processing_class=tokenizer,  # lets the Trainer count non-pad tokens of packed rows
-            callbacks=[_qpeft_callback(ctx)],
+            callbacks=[_qpeft_callback(ctx, guard)],
         )
         trainer.remove_callback(PrinterCallback)  # qpeft's progress display replaces its prints
         t0 = time.perf_counter()
-        out = trainer.train(resume_from_checkpoint=ctx.resume_from)
+        try:
+            out = trainer.train(resume_from_checkpoint=ctx.resume_from)
+        finally:
+            release_model(model)
         seconds = time.perf_counter() - t0
-        release_model(model)
         history = [h for h in trainer.state.log_history if "loss" in h]
         return TrainResult(
             train_loss=float(out.training_loss),

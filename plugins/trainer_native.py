@@ -5,6 +5,7 @@ and data-parallel (DDP) or sharded (FSDP2) training under ``accelerate launch``.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Literal
@@ -17,6 +18,7 @@ from qpeft.context import TrainResult
 from qpeft.data import IGNORE, collate, count_example_tokens, ordered_examples, plan_steps
 from qpeft.distributed import gather_trainable_state, world_size
 from qpeft.errors import ConfigError
+from qpeft.integrity import DivergenceGuard, check_finite
 from qpeft.modeling import release_model
 
 
@@ -366,6 +368,10 @@ class NativeTrainer(TrainerPlugin):
                 _load_sharded_optimizer(Path(ctx.resume_from), model, optimizer)
             ctx.notes.append(f"native: FSDP{ctx.fsdp} over {world} ranks (full cross-entropy, eager, no liger-kernel)")
         model.train()
+        guard = DivergenceGuard(ctx, options, precision)
+        # fp16's dynamic loss scaler skips a step whose scaled gradients overflowed (normal there);
+        # without one, a non-finite gradient norm would write NaN into the adapter.
+        scaled = acc.scaler is not None
 
         tokens, history, losses = 0, [], []
         t0 = time.perf_counter()
@@ -396,15 +402,26 @@ class NativeTrainer(TrainerPlugin):
                                 logits[:, :-1].reshape(-1, logits.size(-1)), labels, ignore_index=IGNORE, reduction="sum"
                             )
                         loss = loss_sum / max(n_label, 1)
+                        value = loss.item()
+                        # Stop before a non-finite loss reaches the gradients (every rank decides alike).
+                        if world > 1:
+                            others = float(acc.reduce(torch.tensor(float(not math.isfinite(value)), device=acc.device), reduction="sum"))
+                            if others and math.isfinite(value):
+                                raise guard.diverged(step, "the training loss is non-finite on another rank")
+                        guard.check_loss(step, value)
                         acc.backward(loss * options.grad_accum * world)  # accumulate() divides by grad_accum
-                        if acc.sync_gradients and options.max_grad_norm > 0:
-                            acc.clip_grad_norm_(params, options.max_grad_norm)
+                        if acc.sync_gradients and (options.max_grad_norm > 0 or not scaled):
+                            # max_grad_norm 0: the norm alone (clipping at inf scales by exactly 1).
+                            norm = acc.clip_grad_norm_(params, options.max_grad_norm if options.max_grad_norm > 0 else float("inf"))
+                            if not scaled:
+                                guard.check_grad_norm(step, float(norm), step_loss + value)
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
-                    step_loss += loss.item()
+                    step_loss += value
                 if world > 1:
                     step_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), reduction="sum"))
+                guard.step_done(step, step_loss)
                 losses.append(step_loss)
                 if step % options.logging_steps == 0 or step == max_steps:
                     history.append({"step": step, "loss": step_loss, "learning_rate": scheduler.get_last_lr()[0]})
@@ -412,6 +429,9 @@ class NativeTrainer(TrainerPlugin):
                 if options.save_steps and (step % options.save_steps == 0 or step == max_steps):
                     acc.wait_for_everyone()
                     tensors, optim_state = _full_state(model, trainable, optimizer, sharded=bool(ctx.fsdp))
+                    # Never a checkpoint to resume into a diverged state (the guard stops such runs
+                    # earlier); every rank holds the full tensors, so every rank decides alike.
+                    check_finite(tensors.items(), f"training diverged at step {step}: refusing to write its checkpoint")
                     if acc.is_main_process:
                         _save_state(checkpoint_dir(ctx.output_dir, step), tensors, optim_state, scheduler, step, ctx)
                         prune(ctx.output_dir, options.save_total_limit)
