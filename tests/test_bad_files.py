@@ -421,7 +421,8 @@ def test_adapter_metadata_cannot_turn_on_remote_code(qpeft, plain_adapters, tiny
     assert not marker.exists(), "an adapter's qpeft.json ran a base folder's Python"
     assert result.exit_code in (0, 2), result.output
     if result.exit_code == 0:
-        assert "ignored trust_remote_code=True" in result.output and "only your own --set model.trust_remote_code" in result.output
+        said = " ".join(result.output.split())  # rich wraps long lines
+        assert "ignored trust_remote_code=True" in said and "only your own --set model.trust_remote_code" in said, said
 
 
 def test_adapter_metadata_cannot_allow_pickles(qpeft, plain_adapters, tiny_llama_path, tmp_path):

@@ -54,8 +54,16 @@ def _merged_weights(adapter, out, registry):
     return result, load_file(str(out / "model.safetensors"))
 
 
-def test_merge_after_eval_forward_on_4bit(nf4_adapter, tmp_path, monkeypatch):
+def test_merge_after_eval_forward_on_4bit(nf4_adapter, tiny_llama_path, tmp_path, monkeypatch):
+    """On AVX512-BF16 CPUs an eval forward repacks 4-bit weights, and undoing it is lossy. The
+    merge's reference runs on the training kernels, so the merge never repacks; and a base that
+    was repacked before it reached ``full_precision_model`` is quantized again from the
+    original weights, so the dequantized weights are exactly those of a base never repacked."""
     bnb = pytest.importorskip("bitsandbytes")
+    import torch
+
+    from qpeft.config import load_config, resolve
+    from qpeft.context import RunContext
     from qpeft.registry import load_registry
 
     registry = load_registry()
@@ -73,10 +81,29 @@ def test_merge_after_eval_forward_on_4bit(nf4_adapter, tmp_path, monkeypatch):
 
     monkeypatch.setattr(bnb.nn.Linear4bit, "forward", watch)
     _, merged = _merged_weights(nf4_adapter, tmp_path / "avx512", registry)
-    assert any(repacked), "the emulated CPU did not repack: the test no longer exercises the trap"
+    assert repacked and not any(repacked), "the merge ran a 4-bit layer on the inference kernel"
     assert merged.keys() == expected.keys()
     worst = max(float((merged[k] - expected[k]).abs().max()) for k in expected)
-    assert worst == 0.0, f"merged weights differ by up to {worst} after an eval forward"
+    assert worst == 0.0, f"merged weights differ by up to {worst} on an AVX512-BF16 CPU"
+
+    # The second guard: a base repacked by an earlier eval forward.
+    cfg = load_config({"model": tiny_llama_path, "quantizer": "bnb-nf4", "peft": "lora", "trainer": "hf", "output_dir": str(tmp_path)})
+    resolved = resolve(cfg, registry, device="cpu")
+    ctx = RunContext(config=cfg, device="cpu", dtype="float32", output_dir=str(tmp_path))
+    plugin, opts = resolved.quantizer, resolved.quantizer_options
+
+    def full_precision(eval_forward_first: bool) -> dict:
+        model = plugin.load(tiny_llama_path, opts, ctx, training=False)
+        if eval_forward_first:
+            repacked.clear()
+            with torch.no_grad():
+                model.eval()(input_ids=torch.tensor([[5, 6, 7, 8]]))
+            assert any(repacked), "the emulated CPU did not repack: the test no longer exercises the trap"
+        return {k: v.clone() for k, v in plugin.full_precision_model(model, tiny_llama_path, opts, ctx).state_dict().items()}
+
+    clean, after_eval = full_precision(False), full_precision(True)
+    worst = max(float((after_eval[k] - clean[k]).abs().max()) for k in clean)
+    assert worst == 0.0, f"dequantized weights differ by up to {worst} after an eval forward"
     # (The logits of the emulated inference kernel are not checked: this CPU lacks the real one.)
 
 
