@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import logging
 import math
 import resource
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 from .data import IGNORE, collate
 from .distributed import local_rank
@@ -31,8 +35,6 @@ def load_causal_lm(model_path: str, ctx, **kwargs):
     can run code when loaded; ``model.allow_pickle`` opts in, with a warning. The folder's
     weight files are checked first (:func:`qpeft.model_source.check_weight_files`).
     """
-    from transformers import AutoModelForCausalLM
-
     from .model_source import check_weight_files
 
     trust, allow_pickle = ctx.config.model.trust_remote_code, ctx.config.model.allow_pickle
@@ -41,6 +43,26 @@ def load_causal_lm(model_path: str, ctx, **kwargs):
         if on:
             logging.getLogger("qpeft").warning("model.%s is on: loading %s may run code it contains", flag, model_path)
     kwargs.setdefault("dtype", ctx.torch_dtype)
+    cache = _BASE_CACHE
+    key = cache.key(model_path, ctx, kwargs) if cache is not None else None
+    if key is not None:
+        t0 = time.perf_counter()
+        model = cache.copy(key)
+        if model is not None:
+            cache.record(key, cached=True, seconds=time.perf_counter() - t0)
+            return model
+    t0 = time.perf_counter()
+    model = _from_pretrained(model_path, ctx, trust, allow_pickle, kwargs)
+    if key is not None:
+        seconds = time.perf_counter() - t0
+        cache.record(key, cached=False, seconds=seconds)
+        cache.put(key, model, seconds)
+    return model
+
+
+def _from_pretrained(model_path: str, ctx, trust: bool, allow_pickle: bool, kwargs: dict):
+    from transformers import AutoModelForCausalLM
+
     try:
         return AutoModelForCausalLM.from_pretrained(
             model_path,
@@ -60,6 +82,95 @@ def load_causal_lm(model_path: str, ctx, **kwargs):
                 f"{model_path} needs its own Python code to load; set model.trust_remote_code: true only if you trust its author",
             ) from None
         raise QpeftError(f"cannot load model {model_path!r}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+
+
+class BaseModelCache:
+    """Untouched copies of base models as ``from_pretrained`` returned them (quantized, when
+    bitsandbytes quantized them while loading), for a process that loads the same base many
+    times: a ``qpeft bench`` worker (``isolation: worker``). While one is active
+    (:func:`base_model_cache`), :func:`load_causal_lm` returns a deep copy of the kept model
+    instead of reading and quantizing the checkpoint again: the same tensors a fresh load gives
+    (bitsandbytes quantizes deterministically), from a model that has never run a forward pass
+    (bitsandbytes repacks 4-bit weights on the first eval forward on some CPUs), and the
+    quantizer's own steps after loading run on the copy as on a fresh load.
+
+    Only CPU loads of local model folders, unquantized or quantized by bitsandbytes, without
+    remote code, are cached; others load as usual. At most ``max_entries`` bases are kept (the
+    least recently used is dropped first). The key is everything the load depends on: the
+    folder and its files' sizes and times, dtype, device map, the quantization config.
+    ``loads`` lists every load since :meth:`clear_loads` (cached or not, seconds; for a cached
+    one also the seconds of the real load it copies), so records can say where a load came from.
+    """
+
+    def __init__(self, max_entries: int = 1):
+        self.max_entries = max_entries
+        self.entries: dict[tuple, tuple[Any, float]] = {}  # key -> (untouched model, seconds of its real load)
+        self.loads: list[dict] = []
+
+    def key(self, model_path: str, ctx, kwargs: dict) -> tuple | None:
+        """The cache key of a load, or None when such a load is not cached."""
+        model_cfg = ctx.config.model
+        qc = kwargs.get("quantization_config")
+        if ctx.device != "cpu" or model_cfg.device_map is not None or model_cfg.trust_remote_code:
+            return None
+        if qc is not None and type(qc).__name__ != "BitsAndBytesConfig":
+            return None  # e.g. GPTQ kernels: not known to copy faithfully
+        folder = Path(model_path)
+        if not folder.is_dir():
+            return None
+        files = tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()))
+        rest = sorted((k, repr(v)) for k, v in kwargs.items() if k != "quantization_config")
+        quant = json.dumps(qc.to_dict(), sort_keys=True, default=str) if qc is not None else None
+        return (str(folder.resolve()), files, repr(device_map_for(ctx)), bool(model_cfg.allow_pickle), repr(rest), quant)
+
+    def copy(self, key: tuple):
+        """A deep copy of the kept model for ``key`` (the most recently used now), or None."""
+        if key not in self.entries:
+            return None
+        self.entries[key] = self.entries.pop(key)
+        return copy.deepcopy(self.entries[key][0])
+
+    def put(self, key: tuple, model, seconds: float) -> None:
+        """Keep a deep copy of ``model`` (which must not have run a forward pass yet), loaded for
+        real in ``seconds``; a model that cannot be deep-copied is not kept."""
+        self.entries.pop(key, None)
+        while self.entries and len(self.entries) >= self.max_entries:
+            self.entries.pop(next(iter(self.entries)))  # drop the oldest before copying the new one
+        if self.max_entries > 0:
+            try:
+                self.entries[key] = (copy.deepcopy(model), seconds)
+            except Exception:  # noqa: BLE001 - then this base simply loads from its files each time
+                logging.getLogger("qpeft").warning("base model cache: %s cannot be copied; it is loaded each time", type(model).__name__)
+
+    def record(self, key: tuple, *, cached: bool, seconds: float) -> None:
+        load = {"cached": cached, "seconds": round(seconds, 3)}
+        if cached:
+            load["uncached_seconds"] = round(self.entries[key][1], 3)
+        self.loads.append(load)
+
+    def clear_loads(self) -> None:
+        self.loads = []
+
+    def held_gib(self) -> float:
+        """Memory of the kept models' parameters and buffers."""
+        return sum(model.get_memory_footprint() for model, _ in self.entries.values()) / 2**30
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+_BASE_CACHE: BaseModelCache | None = None
+
+
+@contextlib.contextmanager
+def base_model_cache(cache: BaseModelCache | None) -> Iterator[BaseModelCache | None]:
+    """Serve :func:`load_causal_lm` from ``cache`` inside the block (None: no cache)."""
+    global _BASE_CACHE
+    previous, _BASE_CACHE = _BASE_CACHE, cache
+    try:
+        yield cache
+    finally:
+        _BASE_CACHE = previous
 
 
 def release_model(model) -> None:
@@ -291,7 +402,8 @@ def reset_peak_memory(device: str) -> None:
 
 
 def peak_memory_gib(device: str) -> dict:
-    """Peak accelerator memory (allocated and reserved) on CUDA, peak process RSS on CPU."""
+    """Peak accelerator memory (allocated and reserved) on CUDA, peak process RSS on CPU (since
+    :func:`reset_process_peak_rss`, if that was called)."""
     if device == "cuda":
         import torch
 
@@ -299,7 +411,44 @@ def peak_memory_gib(device: str) -> dict:
             "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
         }
+    if _rss_peak_reset:
+        return {"peak_rss_gib": _proc_status_kib("VmHWM") / 2**20}
     return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+_rss_peak_reset = False
+
+
+def reset_process_peak_rss() -> bool:
+    """Start this process's peak RSS afresh (Linux: ``/proc/self/clear_refs``; a process that
+    runs one piece of work after another, such as a ``qpeft bench`` worker, measures each
+    piece's peak); from then on :func:`peak_memory_gib` reads the peak since the last reset.
+    False where the system cannot (the peak then stays the process's)."""
+    global _rss_peak_reset
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _proc_status_kib("VmHWM")
+    except (OSError, ValueError, KeyError):
+        return False
+    _rss_peak_reset = True
+    return True
+
+
+def current_rss_gib() -> float | None:
+    """This process's resident memory now (Linux), or None."""
+    try:
+        return _proc_status_kib("VmRSS") / 2**20
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
 
 
 def weight_memory_gib(model) -> float:
