@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +57,23 @@ class StrictModel(BaseModel):
 
 _Strict = StrictModel
 
+_UNSET_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def expand_path(value: str) -> str:
+    """``~`` and ``$VAR`` / ``${VAR}`` expanded once, in validation, so that every consumer
+    (qpeft's own writers, the HF Trainer's checkpoints, ``--resume``) sees the same path; a
+    variable that is not set is an error rather than a folder literally named ``$VAR``."""
+    expanded = os.path.expandvars(os.path.expanduser(value))
+    unset = _UNSET_VAR.search(expanded)
+    if unset:
+        raise ValueError(f"{unset.group(0)} is not set in the environment")
+    return expanded
+
+
+def _expand(value: str | None) -> str | None:
+    return value if value is None else expand_path(value)
+
 
 class ModelConfig(_Strict):
     """Which base model to load and how."""
@@ -73,6 +92,8 @@ class ModelConfig(_Strict):
     #: Read pickled checkpoints (``pytorch_model.bin``, ``adapter_model.bin``), which can run
     #: code when loaded. Off unless asked (safetensors only); logged when on.
     allow_pickle: bool = False
+
+    _expand_name = field_validator("name_or_path", mode="after")(_expand)
 
 
 class BackendRef(_Strict):
@@ -107,6 +128,8 @@ class DataConfig(_Strict):
     max_train_examples: int | None = Field(None, ge=1)
     max_val_examples: int | None = Field(32, ge=1)
 
+    _expand_paths = field_validator("path", "val_path", mode="after")(_expand)
+
 
 class GenerateConfig(_Strict):
     """The generation made after reloading the saved adapter."""
@@ -137,6 +160,16 @@ class RunConfig(_Strict):
     @classmethod
     def _shorthands(cls, data: Any) -> Any:
         return normalize_shorthands(data)
+
+    @field_validator("output_dir", mode="after")
+    @classmethod
+    def _output_dir(cls, value: str) -> str:
+        value = expand_path(value)
+        where = os.path.abspath(value)
+        if where in (os.path.abspath(os.sep), os.path.abspath(os.path.expanduser("~"))):
+            what = "the root folder" if where == os.path.abspath(os.sep) else "your home folder"
+            raise ValueError(f"{value} is {what}; qpeft writes adapter/, summary.json and checkpoints/ there: name a folder of its own")
+        return value
 
 
 def normalize_shorthands(data: Any) -> Any:

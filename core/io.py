@@ -6,8 +6,12 @@ run would read it, and never destroys the previous complete output.
   folder with Linux's ``renameat2(RENAME_EXCHANGE)``, so the target path always holds a
   complete folder, old or new; elsewhere the old folder is moved aside first and put back by
   the next write if the writer died in between.
-* The writer's pid is part of the temporary name: the next write to the same target removes
-  what a killed writer (``kill -9``, power loss) left behind.
+* The writer holds an exclusive ``flock`` on its temporary file or folder until it is renamed
+  into place: the next write to the same target removes only temporaries whose lock it can
+  take, i.e. what a killed writer (``kill -9``, power loss) left behind — never a live writer's,
+  whatever process or PID namespace it runs in (a PID says nothing across namespaces or
+  machines sharing a file system). Where the file system has no locks, nothing is removed.
+* :func:`folder_lock`: one writer per output folder (``qpeft run``).
 * An OS-level write failure (disk full, quota, file size limit, permissions) becomes a
   one-line :class:`~qpeft.errors.QpeftError` naming the target and saying that the previous
   version is unchanged.
@@ -19,14 +23,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import functools
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from .errors import QpeftError
@@ -38,23 +45,68 @@ _SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _WRITE_ERRNOS = _SPACE_ERRNOS | {errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
 
 
+#: The lock file of :func:`folder_lock`.
+LOCK_FILE = ".qpeft.lock"
+
+
 def _tmp_prefix(target: Path) -> str:
     return f".{target.name}.qpeft-{os.getpid()}-"
 
 
-def _pid_alive(pid: int) -> bool:
+def _try_lock(fd: int) -> bool | None:
+    """Take an exclusive flock on ``fd`` without waiting: True, False (someone holds it), or
+    None where the file system cannot lock."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        return None
     return True
+
+
+def _hold(path: Path) -> int | None:
+    """Open ``path`` (file or folder) and lock it: the fd to keep open while writing it, or
+    None (already gone, or no locks here)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    if _try_lock(fd):
+        return fd
+    os.close(fd)
+    return None
+
+
+def _release(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+#: A temporary that was just created and is not locked yet; cleaned only when this old.
+_UNLOCKED_GRACE_S = 600
+
+
+def is_stale(entry: str | Path) -> bool:
+    """True when ``entry`` (a writer's temporary) has no live writer: its lock can be taken.
+
+    False while any process, in any PID namespace or on any machine sharing the file system,
+    holds it, and where the file system cannot lock at all (then nothing is removed)."""
+    try:
+        fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return not os.path.lexists(entry) or os.path.islink(entry)
+    try:
+        return bool(_try_lock(fd))
+    finally:
+        os.close(fd)  # closing releases the probe's lock
 
 
 def clean_stale(target: str | Path) -> None:
     """Remove temporary files and folders that a killed writer left beside ``target``, and
-    put back a previous ``target`` that a killed writer had moved aside (non-Linux fallback)."""
+    put back a previous ``target`` that a killed writer had moved aside (non-Linux fallback).
+    Only entries whose writer's lock can be taken are touched (:func:`is_stale`)."""
     target = Path(target)
     prefix = f".{target.name}."
     try:
@@ -62,19 +114,86 @@ def clean_stale(target: str | Path) -> None:
     except (FileNotFoundError, NotADirectoryError):
         return
     for entry in entries:
-        m = re.fullmatch(r"qpeft-(\d+)-[^.]*\.tmp|qpeft-old-(\d+)", entry.name[len(prefix) :])
-        if not m:
+        m = re.fullmatch(r"qpeft-\d+-[^.]*\.(tmp|new)|qpeft-old-\d+", entry.name[len(prefix) :])
+        if not m or not is_stale(entry):
             continue
-        pid = int(m.group(1) or m.group(2))
-        if pid == os.getpid() or _pid_alive(pid):
-            continue
-        if m.group(2) and not target.exists():
+        if m.group(1) == "new":  # created, not yet locked by its writer: only when long dead
+            with contextlib.suppress(OSError):
+                if time.time() - entry.lstat().st_mtime < _UNLOCKED_GRACE_S:
+                    continue
+        if m.group(1) is None and not target.exists():
             os.replace(entry, target)
         elif entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
             with contextlib.suppress(FileNotFoundError):
                 entry.unlink()
+
+
+def _locked_temp(target: Path, *, folder: bool) -> tuple[Path, int | None]:
+    """A new temporary beside ``target``, locked by this process before it takes the name
+    that :func:`clean_stale` removes when unlocked: (path, fd holding the lock)."""
+    make = tempfile.mkdtemp if folder else tempfile.mkstemp
+    made = make(prefix=_tmp_prefix(target), suffix=".new", dir=target.parent)
+    new = Path(made if folder else made[1])
+    if folder:
+        fd = _hold(new)
+    else:
+        fd = made[0]
+        _try_lock(fd)  # where the file system cannot lock, clean_stale removes nothing either
+    tmp = new.with_name(new.name[: -len(".new")] + ".tmp")
+    try:
+        os.rename(new, tmp)
+    except BaseException:
+        _release(fd)
+        shutil.rmtree(new, ignore_errors=True) if folder else new.unlink(missing_ok=True)
+        raise
+    return tmp, fd
+
+
+class OutputBusy(QpeftError):
+    """Another process is writing to the same output folder."""
+
+
+@contextlib.contextmanager
+def folder_lock(directory: str | Path, what: str = "qpeft run"):
+    """Hold ``DIRECTORY/.qpeft.lock`` (an exclusive ``flock``) while ``what`` writes there.
+
+    A second holder fails at once with :class:`OutputBusy` naming the folder and the holder
+    (pid, host and start time, read from the lock file). The lock file is removed on release
+    (a kill leaves it; the next holder takes it, since the kernel released the lock)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        got = _try_lock(fd)
+        if got is False:
+            try:
+                holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "a process that has not said who it is"
+            finally:
+                os.close(fd)
+            raise OutputBusy(
+                f"{directory} is in use by another writer ({holder}; lock file {path}); wait for it to finish or use another output folder"
+            )
+        try:  # the holder before us may have removed the file between our open and our lock
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same or got is None:
+            break
+        os.close(fd)
+    try:
+        info = f"{what}, pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info.encode() + b"\n", 0)
+        yield path
+    finally:
+        if got:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -140,25 +259,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path)
     existed = path.exists()
-    tmp = None
+    tmp = fd = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
-        try:
-            view = memoryview(text.encode("utf-8"))
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        tmp, fd = _locked_temp(path, folder=False)
+        view = memoryview(text.encode("utf-8"))
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        os.replace(tmp, path)  # still locked: no cleaner can take it before the rename
     except BaseException as exc:
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        _release(fd)
         err = write_error(path, exc, existed)
         if err is not None:
             raise err from None
         raise
+    _release(fd)
     _fsync_dir(path.parent)
 
 
@@ -208,23 +326,24 @@ def atomic_dir(target: str | Path, *, replace: bool = True):
     if target.exists() and not replace:
         raise FileExistsError(f"{target} exists (use --force to replace it)")
     existed = target.exists()
-    tmp = old = None
+    tmp = old = fd = old_fd = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), suffix=".tmp", dir=target.parent))
+        tmp, fd = _locked_temp(target, folder=True)  # locked until renamed into place
         os.chmod(tmp, 0o755)
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
-                fd = os.open(f, os.O_RDONLY)
+                ffd = os.open(f, os.O_RDONLY)
                 try:
-                    os.fsync(fd)
+                    os.fsync(ffd)
                 finally:
-                    os.close(fd)
+                    os.close(ffd)
         _fsync_dir(tmp)
         if not target.exists():
             os.replace(tmp, target)
         elif not _exchange(tmp, target):  # after a swap, tmp holds the old folder
             old = target.with_name(f".{target.name}.qpeft-old-{os.getpid()}")
+            old_fd = _hold(target)  # no cleaner puts it back while it is aside
             os.replace(target, old)
             os.replace(tmp, target)
         _fsync_dir(target.parent)
@@ -233,10 +352,14 @@ def atomic_dir(target: str | Path, *, replace: bool = True):
             os.replace(old, target)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        _release(fd)
+        _release(old_fd)
         err = write_error(target, exc, existed)
         if err is not None:
             raise err from None
         raise
+    _release(fd)
+    _release(old_fd)
     for leftover in (tmp, old):
         if leftover is not None:
             shutil.rmtree(leftover, ignore_errors=True)

@@ -26,7 +26,7 @@ from .distributed import fsdp_version, gather_trainable_state, local_rank, world
 from .distributed import rank as distributed_rank
 from .errors import QpeftError, TrainingDiverged
 from .integrity import check_adapter_applied, check_adapter_files, check_finite
-from .io import atomic_dir, atomic_write_json, atomic_write_text
+from .io import atomic_dir, atomic_write_json, atomic_write_text, folder_lock
 from .model_source import check_weight_files, resolve_model_path
 from .modeling import (
     StepTimer,
@@ -40,6 +40,7 @@ from .modeling import (
     reset_peak_memory,
     weight_memory_gib,
 )
+from .outputs import MERGE_MARKER, check_merge_output, check_run_output
 from .registry import Registry, load_registry
 from .tokenizer import load_tokenizer
 
@@ -74,12 +75,24 @@ def prepare(config: RunConfig | str | dict, overrides=(), registry: Registry | N
 def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet, *, resume: bool = False) -> dict:
     """Fine-tune, save, reload and generate; return (and write) the run summary.
 
+    Before anything is read or written: ``output_dir`` must not overlap the run's inputs nor
+    hold files qpeft did not write (:mod:`qpeft.outputs`), and only one run writes to it at a
+    time (:func:`qpeft.io.folder_lock`, held by rank 0 for the whole run).
+
     ``resume``: continue from the newest complete checkpoint in ``output_dir/checkpoints``
     (see :mod:`qpeft.checkpoint`); without one, train from step 0. Under ``accelerate launch``
     every rank trains (data parallel: DDP, or FSDP2 with ``--use_fsdp``) and only rank 0
     evaluates after training, saves, reloads and generates; under FSDP it first gathers the
     sharded adapter from all ranks and rebuilds the trained model on a base of its own.
     """
+    check_run_output(resolved.config)
+    if distributed_rank() != 0:
+        return _run(resolved, registry, say, resume=resume)
+    with folder_lock(resolved.config.output_dir, "qpeft run"):
+        return _run(resolved, registry, say, resume=resume)
+
+
+def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -> dict:
     import torch
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
@@ -377,17 +390,16 @@ def merge(
     if not support.merge:
         raise QpeftError(support.merge_reason)
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise QpeftError(f"{out} exists; pass --force to replace it")
     ctx = _context(resolved, registry)
     if requantize:
         rq = registry.get("quantizer", requantize, key="--requantize")
         rq_options = rq.Options()
         rq.check(rq_options, ctx)
         rq_dir = out.with_name(f"{out.name}-{requantize}")
-        if rq_dir.exists() and not force:
-            raise QpeftError(f"{rq_dir} exists; pass --force to replace it")
     model_path = resolve_model_path(resolved.config.model.name_or_path, progress=say)
+    inputs = {"adapter": adapter_dir, "base model": model_path}
+    for target in (out, rq_dir) if requantize else (out,):  # before any weight loads
+        check_merge_output(target, force=force, inputs=inputs)
     tok, _ = load_tokenizer(model_path)
     probe = tokenize([{"text": "The quick brown fox jumps over the lazy dog."}], "text", tok, 64)[0]
 
@@ -413,7 +425,7 @@ def merge(
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         atomic_write_json(
-            tmp / "qpeft_merge.json",
+            tmp / MERGE_MARKER,
             {
                 "adapter": str(adapter_dir),
                 "merge_source": quant.capabilities.merge_source,
@@ -440,6 +452,7 @@ def merge(
         with atomic_dir(rq_dir, replace=True) as tmp:
             quantized.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
+            atomic_write_json(tmp / MERGE_MARKER, {"adapter": str(adapter_dir), "merged": str(out), "requantized": requantize})
         say(f"re-quantized with {requantize} into {rq_dir}; max |Δlogit| vs the merged model = {rq_delta:.3e}")
         result["requantized"] = {"quantizer": requantize, "out_dir": str(rq_dir), "max_abs_logit_diff_vs_merged": rq_delta}
     return result
