@@ -45,7 +45,9 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def hidden(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+    """Hidden leftovers, less the lock file of a killed run (the kernel released its lock;
+    the next run takes it and removes it)."""
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(".") and p.name != ".qpeft.lock")
 
 
 def start(code: str, *args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
