@@ -87,10 +87,12 @@ class Poison:
 
 
 def _earlier_outputs(out: Path) -> dict[str, str]:
-    """Plant an earlier run's adapter/ and summary.json; return their sha256s."""
+    """Plant an earlier run's adapter/ and summary.json (marked as qpeft's, which a run may
+    replace); return their sha256s."""
     (out / "adapter").mkdir(parents=True)
     (out / "adapter" / "adapter_model.safetensors").write_bytes(b"earlier adapter")
-    (out / "summary.json").write_text('{"earlier": true}\n')
+    (out / "adapter" / "qpeft.json").write_text('{"earlier": true}\n')
+    (out / "summary.json").write_text('{"qpeft_version": "0.1.0", "earlier": true}\n')
     return _digests(out)
 
 
