@@ -684,6 +684,9 @@ def run_cell(
                     _kill(proc)
                     reader.join(timeout=5)
                     return None
+                if timeout and time.monotonic() - t0 > timeout and not timed_out:  # so is a timeout
+                    timed_out = True
+                    _kill(proc)
                 try:
                     event = events.get(timeout=0.5)
                 except queue.Empty:
@@ -693,9 +696,6 @@ def run_cell(
                     continue
                 if proc.poll() is not None and not reader.is_alive():
                     break
-                if timeout and time.monotonic() - t0 > timeout and not timed_out:
-                    timed_out = True
-                    _kill(proc)
         except BaseException:
             _kill(proc)
             raise
