@@ -22,7 +22,11 @@ exist) is an error in the matrix: exit 2, naming ``axes.<key>``.
 
 Each supported cell runs ``python -m qpeft.bench CELL.json`` (:func:`cell_main`), which calls
 :func:`qpeft.orchestrator.run` (and ``merge``) and writes the cell's metrics; a crash or an
-out-of-memory in one cell is recorded and the others go on. Records are appended atomically
+out-of-memory in one cell is recorded and the others go on. With ``isolation: worker`` one
+``python -m qpeft.bench --worker`` process (:func:`worker_main`; one per GPU with ``--gpus``)
+runs the cells one after another instead, its imports done once and CPU base loads after the
+first copied from :class:`qpeft.modeling.BaseModelCache`; a cell that fails, dies or times out
+takes its worker with it and the next cell starts a fresh one. Records are appended atomically
 to ``DIR/results.jsonl``; running the same command again skips finished cells.
 """
 
@@ -104,6 +108,16 @@ class MatrixConfig(BaseModel):
     timeout_s: float | None = Field(None, gt=0)
     #: Results folder (default ``runs/bench/<name>``); ``--out`` overrides it.
     output_dir: str | None = None
+    #: How cells run. "process": each cell in a fresh process (nothing carries over between
+    #: cells). "worker": one process (one per GPU with ``--gpus``) runs cells one after another,
+    #: keeping its imports and, on CPU, an untouched copy of the last base it loaded (quantized
+    #: as loaded), so that later loads of that base are copies; a failed, killed or timed-out
+    #: cell's worker is replaced by a fresh one. ``--isolation`` overrides it.
+    isolation: Literal["process", "worker"] = "process"
+    #: Environment variables for the cells' processes, e.g. ``{OMP_WAIT_POLICY: PASSIVE}`` on a
+    #: shared CPU; a variable already set where ``qpeft bench`` runs keeps its value. The values
+    #: a cell got are in its record (``env``).
+    env: dict[str, str | int | float] = Field(default_factory=dict)
 
 
 @dataclass
@@ -424,11 +438,13 @@ def run_matrix(
     registry=None,
     python: str = sys.executable,
     gpus: list[str] | tuple[str, ...] = (),
+    isolation: str | None = None,
 ) -> dict:
-    """Expand the matrix, record unsupported cells, run the others one process each; return
-    counts and the results folder. ``overrides`` (``--set``) apply to every cell after the
-    matrix's own ``set``; ``only`` selects cells, ``rerun`` runs finished cells again,
-    ``retry_failed`` runs failed ones again; ``stop_after_s`` starts no cell after that long.
+    """Expand the matrix, record unsupported cells, run the others (one process each, or one
+    worker process for all: ``isolation``, default the matrix's); return counts and the results
+    folder. ``overrides`` (``--set``) apply to every cell after the matrix's own ``set``;
+    ``only`` selects cells, ``rerun`` runs finished cells again, ``retry_failed`` runs failed
+    ones again; ``stop_after_s`` starts no cell after that long.
     ``gpus``: run cells side by side, one per listed GPU (its ``CUDA_VISIBLE_DEVICES``), each GPU
     taking the next cell when its cell ends; records are appended one at a time as cells end."""
     from .registry import load_registry
@@ -437,6 +453,10 @@ def run_matrix(
     # context (and no accelerator memory) while its cells run.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     matrix = load_matrix(matrix_path, overrides)
+    if isolation is not None:
+        if isolation not in ("process", "worker"):
+            raise ConfigError("--isolation", f"{isolation!r}; valid: process, worker")
+        matrix.config.isolation = isolation
     registry = registry or load_registry()
     directory = output_directory(matrix, out_dir)
     cells = expand(matrix, registry, directory)
@@ -488,29 +508,34 @@ def run_matrix(
             return stop_after_s is not None and time.monotonic() - started > stop_after_s
 
         side_by_side: list[Cell] = []  # with gpus: run after the loop, several at once
-        for cell, action in actions:
-            prev = latest.get(cell.id)
-            if action == "unsupported":
-                counts["unsupported"] += 1
-                if not (prev and prev.get("status") == "unsupported" and prev.get("reason") == cell.reason):
-                    record = _base_record(cell, matrix, command, commit)
-                    record.update(status="unsupported", reason=cell.reason)
-                    append_record(directory, record)
-                on_event({"type": "unsupported", "cell": cell.id, "labels": cell.labels, "reason": cell.reason})
-                continue
-            if action == "done":
-                counts["done"] += 1
-                on_event({"type": "done", "cell": cell.id, "labels": cell.labels, "record": prev})
-                continue
-            if gpus:
-                side_by_side.append(cell)
-                continue
-            if too_late():
-                counts["not_started"] += 1
-                continue
-            index += 1
-            on_event({"type": "start", "cell": cell.id, "labels": cell.labels, "index": index, "total": to_run})
-            finish(cell, run_cell(cell, matrix, directory, on_event=on_event, python=python))
+        worker = Worker(python, matrix_environment(matrix)) if matrix.config.isolation == "worker" and not gpus else None
+        try:
+            for cell, action in actions:
+                prev = latest.get(cell.id)
+                if action == "unsupported":
+                    counts["unsupported"] += 1
+                    if not (prev and prev.get("status") == "unsupported" and prev.get("reason") == cell.reason):
+                        record = _base_record(cell, matrix, command, commit)
+                        record.update(status="unsupported", reason=cell.reason)
+                        append_record(directory, record)
+                    on_event({"type": "unsupported", "cell": cell.id, "labels": cell.labels, "reason": cell.reason})
+                    continue
+                if action == "done":
+                    counts["done"] += 1
+                    on_event({"type": "done", "cell": cell.id, "labels": cell.labels, "record": prev})
+                    continue
+                if gpus:
+                    side_by_side.append(cell)
+                    continue
+                if too_late():
+                    counts["not_started"] += 1
+                    continue
+                index += 1
+                on_event({"type": "start", "cell": cell.id, "labels": cell.labels, "index": index, "total": to_run})
+                finish(cell, run_cell(cell, matrix, directory, on_event=on_event, python=python, worker=worker))
+        finally:
+            if worker is not None:
+                worker.close()
         if side_by_side:
             _run_side_by_side(side_by_side, list(gpus), matrix, directory, on_event, python, finish, too_late, counts, to_run)
     return {"directory": str(directory), **counts}
@@ -518,9 +543,10 @@ def run_matrix(
 
 def _run_side_by_side(pending, gpus, matrix, directory, on_event, python, finish, too_late, counts, total) -> None:
     """Run ``pending`` cells on several GPUs at once: one worker thread per GPU takes the next cell
-    and runs it in its own process with that GPU visible. Events and records go through one lock,
-    so the display and ``results.jsonl`` see one cell at a time. An interrupt stops every running
-    cell (recording nothing for them, as in a sequential run) and re-raises."""
+    and runs it in its own process with that GPU visible (``isolation: worker``: in that GPU's
+    worker process). Events and records go through one lock, so the display and ``results.jsonl``
+    see one cell at a time. An interrupt stops every running cell (recording nothing for them, as
+    in a sequential run) and re-raises."""
     lock = threading.Lock()
     stop = threading.Event()
     running: dict[str, subprocess.Popen] = {}  # GPU -> its cell's process
@@ -539,6 +565,8 @@ def _run_side_by_side(pending, gpus, matrix, directory, on_event, python, finish
             else:
                 running[gpu] = proc
 
+        cell_env = {**matrix_environment(matrix), "CUDA_VISIBLE_DEVICES": gpu}
+        cell_worker = Worker(python, cell_env) if matrix.config.isolation == "worker" else None
         try:
             while not stop.is_set():
                 with lock:
@@ -560,6 +588,7 @@ def _run_side_by_side(pending, gpus, matrix, directory, on_event, python, finish
                     extra_env={"CUDA_VISIBLE_DEVICES": gpu},
                     stop=stop,
                     on_process=track,
+                    worker=cell_worker,
                 )
                 if outcome is None or stop.is_set():  # stopped by an interrupt: no record, the cell runs next time
                     return
@@ -568,6 +597,9 @@ def _run_side_by_side(pending, gpus, matrix, directory, on_event, python, finish
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             errors.append(exc)
             stop.set()
+        finally:
+            if cell_worker is not None:
+                cell_worker.close()
 
     threads = [threading.Thread(target=worker, args=(gpu,), name=f"qpeft-bench-gpu{gpu}") for gpu in gpus]
     for t in threads:
@@ -615,6 +647,11 @@ def _git_commit(path: Path) -> str | None:
     return (out.stdout.strip() + ("+dirty" if dirty else "")) or None
 
 
+def matrix_environment(matrix: Matrix) -> dict[str, str]:
+    """The matrix's ``env`` variables that the environment of ``qpeft bench`` does not set itself."""
+    return {k: str(v) for k, v in matrix.config.env.items() if k not in os.environ}
+
+
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment a cell process runs with: offline, quiet, unbuffered (as ``qpeft run``),
     plus ``extra`` (e.g. the GPU a side-by-side cell may see)."""
@@ -639,14 +676,17 @@ def run_cell(
     extra_env: dict[str, str] | None = None,
     stop: threading.Event | None = None,
     on_process: Callable[[subprocess.Popen | None], None] | None = None,
+    worker: Worker | None = None,
 ) -> dict | None:
-    """Run one cell in a fresh process; return its record (status "ok" or "failed").
+    """Run one cell in a fresh process, or in ``worker`` (``isolation: worker``); return its
+    record (status "ok" or "failed").
 
     The process's stderr goes to ``cells/<slug>/log.txt``; its stdout carries progress events
     (lines starting with ``@qpeft-bench``) that are passed to ``on_event``. An interrupt of this
     process stops the cell and records nothing, so the next run starts it again; so does
     ``stop`` being set (then the return value is None). ``on_process`` is told the cell's process
-    when it starts and None when it has ended (so that another thread can stop it)."""
+    when it starts and None when it has ended (so that another thread can stop it). A timeout
+    kills the cell's process, the worker included."""
     cell_dir = directory / "cells" / cell.slug
     if cell_dir.exists():
         shutil.rmtree(cell_dir)  # leftovers of an earlier attempt
@@ -662,6 +702,35 @@ def run_cell(
     atomic_write_json(cell_dir / "cell.json", spec)
     log_path = cell_dir / "log.txt"
     timeout = matrix.config.timeout_s
+    matrix_env = matrix_environment(matrix)
+    extra_env = {**matrix_env, **(extra_env or {})}
+    t0 = time.monotonic()
+    if worker is None:
+        outcome = _run_in_process(cell, cell_dir, log_path, python, extra_env, timeout, stop, on_event, on_process)
+    else:
+        outcome = _run_in_worker(worker, cell, cell_dir, log_path, timeout, stop, on_event, on_process)
+    if outcome is None:
+        return None
+    returncode, timed_out = outcome
+    wall = time.monotonic() - t0
+    record: dict[str, Any] = {"wall_seconds": round(wall, 1), "returncode": returncode, "log": str(log_path.relative_to(directory))}
+    record["isolation"] = "process" if worker is None else "worker"
+    if worker is not None:
+        record["worker_cell"] = worker.cell_index  # 1: this cell paid for starting the worker
+    if matrix_env:
+        record["env"] = matrix_env
+    if returncode == 0 and result_path.is_file():
+        result = json.loads(result_path.read_text(encoding="utf-8"))
+        record.update(status="ok", metrics=result["metrics"], environment=result["environment"])
+    else:
+        error = _failure(returncode, log_path, timed_out, timeout)
+        record.update(status="failed", error=error, oom=_is_oom(error))
+    return record
+
+
+def _run_in_process(cell, cell_dir, log_path, python, extra_env, timeout, stop, on_event, on_process) -> tuple[int, bool] | None:
+    """``python -m qpeft.bench CELL.json`` in a session of its own; (exit status, timed out), or
+    None when ``stop`` ended it."""
     events: queue.Queue = queue.Queue()
     t0 = time.monotonic()
     with open(log_path, "ab") as log:
@@ -703,15 +772,143 @@ def run_cell(
             if on_process is not None:
                 on_process(None)
         reader.join(timeout=5)
-    wall = time.monotonic() - t0
-    record: dict[str, Any] = {"wall_seconds": round(wall, 1), "returncode": proc.returncode, "log": str(log_path.relative_to(directory))}
-    if proc.returncode == 0 and result_path.is_file():
-        result = json.loads(result_path.read_text(encoding="utf-8"))
-        record.update(status="ok", metrics=result["metrics"], environment=result["environment"])
-    else:
-        error = _failure(proc.returncode, log_path, timed_out, timeout)
-        record.update(status="failed", error=error, oom=_is_oom(error))
-    return record
+    return proc.returncode, timed_out
+
+
+class Worker:
+    """A cell process that runs cells one after another (``isolation: worker``).
+
+    ``python -m qpeft.bench --worker`` (:func:`worker_main`) reads one command line per cell on
+    its stdin (the cell's ``cell.json`` and ``log.txt``), writes the cell's output to that log,
+    sends its progress events on its stdout and ends each cell with an event carrying the cell's
+    exit status (0, 1 or 2, as a cell process exits). The process is started for the first cell
+    (in a session of its own, its environment as a cell process's) and kept for the next one
+    while cells succeed; a failed cell's worker is stopped, and so is one that dies (killed,
+    out of memory) or times out: the next cell then starts a fresh one."""
+
+    def __init__(self, python: str = sys.executable, extra_env: dict[str, str] | None = None):
+        self.python, self.extra_env = python, extra_env
+        self.proc: subprocess.Popen | None = None
+        self.output: queue.Queue = queue.Queue()
+        #: Cells given to the current process so far (1 while its first cell runs).
+        self.cell_index = 0
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, stderr) -> None:
+        """Start a fresh worker process; its output until the first cell goes to ``stderr``."""
+        self.stop()
+        self.proc = subprocess.Popen(
+            [self.python, "-m", "qpeft.bench", "--worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=child_environment(self.extra_env),
+            start_new_session=True,
+        )
+        self.output = queue.Queue()
+        self.cell_index = 0
+        threading.Thread(target=_read_lines, args=(self.proc.stdout, self.output), daemon=True, name="qpeft-bench-worker-output").start()
+
+    def send(self, command: dict) -> bool:
+        """Give the worker its next cell; False when it is no longer there to take it."""
+        if not self.alive():
+            return False
+        try:
+            self.proc.stdin.write((json.dumps(command) + "\n").encode("utf-8"))
+            self.proc.stdin.flush()
+        except OSError:  # BrokenPipeError: it ended since
+            return False
+        self.cell_index += 1
+        return True
+
+    def stop(self) -> None:
+        """Stop the worker process and everything it started."""
+        if self.proc is not None:
+            _kill(self.proc)
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+            self.proc = None
+
+    def close(self) -> None:
+        """Let an idle worker end (end of its input), stopping it if it has not within 10 s."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self.stop()
+
+
+def _run_in_worker(worker: Worker, cell, cell_dir, log_path, timeout, stop, on_event, on_process) -> tuple[int, bool] | None:
+    """Run a cell in ``worker`` (started here if it is not running); (exit status, timed out),
+    or None when ``stop`` ended it. The exit status is the cell's (0, 1, 2) while the worker
+    lives, the worker's own (e.g. -9) when it died during the cell."""
+    command = {"cell": str(cell_dir / "cell.json"), "log": str(log_path)}
+    t0 = time.monotonic()
+    with open(log_path, "ab") as log:
+        if not worker.send(command):  # none yet, or the last one ended while idle
+            worker.start(log)
+            worker.send(command)  # should it have ended already, its output has ended: handled below
+        proc = worker.proc
+        if on_process is not None:
+            on_process(proc)
+        timed_out, returncode = False, None
+        try:
+            while True:
+                if stop is not None and stop.is_set():
+                    worker.stop()
+                    return None
+                if timeout and time.monotonic() - t0 > timeout and not timed_out:
+                    timed_out = True
+                    _kill(proc)  # its output then ends: handled below
+                try:
+                    line = worker.output.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if line is None:  # the worker ended during the cell: killed, or out of memory
+                    returncode = proc.wait()
+                    break
+                event = _parse_event(line)
+                if event is not None and event.get("kind") == "cell-end":
+                    returncode = int(event["rc"])
+                    break
+                if event is not None:
+                    on_event({"type": "progress", "cell": cell.id, **event})
+                else:
+                    log.write(line)
+                    log.flush()
+        except BaseException:
+            worker.stop()
+            raise
+        finally:
+            if on_process is not None:
+                on_process(None)
+    if returncode != 0 or not worker.alive():
+        worker.stop()  # a failed cell's worker is not reused: the next cell starts afresh
+    return returncode, timed_out
+
+
+def _read_lines(stream, lines: queue.Queue) -> None:
+    """Every line of a worker's output, then None when it ends."""
+    for raw in iter(stream.readline, b""):
+        lines.put(raw)
+    stream.close()
+    lines.put(None)
+
+
+def _parse_event(raw: bytes) -> dict | None:
+    line = raw.decode("utf-8", errors="replace")
+    if line.startswith(EVENT_PREFIX):
+        with contextlib.suppress(json.JSONDecodeError):
+            event = json.loads(line[len(EVENT_PREFIX) :])
+            if isinstance(event, dict):
+                return event
+    return None
 
 
 def _read_events(stream, log, events: queue.Queue) -> None:
@@ -891,22 +1088,139 @@ def cell_main(argv: list[str] | None = None) -> int:
     """Entry of a cell process (``python -m qpeft.bench CELL.json``): run, merge where asked,
     write the metrics to the spec's ``result`` path. Exit 0 on success, 2 on a qpeft error
     (one line), 1 on a crash (traceback in the log)."""
-    import gc
-    import logging
-    import traceback
-    import warnings
-
     args = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(args[0]).read_text(encoding="utf-8"))
-    _exit_with_parent()
-    os.environ.update({k: v for k, v in child_environment().items() if k not in os.environ})
-    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    start = time.perf_counter()
+    _cell_process_setup()
 
     def emit(event: dict) -> None:
         sys.stdout.write(EVENT_PREFIX + json.dumps(event) + "\n")
         sys.stdout.flush()
+
+    return _run_spec(spec, emit)
+
+
+def worker_main() -> int:
+    """Entry of a worker process (``python -m qpeft.bench --worker``, ``isolation: worker``):
+    one command per line on stdin, ``{"cell": CELL.json, "log": LOG}``, each run as a cell
+    process would run it, its output appended to LOG, its progress events on stdout, then a
+    ``cell-end`` event with the exit status a cell process would have had. Ends at the end of
+    its input. Loads of a base on the CPU come from the worker's :class:`BaseModelCache` after
+    the first; each cell records how many of its loads did (``base_loads_from_cache``), where the
+    training load came from (``load_from_cache``, ``load_uncached_seconds``), and its peak RSS
+    since the cell started (``peak_rss_gib``) with what the worker held then
+    (``rss_at_cell_start_gib``, of it ``base_cache_gib`` in cached bases)."""
+    import gc
+
+    from .modeling import BaseModelCache, base_model_cache, current_rss_gib, reset_process_peak_rss
+
+    _cell_process_setup()
+    events = os.fdopen(os.dup(1), "w", encoding="utf-8")  # the event channel to qpeft bench
+    os.dup2(2, 1)  # anything else printed goes to the cell's log
+
+    def emit(event: dict) -> None:
+        events.write(EVENT_PREFIX + json.dumps(event) + "\n")
+        events.flush()
+
+    _preload_libraries()
+    cache = BaseModelCache(max_entries=1)
+    with base_model_cache(cache):
+        for line in iter(sys.stdin.readline, ""):
+            if not line.strip():
+                continue
+            command = json.loads(line)
+            _redirect_output(command["log"])
+            gc.collect()
+            _trim_heap()
+            _empty_cuda_cache()
+            cache.clear_loads()
+            rss_start = current_rss_gib()
+            reset_process_peak_rss()
+
+            def worker_metrics(rss_start=rss_start) -> dict:
+                loads = cache.loads
+                metrics: dict[str, Any] = {
+                    "base_loads": len(loads),
+                    "base_loads_from_cache": sum(1 for load in loads if load["cached"]),
+                }
+                if loads:
+                    metrics["load_from_cache"] = loads[0]["cached"]
+                    if loads[0]["cached"]:
+                        metrics["load_uncached_seconds"] = loads[0]["uncached_seconds"]
+                metrics["base_cache_gib"] = round(cache.held_gib(), 4)
+                if rss_start is not None:
+                    metrics["rss_at_cell_start_gib"] = round(rss_start, 3)
+                return metrics
+
+            try:
+                spec = json.loads(Path(command["cell"]).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                print(f"error: cannot read {command['cell']}: {exc}", file=sys.stderr, flush=True)
+                rc = 2
+            else:
+                rc = _run_spec(spec, emit, extra_metrics=worker_metrics)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            emit({"kind": "cell-end", "rc": rc})
+    return 0
+
+
+def _preload_libraries() -> None:
+    """Import, before any cell, the libraries cells import. Besides moving their import time to
+    the worker's start, this keeps import-time state free of cells' objects: gptqmodel (imported
+    by peft while it loads a LoRA adapter) keeps the ImportError of its optional llama-cpp
+    backend, whose traceback holds every frame that was running the import, with the models in
+    their locals, for as long as the process lives."""
+    import importlib
+    import importlib.util
+
+    from . import orchestrator  # noqa: F401  (torch, transformers)
+    from .registry import load_registry
+
+    load_registry()  # qpeft's plugins and any installed ones
+    for name in ("peft", "bitsandbytes", "gptqmodel"):
+        if importlib.util.find_spec(name) is not None:
+            with contextlib.suppress(Exception):  # a cell that needs it reports the error itself
+                importlib.import_module(name)
+
+
+def _trim_heap() -> None:
+    """Hand the C heap's free memory back to the system (glibc's ``malloc_trim``), so that a
+    worker's next cell does not start with the last one's freed memory still resident."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+def _cell_process_setup() -> None:
+    import logging
+    import warnings
+
+    _exit_with_parent()
+    os.environ.update({k: v for k, v in child_environment().items() if k not in os.environ})
+    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+
+
+def _redirect_output(path: str) -> None:
+    """Send this process's stdout and stderr (file descriptors 1 and 2) to the end of ``path``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _run_spec(spec: dict, emit: Callable[[dict], None], extra_metrics: Callable[[], dict] | None = None) -> int:
+    """Run one cell in this process: run, merge where asked, write the metrics (plus
+    ``extra_metrics()``) to the spec's ``result`` path. 0 on success, 2 on a qpeft error (one
+    line), 1 on a crash (traceback on stderr)."""
+    import gc
+    import traceback
+
+    start = time.perf_counter()
 
     def say(msg: str) -> None:
         text = re.sub(r"\[/?[a-z ]*\]", "", msg)  # rich markup the orchestrator uses
@@ -936,7 +1250,10 @@ def cell_main(argv: list[str] | None = None) -> int:
             )
             merge["seconds"] = round(time.perf_counter() - t0, 2)
             shutil.rmtree(merged_dir, ignore_errors=True)  # the Δ is the measurement; the weights are not kept
-        atomic_write_json(spec["result"], {"cell": spec["cell"], "metrics": cell_metrics(summary, merge), "environment": environment()})
+        metrics = cell_metrics(summary, merge)
+        if extra_metrics is not None:
+            metrics.update(extra_metrics())
+        atomic_write_json(spec["result"], {"cell": spec["cell"], "metrics": metrics, "environment": environment()})
         return 0
     except QpeftError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -969,4 +1286,4 @@ def _empty_cuda_cache() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cell_main())
+    sys.exit(worker_main() if sys.argv[1:] == ["--worker"] else cell_main())

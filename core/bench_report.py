@@ -51,10 +51,15 @@ METRIC_NOTES = """\
 * **tokens/s**: training tokens (non-padding) per second after warm-up: the first fifth of the
   logged steps (1 to 10) is left out; **step s** is the mean optimizer-step time over the same steps.
 * **peak memory**: on CUDA, `torch.cuda.max_memory_allocated` / `max_memory_reserved` during
-  training; on CPU, the cell process's peak RSS (loading included).
+  training; on CPU, the cell process's peak RSS (loading included). In a worker (`isolation:
+  worker`) it is the worker's peak RSS since the cell started, which includes what the worker
+  held then (`rss_at_cell_start_gib` in the CSV: its libraries and the base it keeps, `base_cache_gib`).
 * **grad ckpt**: gradient checkpointing (on unless the method or quantizer cannot use it, or the config turns it off).
 * **weights**: memory held by the loaded base model's parameters and buffers (what quantization shrinks).
-* **load s**: loading (and quantizing) the base model.
+* **load s**: loading (and quantizing) the base model; "(cache)": in a worker, a copy of the
+  base the worker kept from its first load of it (that load's time: `load_uncached_seconds` in the CSV).
+* **wall s**: the cell from start to record; in a worker, the first cell of each worker process
+  (`worker_cell` 1) includes starting it and importing the libraries.
 * **val ppl**: validation perplexity on the label tokens, before and after training.
 * **gen tok/s**: greedy generation with the saved adapter reloaded on a fresh quantized base.
 * **adapter MiB**: the saved adapter folder on disk (safetensors + configs).
@@ -151,6 +156,12 @@ def markdown(meta: dict, rows: list[dict], plots: list[str], directory: Path, pl
     if commands:
         lines += ["Produced by:", "", "```bash", *commands, f"qpeft bench report {directory}", "```", ""]
     lines += [f"{len(rows)} cells: {len(ok)} ok, {len(failed)} failed, {len(unsupported)} not supported.", ""]
+    in_workers = [r for r in ok + failed if r.get("isolation") == "worker"]
+    if in_workers:
+        starts = sum(1 for r in in_workers if r.get("worker_cell") == 1)
+        where = "all" if len(in_workers) == len(ok + failed) else f"{len(in_workers)} (the others each in a fresh process)"
+        plural = "s" if starts != 1 else ""
+        lines += [f"Cells run: {len(ok + failed)}, {where} in worker processes (`isolation: worker`, {starts} worker start{plural}).", ""]
 
     envs = [r.get("environment") or {} for r in ok]
     if envs:
@@ -214,7 +225,7 @@ def markdown(meta: dict, rows: list[dict], plots: list[str], directory: Path, pl
                         _peak_text(m),
                         _fmt(m.get("gradient_checkpointing")),
                         _fmt(m.get("weight_memory_gib"), ".3f"),
-                        _fmt(m.get("load_seconds"), ".1f"),
+                        _fmt(m.get("load_seconds"), ".1f") + (" (cache)" if m.get("load_from_cache") else ""),
                         trainable_text,
                         ppl,
                         _fmt(m.get("generation_tokens_per_s"), ".1f"),

@@ -335,8 +335,14 @@ def bench_run(
     gpus: str | None = typer.Option(
         None, "--gpus", help="Run cells side by side, one per GPU of this comma-separated list (CUDA_VISIBLE_DEVICES), e.g. 0,1,2,3."
     ),
+    isolation: str | None = typer.Option(
+        None,
+        "--isolation",
+        help="process: a fresh process per cell; worker: one process (per GPU) runs cell after cell. Default: the matrix's (process).",
+    ),
 ):
-    """Run every cell of a matrix in its own process; resume where an earlier run stopped."""
+    """Run every cell of a matrix in its own process (or in one worker process: --isolation worker);
+    resume where an earlier run stopped."""
     import shlex
     import signal
 
@@ -357,6 +363,7 @@ def bench_run(
             on_event=display if not list_cells else bench._no_event,
             command="qpeft " + shlex.join(sys.argv[1:]),
             gpus=[g.strip() for g in gpus.split(",") if g.strip()] if gpus else (),
+            isolation=isolation,
         )
     except QpeftError as exc:
         display.close()
