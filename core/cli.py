@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -407,6 +408,29 @@ def bench_report(directory: str = typer.Argument(..., help="Results folder of a 
     _bench_report(directory)
 
 
+INTERRUPTED = "interrupted: finished outputs are intact; partial ones were not written"
+
+
+def _report_interrupts(command):
+    """Typer turns a KeyboardInterrupt into a silent exit 130 before it leaves ``app()``: each
+    command says what an interrupt left behind itself, then exits 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            console.print(INTERRUPTED, style="red", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+for _typer in (app, bench_app, config_app):
+    for _command in _typer.registered_commands:
+        _command.callback = _report_interrupts(_command.callback)
+
+
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -420,11 +444,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
     # torchao (pulled in by gptqmodel) logs missing optional CUDA extensions on every import.
     logging.getLogger("torchao").setLevel(logging.ERROR)
-    try:
-        app()
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]: finished outputs are intact; partial ones were not written")
-        sys.exit(130)
+    app()
 
 
 if __name__ == "__main__":

@@ -363,3 +363,29 @@ def atomic_dir(target: str | Path, *, replace: bool = True):
     for leftover in (tmp, old):
         if leftover is not None:
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Hold off Ctrl-C (SIGINT) and SIGTERM for the duration, then raise KeyboardInterrupt if
+    one came: for writes that belong together (a run's adapter and its summary), so an
+    interrupt leaves both or neither. Outside the main thread it does nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def remember(signum, frame):
+        caught.append(signum)
+
+    previous = {sig: signal.signal(sig, remember) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise KeyboardInterrupt

@@ -26,7 +26,7 @@ from .distributed import fsdp_version, gather_trainable_state, local_rank, world
 from .distributed import rank as distributed_rank
 from .errors import QpeftError, TrainingDiverged
 from .integrity import check_adapter_applied, check_adapter_files, check_finite
-from .io import atomic_dir, atomic_write_json, atomic_write_text, folder_lock
+from .io import atomic_dir, atomic_write_json, atomic_write_text, deferred_interrupts, folder_lock
 from .model_source import check_weight_files, resolve_model_path
 from .modeling import (
     StepTimer,
@@ -225,8 +225,15 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
     }
 
     adapter_dir = out / "adapter"
-    save_adapter(model, peft, adapter_dir, resolved, summary)
-    summary["adapter_bytes"] = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file())
+    # The adapter and its summary are one result: an earlier run's summary goes first, and an
+    # interrupt (Ctrl-C, SIGTERM) waits until both are written, so they never come from
+    # different runs. The summary is written again once the reload check and generation ran.
+    with deferred_interrupts():
+        (out / "summary.json").unlink(missing_ok=True)
+        save_adapter(model, peft, adapter_dir, resolved, summary)
+        summary["adapter_bytes"] = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file())
+        summary["stage"] = "saved"  # the reload check and generation have not run yet
+        atomic_write_json(out / "summary.json", summary)
     say(f"saved adapter to {adapter_dir}")
     del model
     gc.collect()
@@ -242,6 +249,7 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
     summary["generation"] = sample
     say(f"reloaded adapter on a fresh {quant.name} base: max |Δlogit| vs trained model = {reload_diff:.2e}")
     summary["notes"] = list(dict.fromkeys(ctx.notes))  # loading the base again repeats the plugins' notes
+    summary["stage"] = "complete"
     atomic_write_json(out / "summary.json", summary)
     registry.hooks.qpeft_on_run_end(summary=summary, ctx=ctx)
     return summary
