@@ -287,19 +287,67 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+#: Limits on a config file: its size, how deep it nests, and how many values it holds once
+#: YAML aliases are expanded (an "alias bomb" of 1 KB expands to billions).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_VALUES = 100_000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _check_size(data, p: Path) -> None:
+    """Walk ``data`` as a consumer would (shared aliases counted each time they are reached) and
+    stop at the first limit: cycles, depth, expanded size."""
+    count = 0
+    stack = [(data, 0, ())]
+    while stack:
+        value, depth, path = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError("", f"{p}: more than {MAX_CONFIG_VALUES:,} values once its YAML aliases are expanded")
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError("", f"{p}: nested deeper than {MAX_CONFIG_DEPTH} levels")
+        if isinstance(value, (dict, list)):
+            if id(value) in path:
+                raise ConfigError("", f"{p}: a YAML alias refers to itself")
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1, (*path, id(value))) for child in children)
+
+
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping from ``path`` with errors that name the file."""
+    """Read a YAML mapping from ``path`` with errors that name the file. Refused: files over
+    1 MiB or not regular files, keys given twice, nesting deeper than 32 levels, aliases that
+    refer to themselves or expand past 100,000 values."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError("", f"config file not found: {p}")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError("", f"{p}: {p.stat().st_size:,} bytes; a config file is at most {MAX_CONFIG_BYTES:,}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+    except RecursionError:
+        raise ConfigError("", f"{p}: nested deeper than {MAX_CONFIG_DEPTH} levels") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError("", f"{p}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None and isinstance(exc, yaml.constructor.ConstructorError) else ""
+        raise ConfigError("", f"{p}: not valid YAML: {str(exc).splitlines()[0]}{where}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("", f"{p}: top level must be a mapping of keys, got {type(data).__name__}")
+    _check_size(data, p)
     return data
 
 
