@@ -83,7 +83,7 @@ def load(directory: str | Path) -> tuple[dict, list[dict]]:
             meta = json.loads((directory / MATRIX_FILE).read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             meta = {}
-    records = read_records(directory)
+    records = read_records(directory, strict=True)
     latest = latest_records(records)
     order = [c for c in meta.get("cells", []) if c in latest]
     order += [c for c in latest if c not in order]

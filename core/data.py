@@ -22,20 +22,39 @@ EMBEDDED_SETS = ("instruct", "text")
 IGNORE = -100
 
 
+class Row(dict):
+    """A record that remembers where it came from: ``number`` is its row in the file, counted
+    from 1 (in a JSONL file: its line, blank lines included, as an editor shows it)."""
+
+    number: int = 0
+
+
+def _numbered(rows: list, numbers: list[int] | None = None) -> list:
+    out = []
+    for i, row in enumerate(rows):
+        if isinstance(row, dict):
+            row = Row(row)
+            row.number = numbers[i] if numbers else i + 1
+        out.append(row)
+    return out
+
+
 def _records_from_file(path: Path, key: str) -> list[dict]:
-    """Rows of a local data file or saved dataset folder, read through ``datasets`` when it is
-    installed (the core works without it); a file ``datasets`` cannot parse is read again by
-    the built-in reader, whose error names the bad row."""
+    """Rows of a local data file or saved dataset folder. JSON, JSONL and CSV are read by the
+    built-in reader, which keeps every value as written (Arrow would give every message every
+    key of every other message, and pandas turns "1" into 1) and names the bad row; parquet is
+    read through ``datasets`` when it is installed (the core works without it)."""
     if path.is_dir():
-        return _records_from_saved_dataset(path, key)
+        return _numbered(_records_from_saved_dataset(path, key))
     if not path.is_file():
         raise ConfigError(key, f"data file not found: {path}")
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json", ".txt", ".csv", ".parquet"):
         raise ConfigError(key, f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .parquet or .txt")
     rows = None
-    if suffix != ".txt" and path.stat().st_size > 0:
+    if suffix == ".parquet" and path.stat().st_size > 0:
         rows = _records_via_datasets(path, suffix)
+        rows = None if rows is None else _numbered(rows)
     if rows is None:
         rows = _records_builtin(path, suffix, key)
     if not rows:
@@ -56,9 +75,9 @@ def _records_via_datasets(path: Path, suffix: str) -> list[dict] | None:
     try:
         datasets.disable_progress_bars()
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        rows = ds.to_list()  # decodes the strings: bad UTF-8 fails here
     except Exception:  # noqa: BLE001 - the built-in reader then reports the precise problem
         return None
-    rows = ds.to_list()
     if suffix == ".json" and len(rows) == 1 and set(rows[0]) == {"data"} and isinstance(rows[0]["data"], list):
         rows = rows[0]["data"]
     # Arrow gives every row every column (None where a row lacks it); qpeft's checks want
@@ -87,18 +106,26 @@ def _records_from_saved_dataset(path: Path, key: str) -> list[dict]:
 def _records_builtin(path: Path, suffix: str, key: str) -> list[dict]:
     try:
         if suffix == ".jsonl":
-            rows = []
-            with path.open(encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
+            rows, numbers = [], []
+            with path.open("rb") as f:
+                for n, raw in enumerate(f, 1):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise ConfigError(key, f"{path}: row {n} is not valid UTF-8 (byte {exc.start + 1} of the line)") from None
+                    if n == 1:
+                        line = line.removeprefix("\ufeff")
                     if not line.strip():
                         continue
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as exc:
                         raise ConfigError(key, f"{path}: row {n} is not valid JSON: {exc.msg}") from None
-        elif suffix == ".json":
+                    numbers.append(n)
+            return _numbered(rows, numbers)
+        if suffix == ".json":
             try:
-                rows = json.loads(path.read_text(encoding="utf-8") or "[]")
+                rows = json.loads(path.read_text(encoding="utf-8-sig") or "[]")
             except json.JSONDecodeError as exc:
                 raise ConfigError(key, f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
             if isinstance(rows, dict) and "data" in rows:
@@ -109,8 +136,16 @@ def _records_builtin(path: Path, suffix: str, key: str) -> list[dict]:
             blocks = [b.strip() for b in path.read_text(encoding="utf-8").split("\n\n")]
             rows = [{"text": b} for b in blocks if b]
         elif suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as f:
-                rows = list(csv.DictReader(f))
+            rows = []
+            with path.open(encoding="utf-8-sig", newline="") as f:
+                reader = csv.DictReader(f)
+                for n, row in enumerate(reader, 1):
+                    if None in row or None in row.values():
+                        fields = len(row) - 1 + len(row[None]) if None in row else sum(v is not None for v in row.values())
+                        raise ConfigError(
+                            key, f"{path}: row {n} (line {reader.line_num}) has {fields} fields, the header has {len(reader.fieldnames)}"
+                        )
+                    rows.append(row)
         else:
             import pyarrow.parquet as pq
 
@@ -120,7 +155,7 @@ def _records_builtin(path: Path, suffix: str, key: str) -> list[dict]:
                 raise ConfigError(key, f"{path}: not a readable parquet file ({exc})") from None
     except UnicodeDecodeError:
         raise ConfigError(key, f"{path}: not UTF-8 text") from None
-    return rows
+    return _numbered(rows)
 
 
 def detect_format(rows: list[dict], source: str, key: str) -> str:
@@ -132,10 +167,43 @@ def detect_format(rows: list[dict], source: str, key: str) -> str:
         return "prompt_response"
     if "text" in cols:
         return "text"
-    raise ConfigError(key, f"{source}: row 1 has columns {sorted(cols)}; expected 'text', 'prompt'+'response' or 'messages'")
+    raise ConfigError(
+        key, f"{source}: row {getattr(rows[0], 'number', 1)} has columns {sorted(cols)}; expected 'text', 'prompt'+'response' or 'messages'"
+    )
 
 
 _REQUIRED = {"text": ("text",), "prompt_response": ("prompt", "response"), "chat": ("messages",)}
+#: The roles a chat row may use (case-sensitive: chat templates compare them exactly, so an
+#: "Assistant" turn would be rendered as some other speaker and never trained on).
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _row_problem(row: dict, fmt: str) -> str | None:
+    """What makes ``row`` unusable as ``fmt`` data, or None."""
+    for col in _REQUIRED[fmt]:
+        value = row.get(col)
+        want = list if fmt == "chat" else str
+        if value is not None and not isinstance(value, want):
+            return f"has {col!r} as {type(value).__name__}, expected {'a list of messages' if want is list else 'a string'}"
+        if not value:
+            return f"has no usable {col!r} (format {fmt})"
+    if fmt != "chat":
+        return None
+    for i, msg in enumerate(row["messages"], 1):
+        if not isinstance(msg, dict):
+            return f"has message {i} as {type(msg).__name__}, expected an object with 'role' and 'content'"
+        role, content = msg.get("role"), msg.get("content")
+        if not isinstance(role, str):
+            return f"has message {i} with no 'role' string (keys: {sorted(msg)})"
+        if role not in CHAT_ROLES:
+            if role.strip().lower() in CHAT_ROLES:
+                return f"has message {i} with role {role!r}; roles are lower-case: use {role.strip().lower()!r}"
+            return f"has message {i} with unknown role {role!r}; valid: {', '.join(CHAT_ROLES)}"
+        if not isinstance(content, str) and not (content is None and msg.get("tool_calls")):
+            return f"has message {i} with 'content' as {type(content).__name__}, expected a string"
+    if not any(m["role"] == "assistant" for m in row["messages"]):
+        return "has no assistant turn (loss is taken only on assistant turns; a chat row needs at least one)"
+    return None
 
 
 def load_records(cfg) -> tuple[list[dict], list[dict], str]:
@@ -145,7 +213,10 @@ def load_records(cfg) -> tuple[list[dict], list[dict], str]:
         if name not in EMBEDDED_SETS:
             raise ConfigError("data.path", f"unknown embedded set {name!r}; valid: " + ", ".join(f"embedded:{s}" for s in EMBEDDED_SETS))
         train = _records_from_file(EMBEDDED_DATA / f"{name}_train.jsonl", "data.path")
-        val = _records_from_file(EMBEDDED_DATA / f"{name}_val.jsonl", "data.path")
+        if cfg.val_path:  # was ignored: the embedded set's own val split was used instead
+            val = _records_from_file(Path(cfg.val_path).expanduser(), "data.val_path")
+        else:
+            val = _records_from_file(EMBEDDED_DATA / f"{name}_val.jsonl", "data.path")
     else:
         train = _records_from_file(Path(cfg.path).expanduser(), "data.path")
         if cfg.val_path:
@@ -156,11 +227,14 @@ def load_records(cfg) -> tuple[list[dict], list[dict], str]:
                 raise ConfigError("data.path", f"{cfg.path}: needs at least 2 records to hold one out for validation")
             train, val = train[:-n_val], train[-n_val:]
     fmt = cfg.format if cfg.format != "auto" else detect_format(train, cfg.path, "data.format")
-    for rows, key, source in ((train, "data.path", cfg.path), (val, "data.val_path", cfg.val_path or cfg.path)):
+    for rows, key, source in (
+        (train, "data.path", cfg.path),
+        (val, "data.val_path" if cfg.val_path else "data.path", cfg.val_path or cfg.path),
+    ):
         for n, row in enumerate(rows, 1):
-            missing = [c for c in _REQUIRED[fmt] if not isinstance(row.get(c), (str, list)) or not row.get(c)]
-            if missing:
-                raise ConfigError(key, f"{source}: row {n} has no usable {missing[0]!r} (format {fmt})")
+            problem = _row_problem(row, fmt)
+            if problem:
+                raise ConfigError(key, f"{source}: row {getattr(row, 'number', n)} {problem}")
     if cfg.max_train_examples:
         train = train[: cfg.max_train_examples]
     if cfg.max_val_examples:
@@ -219,14 +293,18 @@ def tokenize(rows: list[dict], fmt: str, tok, max_length: int, *, too_long: str 
     """Encode every row; apply the ``too_long`` policy ("truncate", "drop" or "error") to rows
     over ``max_length`` tokens; drop rows left with no label after truncation. ``source`` names
     the file in messages; ``say`` (if given) is told which rows were cut or dropped."""
-    out, long_rows, empty_rows = [], [], []
-    for n, row in enumerate(rows, 1):
+    out, long_rows, empty_rows, cut_rows = [], [], [], []
+    for i, row in enumerate(rows, 1):
+        n = getattr(row, "number", i)
+        row, cut = _cut_long_strings(row, fmt, tok, max_length)
+        if cut:
+            cut_rows.append(n)
         ex = encode(row, fmt, tok)
         if len(ex.input_ids) > max_length:
             if too_long == "error":
                 raise ConfigError(
                     "data.too_long",
-                    f"{source}: row {n} has {len(ex.input_ids)} tokens, more than data.max_length={max_length}; "
+                    f"{source}: row {n} has {'more than ' if cut else ''}{len(ex.input_ids)} tokens, more than data.max_length={max_length}; "
                     "raise max_length or set data.too_long to truncate or drop",
                 )
             long_rows.append(n)
@@ -244,9 +322,60 @@ def tokenize(rows: list[dict], fmt: str, tok, max_length: int, *, too_long: str 
             f"{source}: {rows} longer than {max_length} tokens {verb}{'' if too_long == 'drop' else f' {max_length}'} "
             f"(row{'' if len(long_rows) == 1 else 's'} {_row_list(long_rows)})"
         )
+    if say and cut_rows:
+        say(
+            f"{source}: {len(cut_rows)} row{'' if len(cut_rows) == 1 else 's'} with a string far longer than {max_length} tokens "
+            f"cut to its first {_cut_bound(max_length):,} characters or more before tokenizing (rows {_row_list(cut_rows)})"
+        )
     if say and empty_rows:
         say(f"{source}: {len(empty_rows)} rows have no target token left after truncation and were skipped (rows {_row_list(empty_rows)})")
     return out
+
+
+#: A generous bound on the characters one token covers: a string of more than
+#: ``(max_length + 16) * CHARS_PER_TOKEN`` characters is cut to that before it is tokenized
+#: (tokenizing a 50 MB row whole took 139 s and 7.9 GiB to keep 48 of its tokens).
+CHARS_PER_TOKEN = 32
+
+
+def _cut_bound(max_length: int) -> int:
+    return (max_length + 16) * CHARS_PER_TOKEN
+
+
+def _cut_string(text: str, tok, max_length: int) -> str:
+    """``text``, or a prefix of it that still tokenizes to at least ``max_length + 16`` tokens
+    (so the first ``max_length`` tokens, all that is kept, are those of the whole text: a cut
+    changes only the last few tokens before it). The prefix grows 4× while it is too short."""
+    bound = _cut_bound(max_length)
+    while len(text) > bound:
+        head = text[:bound]
+        if len(tok(head, add_special_tokens=False)["input_ids"]) >= max_length + 16:
+            return head
+        bound *= 4
+    return text
+
+
+def _cut_long_strings(row: dict, fmt: str, tok, max_length: int) -> tuple[dict, bool]:
+    """``row`` with every string longer than :func:`_cut_bound` cut by :func:`_cut_string`
+    (the whole record is over ``max_length`` tokens then, and only its start is kept), and
+    whether anything was cut."""
+    bound = _cut_bound(max_length)
+    if fmt == "chat":
+        if not any(len(m.get("content") or "") > bound for m in row["messages"]):
+            return row, False
+        messages = [
+            {**m, "content": _cut_string(m["content"], tok, max_length)} if len(m.get("content") or "") > bound else m
+            for m in row["messages"]
+        ]
+        new = {**row, "messages": messages}
+        cut = any(a["content"] != b["content"] for a, b in zip(messages, row["messages"]))
+    else:
+        cols = [c for c in _REQUIRED[fmt] if len(row[c]) > bound]
+        if not cols:
+            return row, False
+        new = {**row, **{c: _cut_string(row[c], tok, max_length) for c in cols}}
+        cut = any(new[c] != row[c] for c in cols)
+    return new, cut
 
 
 def _row_list(rows: list[int], limit: int = 5) -> str:
