@@ -15,6 +15,7 @@ import copy
 import difflib
 import os
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -44,6 +46,17 @@ class StrictModel(BaseModel):
     weights were loaded, deep inside torch or the OS)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """``true`` given for a number option (pydantic reads it as 1) is an error."""
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            annotation = cls.model_fields[info.field_name].annotation
+            types = typing.get_args(annotation) or (annotation,)
+            if bool not in types and any(t in (int, float) for t in types):
+                raise ValueError(f"expected a number, not the boolean {str(value).lower()}")
+        return value
 
     @field_validator("*", mode="after")
     @classmethod

@@ -172,3 +172,19 @@ def test_bench_report_on_a_corrupt_results_file(qpeft, tmp_path, line, fragment)
     assert result.exit_code == 2 and f"{tmp_path / 'results.jsonl'}: {fragment}" in err, result.output
     (tmp_path / "results.jsonl").write_bytes(good + b"\n")
     assert qpeft("bench", "report", str(tmp_path))[0].exit_code == 0
+
+
+@pytest.mark.parametrize("key, value", [("data.max_train_examples", True), ("data.val_fraction", False), ("seed", True)])
+def test_boolean_for_a_number_option_is_an_error(key, value):
+    """pydantic read ``true`` as 1 for an integer option (``max_train_examples: true`` meant
+    one example); a boolean where a number is wanted is now an error naming the key."""
+    from qpeft.config import load_config
+
+    section, _, name = key.rpartition(".")
+    data = {"quantizer": "none", "peft": "lora", "trainer": "hf"}
+    if section:
+        data[section] = {name: value}
+    else:
+        data[name] = value
+    with pytest.raises(ConfigError, match=rf"{key}: expected a number, not the boolean {str(value).lower()}"):
+        load_config(data)
