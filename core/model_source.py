@@ -58,6 +58,8 @@ def resolve_model_path(name_or_path: str, *, trust_remote_code: bool = False, pr
         return str(target)
     path = Path(name_or_path).expanduser()
     if path.exists():
+        if path.is_dir():
+            check_regular_files(path)
         if not (path / "config.json").is_file():
             raise ConfigError("model.name_or_path", f"{path} is not a Hugging Face model folder (no config.json)")
         check_model_config(path)
@@ -74,6 +76,20 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
+def check_regular_files(folder: str | Path) -> None:
+    """Refuse a model or adapter folder holding something other than files and folders where a
+    file is read (a FIFO or a device would block the read forever)."""
+    import stat
+
+    for entry in Path(folder).iterdir():
+        try:
+            mode = entry.stat().st_mode  # follows symlinks: a link to a FIFO is a FIFO
+        except OSError as exc:
+            raise QpeftError(f"{entry} cannot be read ({exc.strerror}); fix or remove it") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise QpeftError(f"{entry} is not a regular file (a FIFO, socket or device would block the read); remove it")
+
+
 def check_weight_files(folder: str | Path, *, allow_pickle: bool = False) -> None:
     """Refuse, before anything is loaded, the weight files of a local model or adapter folder
     that ``from_pretrained`` would read unsafely or fail on deep inside: a pickle-only
@@ -82,6 +98,7 @@ def check_weight_files(folder: str | Path, *, allow_pickle: bool = False) -> Non
     folder = Path(folder)
     if not folder.is_dir():
         return
+    check_regular_files(folder)
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
@@ -115,6 +132,7 @@ def check_weight_files(folder: str | Path, *, allow_pickle: bool = False) -> Non
 def check_model_config(folder: str | Path) -> None:
     """``config.json`` of a local model folder must parse and name an architecture that
     transformers knows (or, with ``auto_map``, the folder's own code)."""
+    check_regular_files(folder)
     path = Path(folder) / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))

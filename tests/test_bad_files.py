@@ -478,3 +478,32 @@ def test_malformed_adapter_metadata_is_one_line(qpeft, plain_adapters, tmp_path,
     result, line, watch = qpeft("generate", "--adapter", str(adapter), "--prompt", "hi", "--set", "model.device=cpu")
     assert result.exit_code == 2 and str(adapter / "qpeft.json") in line, line
     assert watch.loaded == 0
+
+
+@pytest.mark.parametrize("where", ["model-weights", "model-config", "adapter-weights"])
+def test_a_fifo_where_a_file_is_read_is_refused_not_waited_on(qpeft, tiny_llama_path, plain_adapters, tmp_path, where):
+    """A FIFO (or device) instead of a weights or config file blocked the run forever."""
+    model = clone(tiny_llama_path, tmp_path / "model")
+    adapter = shutil.copytree(plain_adapters / "safe", tmp_path / "adapter")
+    fifo = {"model-weights": model / "model.safetensors", "model-config": model / "config.json"}.get(
+        where, adapter / "adapter_model.safetensors"
+    )
+    fifo.unlink()
+    os.mkfifo(fifo)
+    if where == "adapter-weights":
+        args = (
+            "generate",
+            "--adapter",
+            str(adapter),
+            "--prompt",
+            "hi",
+            "--set",
+            "model.device=cpu",
+            "--set",
+            f"model.name_or_path={model}",
+        )
+    else:
+        args = ("run", write_config(tmp_path / "c.yaml", str(model), tmp_path / "out"))
+    result, line, watch = qpeft(*args)
+    assert result.exit_code == 2 and f"{fifo} is not a regular file" in line, line
+    assert watch.loaded == 0
