@@ -386,7 +386,9 @@ def plots(meta: dict, rows: list[dict], directory: Path) -> list[str]:
         return filename
 
     on_cuda = any(r["metrics"].get("peak_reserved_gib") is not None for r in ok)
-    mem_label = "peak reserved GPU memory during training (GiB)" if on_cuda else "peak RSS of the cell process (GiB)"
+    in_worker = any(r.get("isolation") == "worker" for r in ok)
+    cpu_label = "peak RSS of the worker process while the cell ran (GiB)" if in_worker else "peak RSS of the cell process (GiB)"
+    mem_label = "peak reserved GPU memory during training (GiB)" if on_cuda else cpu_label
     written = [
         draw(
             PLOT_SPEED,
