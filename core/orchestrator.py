@@ -13,6 +13,7 @@ import gc
 import math
 import platform
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -225,11 +226,12 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
     }
 
     adapter_dir = out / "adapter"
-    # The adapter and its summary are one result: an earlier run's summary goes first, and an
-    # interrupt (Ctrl-C, SIGTERM) waits until both are written, so they never come from
-    # different runs. The summary is written again once the reload check and generation ran.
+    # The adapter and its summary are one result: an interrupt (Ctrl-C, SIGTERM) waits until
+    # both are written, and a save that fails leaves the earlier pair untouched. Both carry the
+    # run's id (only a kill -9 between the two renames could part them; the ids then differ).
+    # The summary is written again once the reload check and generation ran.
+    summary["run_id"] = uuid.uuid4().hex
     with deferred_interrupts():
-        (out / "summary.json").unlink(missing_ok=True)
         save_adapter(model, peft, adapter_dir, resolved, summary)
         summary["adapter_bytes"] = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file())
         summary["stage"] = "saved"  # the reload check and generation have not run yet
@@ -289,6 +291,7 @@ def save_adapter(model, peft, adapter_dir: Path, resolved: ResolvedRun, summary:
         "peft": {"name": resolved.peft.name, "options": resolved.peft_options.model_dump(mode="json")},
         "dtype": resolved.dtype,
         "training": {k: summary[k] for k in ("train_steps", "train_loss", "val_perplexity_before", "val_perplexity_after")},
+        "run_id": summary.get("run_id"),
     }
     with atomic_dir(adapter_dir) as tmp:
         peft.save(model, str(tmp))

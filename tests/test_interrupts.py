@@ -64,4 +64,4 @@ def test_interrupt_during_the_save_leaves_adapter_and_summary_of_one_run(tiny_co
     summary = json.loads((out / "summary.json").read_text())
     meta = json.loads((out / "adapter" / "qpeft.json").read_text())
     assert summary["stage"] == "saved" and summary["train_steps"] == 3 != first["train_steps"]
-    assert meta["training"]["train_loss"] == summary["train_loss"], "adapter and summary come from different runs"
+    assert meta["run_id"] == summary["run_id"] and meta["training"]["train_loss"] == summary["train_loss"], "adapter and summary differ"
