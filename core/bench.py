@@ -66,7 +66,7 @@ from .config import (
 )
 from .errors import ConfigError, QpeftError
 from .hookspecs import hookimpl
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, dumps_json, folder_lock
 
 RESULTS_FILE = "results.jsonl"
 MATRIX_FILE = "matrix.json"
@@ -396,24 +396,15 @@ def append_record(directory: str | Path, record: dict) -> None:
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
     if old and not old.endswith("\n"):
         old += "\n"
-    atomic_write_text(path, old + json.dumps(record, sort_keys=False, default=str) + "\n")
+    atomic_write_text(path, old + dumps_json(record, sort_keys=False) + "\n")  # NaN/inf as null: valid JSON
 
 
 @contextlib.contextmanager
 def _lock(directory: Path):
-    """One ``qpeft bench`` per results folder at a time."""
-    import fcntl
-
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".bench.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise QpeftError(f"another qpeft bench is writing to {directory}") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """One ``qpeft bench`` per results folder at a time (the same lock as ``qpeft run``'s, which
+    names the holder)."""
+    with folder_lock(directory, "qpeft bench"):
+        yield
 
 
 # ---------------------------------------------------------------------------- running
