@@ -399,14 +399,6 @@ def append_record(directory: str | Path, record: dict) -> None:
     atomic_write_text(path, old + dumps_json(record, sort_keys=False) + "\n")  # NaN/inf as null: valid JSON
 
 
-@contextlib.contextmanager
-def _lock(directory: Path):
-    """One ``qpeft bench`` per results folder at a time (the same lock as ``qpeft run``'s, which
-    names the holder)."""
-    with folder_lock(directory, "qpeft bench"):
-        yield
-
-
 # ---------------------------------------------------------------------------- running
 
 
@@ -494,7 +486,7 @@ def run_matrix(
         return {"directory": str(directory), "actions": [(c.id, a, c.reason) for c, a in actions], **counts}
 
     started = time.monotonic()
-    with _lock(directory):
+    with folder_lock(directory, "qpeft bench"):  # one qpeft bench (or run) per results folder
         latest = latest_records(read_records(directory))
         actions = plan(selected, latest, forced, retry_failed)
         announce(actions)

@@ -132,7 +132,6 @@ def check_weight_files(folder: str | Path, *, allow_pickle: bool = False) -> Non
 def check_model_config(folder: str | Path) -> None:
     """``config.json`` of a local model folder must parse and name an architecture that
     transformers knows (or, with ``auto_map``, the folder's own code)."""
-    check_regular_files(folder)
     path = Path(folder) / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))

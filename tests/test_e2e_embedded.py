@@ -1,6 +1,7 @@
 """End to end on the embedded SmolLM2-135M-Instruct: the README's run command, shortened."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -8,27 +9,24 @@ import pytest
 from conftest import REPO, tol
 
 
-@pytest.mark.slow
-def test_quickstart_on_embedded_model(tmp_path, embedded_model_path):
-    out = tmp_path / "quickstart"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qpeft",
-            "run",
-            str(REPO / "configs" / "quickstart.yaml"),
-            "--set",
-            "trainer.options.max_steps=8",
-            "--set",
-            f"output_dir={out}",
-            "--set",
-            "generate.max_new_tokens=24",
-        ],
+def _quickstart(*overrides: str) -> subprocess.CompletedProcess:
+    """``qpeft run configs/quickstart.yaml --set ...`` in a fresh process, offline."""
+    return subprocess.run(
+        [sys.executable, "-m", "qpeft", "run", str(REPO / "configs" / "quickstart.yaml"), *(a for o in overrides for a in ("--set", o))],
         capture_output=True,
         text=True,
         timeout=1800,  # generous: a loaded 2-core CI machine ran the quickstart for 15 minutes
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+@pytest.mark.slow
+def test_quickstart_on_embedded_model(tmp_path, embedded_model_path):
+    out = tmp_path / "quickstart"
+    proc = _quickstart(
+        "trainer.options.max_steps=8",
+        f"output_dir={out}",
+        "generate.max_new_tokens=24",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "qpeft run summary" in proc.stdout
@@ -45,32 +43,14 @@ def test_quickstart_on_embedded_model(tmp_path, embedded_model_path):
 @pytest.mark.parametrize("method,lr", [("prefix", "1.0e-2"), ("adapters", "1.0e-3")])
 def test_other_methods_on_embedded_model(tmp_path, embedded_model_path, method, lr):
     out = tmp_path / method
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qpeft",
-            "run",
-            str(REPO / "configs" / "quickstart.yaml"),
-            "--set",
-            f"peft={method}",
-            "--set",
-            "trainer.options.max_steps=6",
-            "--set",
-            f"trainer.options.lr={lr}",
-            "--set",
-            "trainer.options.scheduler=constant",
-            "--set",
-            f"output_dir={out}",
-            "--set",
-            "generate.max_new_tokens=16",
-            "--set",
-            "evaluate=false",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1800,  # generous: a loaded 2-core CI machine ran the quickstart for 15 minutes
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    proc = _quickstart(
+        f"peft={method}",
+        "trainer.options.max_steps=6",
+        f"trainer.options.lr={lr}",
+        "trainer.options.scheduler=constant",
+        f"output_dir={out}",
+        "generate.max_new_tokens=16",
+        "evaluate=false",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
