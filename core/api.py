@@ -171,9 +171,17 @@ class TrainerPlugin(_Plugin):
     def train(self, model, tokenizer, train_data, eval_data, options: Options, ctx: RunContext) -> TrainResult:
         """Train the trainable parameters of ``model``; return a :class:`TrainResult`.
 
-        ``train_data``/``eval_data`` are lists of dicts with ``input_ids`` and ``labels``
-        (``-100`` where no loss is taken). Call ``ctx.hooks.qpeft_on_step_end`` after each
-        optimizer step so lifecycle plugins and the progress display see it.
+        ``train_data``/``eval_data`` are map-style datasets (:class:`qpeft.data.TokenDataset`):
+        ``len(data)`` examples, ``data[i]`` a dict of lists with ``input_ids``, ``labels``
+        (``-100`` where no loss is taken) and, for packed data, ``position_ids``; read lazily
+        from a memory-mapped token store, so never copy them into a list. Follow qpeft's
+        example order and data position with :class:`qpeft.data.DataSchedule` (own loop: its
+        ``step_examples``/``rank_examples``) or hand its ``ordered`` view to a loader that reads
+        in index order; store ``schedule.position(step)`` in each checkpoint
+        (``qpeft.checkpoint.mark_complete(..., data_position=...)``) and call
+        ``schedule.resume(step, position)`` on ``--resume``. Batch with
+        :func:`qpeft.data.collate`. Call ``ctx.hooks.qpeft_on_step_end`` after each optimizer
+        step so lifecycle plugins and the progress display see it.
         """
         raise NotImplementedError
 

@@ -53,9 +53,16 @@ def fingerprint(config) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def mark_complete(path: str | Path, *, step: int, trainer: str, config_fingerprint: str) -> None:
-    """Write the marker that makes ``path`` a complete checkpoint (call it last)."""
-    atomic_write_json(Path(path) / MARKER, {"step": step, "trainer": trainer, "fingerprint": config_fingerprint})
+def mark_complete(path: str | Path, *, step: int, trainer: str, config_fingerprint: str, data_position: dict | None = None) -> None:
+    """Write the marker that makes ``path`` a complete checkpoint (call it last).
+
+    ``data_position``: where in the training data the run is after ``step``
+    (:meth:`qpeft.data.DataSchedule.position`); ``--resume`` refuses other data and continues
+    from there."""
+    marker = {"step": step, "trainer": trainer, "fingerprint": config_fingerprint}
+    if data_position is not None:
+        marker["data_position"] = data_position
+    atomic_write_json(Path(path) / MARKER, marker)
 
 
 def read_marker(path: str | Path) -> dict | None:

@@ -156,18 +156,26 @@ class OutputBusy(QpeftError):
 
 
 @contextlib.contextmanager
-def folder_lock(directory: str | Path, what: str = "qpeft run"):
+def folder_lock(directory: str | Path, what: str = "qpeft run", *, wait: bool = False):
     """Hold ``DIRECTORY/.qpeft.lock`` (an exclusive ``flock``) while ``what`` writes there.
 
     A second holder fails at once with :class:`OutputBusy` naming the folder and the holder
-    (pid, host and start time, read from the lock file). The lock file is removed on release
-    (a kill leaves it; the next holder takes it, since the kernel released the lock)."""
+    (pid, host and start time, read from the lock file), or with ``wait`` blocks until the
+    first one is done. The lock file is removed on release (a kill leaves it; the next holder
+    takes it, since the kernel released the lock)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         got = _try_lock(fd)
+        if got is False and wait:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # a Ctrl-C interrupts the wait
+            except BaseException:
+                os.close(fd)
+                raise
+            got = True
         if got is False:
             try:
                 holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "a process that has not said who it is"

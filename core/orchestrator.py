@@ -19,10 +19,10 @@ from pathlib import Path
 
 from . import __version__, capability_table
 from .adapter_source import METADATA_FILE, absolute_base, read_adapter_metadata, trusted_run_sections
-from .checkpoint import find_resume_point
+from .checkpoint import find_resume_point, read_marker
 from .config import ResolvedRun, RunConfig, dump_yaml, load_config, resolve
 from .context import RunContext
-from .data import count_label_tokens, load_records, pack, tokenize
+from .data import check_same_data, load_datasets, tokenize
 from .distributed import fsdp_version, gather_trainable_state, local_rank, world_size
 from .distributed import rank as distributed_rank
 from .errors import QpeftError, TrainingDiverged
@@ -126,20 +126,19 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
     ctx.tokenizer = tok
     say(f"pad token: {pad.action} {pad.token!r} (id {pad.token_id}); eos {tok.eos_token!r} (id {tok.eos_token_id})")
 
-    train_rows, val_rows, fmt = load_records(cfg.data)
     d = cfg.data
-    train_data = tokenize(train_rows, fmt, tok, d.max_length, too_long=d.too_long, source=d.path, say=say)
-    val_data = tokenize(val_rows, fmt, tok, d.max_length, too_long=d.too_long, source=d.val_path or d.path, say=say)
-    say(f"data {d.path} ({fmt}): {len(train_data)} train / {len(val_data)} val examples")
+    data = load_datasets(d, tok, say=say)
+    train_data, val_data = data.train, data.val
+    say(f"data {d.path} ({data.format}): {train_data.n_documents} train / {len(val_data)} val examples, {train_data.n_tokens:,} training tokens")
+    if d.packing:
+        say(f"packed {train_data.n_documents} training documents into {len(train_data)} rows of up to {d.max_length} tokens")
     for kind, rows, path in (("training", train_data, d.path), ("validation", val_data, d.val_path or d.path)):
         if not rows:  # checked before any weight loads (training would divide by zero)
             raise QpeftError(
                 f"data.max_length: no {kind} example of {path} keeps a target token within {d.max_length} tokens; raise data.max_length"
             )
-    if d.packing:
-        n_docs = len(train_data)
-        train_data = pack(train_data, d.max_length)
-        say(f"packed {n_docs} training documents into {len(train_data)} rows of up to {d.max_length} tokens")
+    if ctx.resume_from:
+        check_same_data((read_marker(ctx.resume_from) or {}).get("data_position"), train_data)
 
     t0 = time.perf_counter()
     model = quant.load(model_path, q_opts, ctx, training=True)
@@ -216,7 +215,8 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
         "tokens_per_s": round(result.tokens_per_s, 1),
         **steps.summary(),
         **memory,
-        "val_tokens": count_label_tokens(val_data),
+        "val_tokens": val_data.label_tokens(),
+        "train_data": {"documents": train_data.n_documents, "examples": len(train_data), "tokens": train_data.n_tokens, "store": str(train_data.store.folder)},
         "val_perplexity_before": round(before["perplexity"], 4) if before else None,
         "val_perplexity_after": round(after["perplexity"], 4) if after else None,
         "val_loss_before": round(before["loss"], 4) if before else None,

@@ -9,7 +9,7 @@ from typing import Literal
 from qpeft import hookimpl
 from qpeft.api import Capabilities, TrainerPlugin, TrainingOptions
 from qpeft.context import TrainResult
-from qpeft.data import collate, ordered_examples, plan_steps
+from qpeft.data import DataSchedule, collate
 from qpeft.distributed import world_size
 from qpeft.errors import ConfigError
 from qpeft.integrity import DivergenceGuard, first_non_finite
@@ -20,10 +20,10 @@ class HfTrainerOptions(TrainingOptions):
     optim: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_bnb_8bit", "sgd"] = "adamw_torch"
 
 
-def _qpeft_callback(ctx, guard: DivergenceGuard):
+def _qpeft_callback(ctx, guard: DivergenceGuard, schedule: DataSchedule):
     """A TrainerCallback that feeds the Trainer's logged steps to qpeft's lifecycle hooks and
-    marks each checkpoint complete once the Trainer has finished writing it (never one with
-    non-finite adapter tensors)."""
+    marks each checkpoint complete, with its data position, once the Trainer has finished
+    writing it (never one with non-finite adapter tensors)."""
     from transformers import TrainerCallback
 
     from qpeft.checkpoint import checkpoint_dir, fingerprint, mark_complete
@@ -39,7 +39,13 @@ def _qpeft_callback(ctx, guard: DivergenceGuard):
                 raise guard.diverged(state.global_step, f"the adapter tensor {bad[0]!r} is non-finite in {path.name}")
             if state.is_world_process_zero:
                 if path.is_dir():
-                    mark_complete(path, step=state.global_step, trainer="hf", config_fingerprint=fingerprint(ctx.config))
+                    mark_complete(
+                        path,
+                        step=state.global_step,
+                        trainer="hf",
+                        config_fingerprint=fingerprint(ctx.config),
+                        data_position=schedule.position(state.global_step),
+                    )
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -93,6 +99,27 @@ def _in_order_trainer_class(guard: DivergenceGuard):
     return InOrderTrainer
 
 
+def _check_resume_position(path, schedule: DataSchedule) -> None:
+    """The Trainer resumes by skipping ``step`` batches of its own loader: refuse a checkpoint
+    whose stored data position that would not reach (another number of ranks)."""
+    from qpeft.checkpoint import read_marker
+    from qpeft.data import check_same_data
+
+    marker = read_marker(path) or {}
+    position = marker.get("data_position")
+    if position is None:
+        return
+    check_same_data(position, schedule.data)
+    expected = schedule.position(int(marker["step"]))["examples_seen"]
+    if int(position["examples_seen"]) != expected:
+        raise ConfigError(
+            "--resume",
+            f"{path} stopped after {position['examples_seen']} examples, {position['per_step']} per step; with "
+            f"{schedule.per_step} per step now (another number of ranks) the hf trainer would resume at {expected}: "
+            "resume with the original number of processes, or use trainer native, which continues at the stored position",
+        )
+
+
 class HfTrainer(TrainerPlugin):
     name = "hf"
     description = "transformers Trainer"
@@ -120,9 +147,17 @@ class HfTrainer(TrainerPlugin):
 
         # qpeft lays out the epochs itself (same order for every trainer); the Trainer reads it in order.
         # Under `accelerate launch` each optimizer step takes batch × accumulation examples per rank.
-        world = world_size()
-        max_steps, epochs = plan_steps(len(train_data), options.batch_size * options.grad_accum * world, options.epochs, options.max_steps)
-        examples = ordered_examples(train_data, ctx.config.seed, epochs)
+        schedule = DataSchedule(
+            train_data,
+            seed=ctx.config.seed,
+            per_rank=options.batch_size * options.grad_accum,
+            world=world_size(),
+            epochs=options.epochs,
+            max_steps=options.max_steps,
+        )
+        max_steps = schedule.max_steps
+        if ctx.resume_from:
+            _check_resume_position(ctx.resume_from, schedule)
 
         args = TrainingArguments(
             output_dir=str(checkpoint_root(ctx.output_dir)),
@@ -156,10 +191,10 @@ class HfTrainer(TrainerPlugin):
         trainer = _in_order_trainer_class(guard)(
             model=model,
             args=args,
-            train_dataset=examples,
+            train_dataset=schedule.ordered,  # read in index order (lazily) by the SequentialSampler
             data_collator=lambda batch: collate(batch, pad_id),
             processing_class=tokenizer,  # lets the Trainer count non-pad tokens of packed rows
-            callbacks=[_qpeft_callback(ctx, guard)],
+            callbacks=[_qpeft_callback(ctx, guard, schedule)],
         )
         trainer.remove_callback(PrinterCallback)  # qpeft's progress display replaces its prints
         t0 = time.perf_counter()

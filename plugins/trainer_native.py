@@ -15,7 +15,7 @@ from pydantic import Field
 from qpeft import hookimpl
 from qpeft.api import Capabilities, TrainerPlugin, TrainingOptions
 from qpeft.context import TrainResult
-from qpeft.data import IGNORE, collate, count_example_tokens, ordered_examples, plan_steps
+from qpeft.data import IGNORE, DataSchedule, collate, count_example_tokens
 from qpeft.distributed import gather_trainable_state, world_size
 from qpeft.errors import ConfigError
 from qpeft.integrity import DivergenceGuard, check_finite
@@ -231,8 +231,9 @@ def _load_sharded_optimizer(path: Path, model, optimizer) -> None:
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 
-def _save_state(path: Path, trainable: dict, optim_state: dict, scheduler, step: int, ctx) -> None:
-    """A checkpoint: trainable tensors (safetensors), optimizer/scheduler/RNG state, step."""
+def _save_state(path: Path, trainable: dict, optim_state: dict, scheduler, step: int, ctx, data_position: dict) -> None:
+    """A checkpoint: trainable tensors (safetensors), optimizer/scheduler/RNG state, step and
+    data position."""
     import random
 
     import torch
@@ -249,7 +250,7 @@ def _save_state(path: Path, trainable: dict, optim_state: dict, scheduler, step:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
-        mark_complete(tmp, step=step, trainer="native", config_fingerprint=fingerprint(ctx.config))
+        mark_complete(tmp, step=step, trainer="native", config_fingerprint=fingerprint(ctx.config), data_position=data_position)
 
 
 def _load_tensors(file: Path):
@@ -323,7 +324,7 @@ class NativeTrainer(TrainerPlugin):
         from accelerate.state import AcceleratorState
         from transformers import get_scheduler
 
-        from qpeft.checkpoint import checkpoint_dir, prune
+        from qpeft.checkpoint import checkpoint_dir, prune, read_marker
 
         precision = options.resolved_mixed_precision(ctx)
         # accelerate keeps its settings process-wide and refuses an Accelerator with other ones
@@ -336,9 +337,10 @@ class NativeTrainer(TrainerPlugin):
 
         # One optimizer step consumes batch_size × grad_accum examples on each of `world` ranks.
         per_rank = options.batch_size * options.grad_accum
-        per_step = per_rank * world
-        max_steps, epochs = plan_steps(len(train_data), per_step, options.epochs, options.max_steps)
-        examples = ordered_examples(train_data, ctx.config.seed, epochs)
+        schedule = DataSchedule(
+            train_data, seed=ctx.config.seed, per_rank=per_rank, world=world, epochs=options.epochs, max_steps=options.max_steps
+        )
+        max_steps = schedule.max_steps
         pad_id = tokenizer.pad_token_id
 
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -350,6 +352,7 @@ class NativeTrainer(TrainerPlugin):
         start = 0
         if ctx.resume_from:
             start = _load_state(Path(ctx.resume_from), trainable, optimizer, scheduler, sharded=bool(ctx.fsdp))
+            schedule.resume(start, read_marker(ctx.resume_from).get("data_position"))
         head = wrapper = None
         # Under FSDP the head's weight is only whole inside the wrapped forward: full loss there.
         if options.loss == "chunked" or (options.loss == "auto" and ctx.device == "cuda" and not ctx.fsdp):
@@ -377,13 +380,12 @@ class NativeTrainer(TrainerPlugin):
         t0 = time.perf_counter()
         try:
             for step in range(start + 1, max_steps + 1):
-                pos = (step - 1) * per_step
-                micro = [examples[(pos + i) % len(examples)] for i in range(per_step)]
+                micro = schedule.step_examples(step)
                 # Token-weighted loss over the whole step (all ranks), as the HF Trainer does;
                 # DDP averages gradients over ranks, hence the factor `world`.
                 n_label = sum(sum(1 for l in ex["labels"][1:] if l != IGNORE) for ex in micro)
                 tokens += count_example_tokens(micro, pad_id)  # every rank counts the whole step's tokens
-                mine = micro[rank * per_rank : (rank + 1) * per_rank]
+                mine = schedule.rank_examples(micro, rank)
                 step_loss = 0.0
                 for i in range(options.grad_accum):
                     lo, hi = i * options.batch_size, (i + 1) * options.batch_size
@@ -433,7 +435,7 @@ class NativeTrainer(TrainerPlugin):
                     # earlier); every rank holds the full tensors, so every rank decides alike.
                     check_finite(tensors.items(), f"training diverged at step {step}: refusing to write its checkpoint")
                     if acc.is_main_process:
-                        _save_state(checkpoint_dir(ctx.output_dir, step), tensors, optim_state, scheduler, step, ctx)
+                        _save_state(checkpoint_dir(ctx.output_dir, step), tensors, optim_state, scheduler, step, ctx, schedule.position(step))
                         prune(ctx.output_dir, options.save_total_limit)
         finally:
             for fn in undo:

