@@ -9,7 +9,7 @@ What qpeft does not run under FSDP is refused before any weight is loaded."""
 
 import pytest
 import torch
-from test_multi_gpu import _one_vs_two, _run
+from launch import check_fsdp_run, one_vs_two, run_qpeft
 
 from qpeft.config import load_config, resolve
 from qpeft.errors import ConfigError
@@ -21,34 +21,22 @@ def registry():
     return load_registry()
 
 
-def _check_fsdp_run(one, two, a, b, rel):
-    assert max(abs(x - y) for x, y in zip(a, b)) <= rel * a[0], (a, b)
-    assert b[-1] < b[0]
-    sharded = [n for n in two["notes"] if n.startswith("FSDP2:")]
-    assert sharded and not sharded[0].startswith("FSDP2: 0 of"), two["notes"]  # really sharded, not DDP
-    assert not any(n.startswith("FSDP") for n in one["notes"])
-    # rank 0's rebuilt model evaluates as the one-process model, and its saved adapter reloads to it
-    assert abs(two["val_loss_after"] - one["val_loss_after"]) <= rel * one["val_loss_after"]
-    assert two["val_loss_after"] < two["val_loss_before"]
-    assert two["reload_max_abs_logit_diff"] < 5e-2
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("trainer,quantizer", [("native", "bnb-nf4"), ("hf", "bnb-nf4"), ("native", "none")])
 def test_two_gpu_fsdp2_equals_one_gpu_run(tiny_config, tmp_path, trainer, quantizer):
-    one, two, a, b = _one_vs_two(
+    one, two, a, b = one_vs_two(
         tiny_config, tmp_path, trainer, quantizer=quantizer, device="cuda", steps=6, examples=24, fsdp=True, evaluate=True
     )
-    _check_fsdp_run(one, two, a, b, rel=2e-2)  # bf16 compute, gradients reduced in another order
+    check_fsdp_run(one, two, a, b, rel=2e-2)  # bf16 compute, gradients reduced in another order
 
 
 @pytest.mark.parametrize("trainer", ["native", "hf"])
 def test_two_cpu_processes_fsdp2_equal_one_process(tiny_config, tmp_path, trainer):
-    one, two, a, b = _one_vs_two(
+    one, two, a, b = one_vs_two(
         tiny_config, tmp_path, trainer, quantizer="bnb-nf4", device="cpu", steps=4, examples=16, cpu=True, fsdp=True, evaluate=True
     )
-    _check_fsdp_run(one, two, a, b, rel=1e-4)  # float32
+    check_fsdp_run(one, two, a, b, rel=1e-4)  # float32
 
 
 @pytest.mark.parametrize(
@@ -75,7 +63,7 @@ def test_fsdp2_native_resume_gives_the_uninterrupted_adapter(tiny_config, tmp_pa
     cfg["model"]["device"] = device
     cfg["data"]["max_train_examples"] = 16
     cpu = device == "cpu"
-    first = _run(cfg, tmp_path, "run", 2, cpu=cpu, fsdp=True)
+    first = run_qpeft(cfg, tmp_path, "run", 2, cpu=cpu, fsdp=True)
     assert any(n.startswith("FSDP2:") and not n.startswith("FSDP2: 0 of") for n in first["notes"])
     run = tmp_path / "run"
     whole = load_file(str(run / "adapter" / "adapter_model.safetensors"))
@@ -86,10 +74,10 @@ def test_fsdp2_native_resume_gives_the_uninterrupted_adapter(tiny_config, tmp_pa
     (run / "summary.json").unlink()
 
     # the same checkpoint without FSDP: refused, naming why
-    out = _run(cfg, tmp_path, "run", 1, cpu=cpu, args=["--resume"], ok=False)
+    out = run_qpeft(cfg, tmp_path, "run", 1, cpu=cpu, args=["--resume"], ok=False)
     assert "written under FSDP" in out, out[-2000:]
 
-    resumed = _run(cfg, tmp_path, "run", 2, cpu=cpu, fsdp=True, args=["--resume"])
+    resumed = run_qpeft(cfg, tmp_path, "run", 2, cpu=cpu, fsdp=True, args=["--resume"])
     assert [h["step"] for h in resumed["loss_history"]] == [5, 6]
     again = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert whole.keys() == again.keys()
