@@ -38,6 +38,7 @@ import hashlib
 import importlib.metadata
 import itertools
 import json
+import math
 import os
 import platform
 import queue
@@ -54,7 +55,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .config import (
     apply_overrides,
@@ -104,8 +105,9 @@ class MatrixConfig(BaseModel):
     merge: bool = True
     #: dtype the merged model is computed in and checked in (it is deleted afterwards).
     merge_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    #: A cell still running after this many seconds is stopped and recorded as failed.
-    timeout_s: float | None = Field(None, gt=0)
+    #: A cell still running after this many seconds is stopped and recorded as failed. "auto"
+    #: (the default): derived from each cell's own budget (:class:`Timeouts`); 0 or null: none.
+    timeout_s: float | Literal["auto"] | None = "auto"
     #: Results folder (default ``runs/bench/<name>``); ``--out`` overrides it.
     output_dir: str | None = None
     #: How cells run. "process": each cell in a fresh process (nothing carries over between
@@ -118,6 +120,15 @@ class MatrixConfig(BaseModel):
     #: shared CPU; a variable already set where ``qpeft bench`` runs keeps its value. The values
     #: a cell got are in its record (``env``).
     env: dict[str, str | int | float] = Field(default_factory=dict)
+
+    @field_validator("timeout_s", mode="before")
+    @classmethod
+    def _timeout(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f'expected a number of seconds, "auto", 0 or null, not the boolean {str(value).lower()}')
+        if isinstance(value, (int, float)) and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f'expected a number of seconds (0: no timeout), "auto" or null, got {value}')
+        return None if value == 0 else value
 
 
 @dataclass
@@ -138,6 +149,8 @@ class Cell:
     fingerprint: str = ""
     mergeable: bool = False
     device: str = ""
+    #: What the cell is asked to do, for its default timeout (:func:`cell_budget`).
+    budget: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -289,9 +302,11 @@ def expand(matrix: Matrix, registry, directory: Path) -> list[Cell]:
             cell.status, cell.reason = "unsupported", str(exc)
             cell.fingerprint = _fingerprint(data)
         else:
-            cell.fingerprint = _fingerprint(resolved.to_dict())
+            full = resolved.to_dict()
+            cell.fingerprint = _fingerprint(full)
             cell.mergeable = capability_table.cell(resolved.quantizer, resolved.peft).merge
             cell.device = resolved.device
+            cell.budget = cell_budget(full, bool(cfg.merge and cell.mergeable))
         cells.append(cell)
     return cells
 
@@ -399,6 +414,158 @@ def append_record(directory: str | Path, record: dict) -> None:
     atomic_write_text(path, old + dumps_json(record, sort_keys=False) + "\n")  # NaN/inf as null: valid JSON
 
 
+# ---------------------------------------------------------------------------- timeouts
+
+#: ``timeout_s: auto`` (the default) for a cell of which no similar cell was measured yet: an
+#: allowance for loading, data, evaluation, saving, the reload check, generation and merging,
+#: plus one per optimizer step. Generous on purpose (a 7B cell on one GPU loads, evaluates,
+#: reloads and merges in a few minutes and trains about a second a step): it only has to end a
+#: cell that hangs, and it is there before anything was measured.
+FIRST_CELL_FIXED_S = 1800
+FIRST_CELL_STEP_S = 60
+#: Once a similar cell finished (:func:`cell_budget`'s group: same model, dtype, device,
+#: quantizer, merge or not, sequence length, validation size, generation length), the default
+#: is this multiple of its measured time, rescaled to this cell's steps and tokens per step...
+TIMEOUT_FACTOR = 4
+#: ...and never less than this.
+TIMEOUT_MIN_S = 60
+
+
+def cell_budget(resolved: dict, merge: bool) -> dict:
+    """What a cell is asked to do, from its resolved config: ``steps`` (optimizer steps: the
+    trainer's ``max_steps``, else epochs × ``data.max_train_examples`` / examples per step, an
+    upper bound; None when only the data can tell, and then the trainer's first logged step
+    tells), ``tokens_per_step`` (batch × grad_accum × max_length), ``merge``, and ``group``: the
+    cells whose measured times stand for this one's."""
+    options = (resolved.get("trainer") or {}).get("options") or {}
+    data = resolved.get("data") or {}
+    model = resolved.get("model") or {}
+    per_step = _positive_int(options.get("batch_size"), 4) * _positive_int(options.get("grad_accum"), 1)
+    steps = options.get("max_steps")
+    if not isinstance(steps, int) or steps <= 0:
+        steps = None
+        n, epochs = data.get("max_train_examples"), options.get("epochs", 1.0)
+        if isinstance(n, int) and n > 0 and isinstance(epochs, (int, float)) and epochs > 0:
+            steps = math.ceil(epochs * n / per_step)
+    group = [
+        model.get("name_or_path"),
+        model.get("dtype"),
+        model.get("device"),
+        (resolved.get("quantizer") or {}).get("name"),
+        merge,
+        data.get("max_length"),
+        data.get("max_val_examples"),
+        data.get("packing"),
+        resolved.get("evaluate"),
+        (resolved.get("generate") or {}).get("max_new_tokens"),
+    ]
+    return {
+        "steps": steps,
+        "tokens_per_step": per_step * _positive_int(data.get("max_length"), 256),
+        "merge": merge,
+        "group": json.dumps(group, default=str),
+    }
+
+
+def _positive_int(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+
+
+@dataclass
+class CellTimeout:
+    """The timeout one cell runs under. ``kind`` "matrix": ``fixed_s`` (the matrix's
+    ``timeout_s``); "off": none; "default": ``fixed_s + steps × step_s``, at least
+    TIMEOUT_MIN_S, with ``steps`` from the cell's config or, when it cannot tell, from the
+    trainer's first logged step (until then the fixed part alone applies)."""
+
+    kind: str
+    fixed_s: float = 0.0
+    step_s: float = 0.0
+    steps: int | None = None
+    #: Where the numbers come from, in words (recorded as ``timeout_basis``).
+    basis: str = ""
+
+    def seconds(self) -> float | None:
+        """The limit now, in seconds; None for no limit."""
+        if self.kind == "off":
+            return None
+        if self.kind == "matrix":
+            return self.fixed_s
+        return float(max(TIMEOUT_MIN_S, math.ceil(self.fixed_s + (self.steps or 0) * self.step_s)))
+
+    def on_event(self, event: dict) -> None:
+        """A step event of the cell: learn its number of steps if the config could not tell."""
+        if self.kind == "default" and self.steps is None and event.get("kind") == "step":
+            with contextlib.suppress(TypeError, ValueError):
+                self.steps = max(1, int(event["max_steps"]))
+
+    def describe(self) -> str:
+        """``1980 s (default: …)``, ``none (…)``: as the plan and the records show it."""
+        limit = self.seconds()
+        if limit is None:
+            return f"none ({self.basis})"
+        pending = " until training reports its steps" if self.kind == "default" and self.steps is None else ""
+        return f"{limit:g} s{pending} ({self.basis})"
+
+
+class Timeouts:
+    """Each cell's timeout (``timeout_s`` in the matrix: a number, "auto" or 0/null), and, for
+    "auto", what finished cells measured: per group of similar cells (:func:`cell_budget`), the
+    longest time outside training (``wall_seconds - train_seconds``: start, load, data,
+    evaluation, save, reload, generation, merge) and the longest training time per token of a
+    step. Records already in ``results.jsonl`` (of cells whose config is unchanged) count too."""
+
+    def __init__(self, setting: float | str | None, cells: list[Cell] = (), records: list[dict] = ()):
+        self.setting = setting
+        self.groups: dict[str, dict] = {}
+        by_id = {c.id: c for c in cells}
+        for record in records:
+            cell = by_id.get(record.get("cell"))
+            if cell is not None and record.get("fingerprint") == cell.fingerprint:
+                self.learn(cell, record)
+
+    def learn(self, cell: Cell, record: dict) -> None:
+        """Take the times of a finished cell (ok records only)."""
+        metrics = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
+        wall, train_s, steps = record.get("wall_seconds"), metrics.get("train_seconds"), metrics.get("train_steps")
+        if record.get("status") != "ok" or not cell.budget:
+            return
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in (wall, train_s, steps)):
+            return
+        g = self.groups.setdefault(cell.budget["group"], {"fixed_s": 0.0, "token_s": 0.0, "cells": []})
+        g["fixed_s"] = max(g["fixed_s"], wall - train_s)
+        g["token_s"] = max(g["token_s"], train_s / (steps * cell.budget["tokens_per_step"]))
+        g["cells"].append(cell.id)
+
+    def for_cell(self, cell: Cell) -> CellTimeout:
+        """The timeout ``cell`` gets if it starts now."""
+        if self.setting is None:
+            return CellTimeout("off", basis="timeout_s is off in the matrix")
+        if self.setting != "auto":
+            return CellTimeout("matrix", fixed_s=float(self.setting), basis="timeout_s in the matrix")
+        budget = cell.budget or {"steps": None, "tokens_per_step": 0, "group": ""}
+        steps = budget["steps"]
+        n = f"{steps} steps" if steps is not None else "its steps"
+        g = self.groups.get(budget["group"])
+        if g is None:
+            return CellTimeout(
+                "default",
+                FIRST_CELL_FIXED_S,
+                FIRST_CELL_STEP_S,
+                steps,
+                f"default: {FIRST_CELL_FIXED_S} s + {n} × {FIRST_CELL_STEP_S} s, no similar cell measured yet",
+            )
+        step_s = TIMEOUT_FACTOR * g["token_s"] * budget["tokens_per_step"]
+        measured = g["cells"][0] + (f" and {len(g['cells']) - 1} more" if len(g["cells"]) > 1 else "")
+        return CellTimeout(
+            "default",
+            TIMEOUT_FACTOR * g["fixed_s"],
+            step_s,
+            steps,
+            f"default: {TIMEOUT_FACTOR} × ({g['fixed_s']:.1f} s + {n} × {step_s / TIMEOUT_FACTOR:.3g} s) as measured on {measured}",
+        )
+
+
 # ---------------------------------------------------------------------------- running
 
 
@@ -470,26 +637,45 @@ def run_matrix(
     forced = {c.id for c in select(cells, rerun, "--rerun")} if rerun else set()
     counts = {"cells": len(cells), "selected": len(selected), "ok": 0, "failed": 0, "unsupported": 0, "done": 0, "not_started": 0}
 
-    def announce(actions):
+    def announce(actions, timeouts: Timeouts):
         on_event(
             {
                 "type": "plan",
                 "directory": str(directory),
                 "matrix": matrix.config.name,
-                "cells": [{"cell": c.id, "labels": c.labels, "action": a, "reason": c.reason} for c, a in actions],
+                "timeout_s": matrix.config.timeout_s,
+                "cells": [
+                    {
+                        "cell": c.id,
+                        "labels": c.labels,
+                        "action": a,
+                        "reason": c.reason,
+                        **({"timeout": timeouts.for_cell(c).describe()} if a == "run" else {}),
+                    }
+                    for c, a in actions
+                ],
             }
         )
 
     if dry_run:
-        actions = plan(selected, latest_records(read_records(directory)), forced, retry_failed)
-        announce(actions)
-        return {"directory": str(directory), "actions": [(c.id, a, c.reason) for c, a in actions], **counts}
+        records = read_records(directory)
+        actions = plan(selected, latest_records(records), forced, retry_failed)
+        timeouts = Timeouts(matrix.config.timeout_s, cells, records)
+        announce(actions, timeouts)
+        return {
+            "directory": str(directory),
+            "actions": [(c.id, a, c.reason) for c, a in actions],
+            "timeouts": {c.id: timeouts.for_cell(c).describe() for c, a in actions if a == "run"},
+            **counts,
+        }
 
     started = time.monotonic()
     with folder_lock(directory, "qpeft bench"):  # one qpeft bench (or run) per results folder
-        latest = latest_records(read_records(directory))
+        records = read_records(directory)
+        latest = latest_records(records)
         actions = plan(selected, latest, forced, retry_failed)
-        announce(actions)
+        timeouts = Timeouts(matrix.config.timeout_s, cells, records)
+        announce(actions, timeouts)
         to_run, index = sum(1 for _, a in actions if a == "run"), 0
         atomic_write_json(
             directory / MATRIX_FILE,
@@ -508,6 +694,7 @@ def run_matrix(
             record = {**_base_record(cell, matrix, command, commit), **outcome}
             append_record(directory, record)
             counts[record["status"]] += 1
+            timeouts.learn(cell, record)  # a finished cell's times set the default timeout of similar cells
             on_event({"type": "end", "cell": cell.id, "labels": cell.labels, "record": record})
 
         def too_late() -> bool:
@@ -537,17 +724,27 @@ def run_matrix(
                     counts["not_started"] += 1
                     continue
                 index += 1
-                on_event({"type": "start", "cell": cell.id, "labels": cell.labels, "index": index, "total": to_run})
-                finish(cell, run_cell(cell, matrix, directory, on_event=on_event, python=python, worker=worker))
+                timeout = timeouts.for_cell(cell)
+                on_event(
+                    {
+                        "type": "start",
+                        "cell": cell.id,
+                        "labels": cell.labels,
+                        "index": index,
+                        "total": to_run,
+                        "timeout": timeout.describe(),
+                    }
+                )
+                finish(cell, run_cell(cell, matrix, directory, on_event=on_event, python=python, worker=worker, timeout=timeout))
         finally:
             if worker is not None:
                 worker.close()
         if side_by_side:
-            _run_side_by_side(side_by_side, list(gpus), matrix, directory, on_event, python, finish, too_late, counts, to_run)
+            _run_side_by_side(side_by_side, list(gpus), matrix, directory, on_event, python, finish, too_late, counts, to_run, timeouts)
     return {"directory": str(directory), **counts}
 
 
-def _run_side_by_side(pending, gpus, matrix, directory, on_event, python, finish, too_late, counts, total) -> None:
+def _run_side_by_side(pending, gpus, matrix, directory, on_event, python, finish, too_late, counts, total, timeouts) -> None:
     """Run ``pending`` cells on several GPUs at once: one worker thread per GPU takes the next cell
     and runs it in its own process with that GPU visible (``isolation: worker``: in that GPU's
     worker process). Events and records go through one lock, so the display and ``results.jsonl``
@@ -584,7 +781,18 @@ def _run_side_by_side(pending, gpus, matrix, directory, on_event, python, finish
                         return
                     cell = queue_.pop(0)
                     started[0] += 1
-                    on_event({"type": "start", "cell": cell.id, "labels": cell.labels, "index": started[0], "total": total, "gpu": gpu})
+                    timeout = timeouts.for_cell(cell)
+                    on_event(
+                        {
+                            "type": "start",
+                            "cell": cell.id,
+                            "labels": cell.labels,
+                            "index": started[0],
+                            "total": total,
+                            "gpu": gpu,
+                            "timeout": timeout.describe(),
+                        }
+                    )
                 outcome = run_cell(
                     cell,
                     matrix,
@@ -595,6 +803,7 @@ def _run_side_by_side(pending, gpus, matrix, directory, on_event, python, finish
                     stop=stop,
                     on_process=track,
                     worker=cell_worker,
+                    timeout=timeout,
                 )
                 if outcome is None or stop.is_set():  # stopped by an interrupt: no record, the cell runs next time
                     return
@@ -683,6 +892,7 @@ def run_cell(
     stop: threading.Event | None = None,
     on_process: Callable[[subprocess.Popen | None], None] | None = None,
     worker: Worker | None = None,
+    timeout: CellTimeout | None = None,
 ) -> dict | None:
     """Run one cell in a fresh process, or in ``worker`` (``isolation: worker``); return its
     record (status "ok" or "failed").
@@ -692,7 +902,9 @@ def run_cell(
     process stops the cell and records nothing, so the next run starts it again; so does
     ``stop`` being set (then the return value is None). ``on_process`` is told the cell's process
     when it starts and None when it has ended (so that another thread can stop it). A timeout
-    kills the cell's process, the worker included."""
+    (``timeout``; default: the matrix's ``timeout_s`` as :class:`Timeouts` gives it with nothing
+    measured) kills the cell's process, the worker included; the record says which applied
+    (``timeout_s``, ``timeout_basis``)."""
     cell_dir = directory / "cells" / cell.slug
     if cell_dir.exists():
         shutil.rmtree(cell_dir)  # leftovers of an earlier attempt
@@ -707,7 +919,8 @@ def run_cell(
     }
     atomic_write_json(cell_dir / "cell.json", spec)
     log_path = cell_dir / "log.txt"
-    timeout = matrix.config.timeout_s
+    if timeout is None:
+        timeout = Timeouts(matrix.config.timeout_s).for_cell(cell)
     matrix_env = matrix_environment(matrix)
     extra_env = {**matrix_env, **(extra_env or {})}
     t0 = time.monotonic()
@@ -720,6 +933,7 @@ def run_cell(
     returncode, timed_out = outcome
     wall = time.monotonic() - t0
     record: dict[str, Any] = {"wall_seconds": round(wall, 1), "returncode": returncode, "log": str(log_path.relative_to(directory))}
+    record.update(timeout_s=timeout.seconds(), timeout_basis=timeout.basis)
     record["isolation"] = "process" if worker is None else "worker"
     if worker is not None:
         record["worker_cell"] = worker.cell_index  # 1: this cell paid for starting the worker
@@ -729,7 +943,9 @@ def run_cell(
         result = json.loads(result_path.read_text(encoding="utf-8"))
         record.update(status="ok", metrics=result["metrics"], environment=result["environment"])
     else:
-        error = _failure(returncode, log_path, timed_out, timeout)
+        error = _failure(returncode, log_path, timed_out, timeout.seconds())
+        if timed_out and timeout.kind == "default":
+            error += f" ({timeout.basis}; timeout_s in the matrix sets another)"
         record.update(status="failed", error=error, oom=_is_oom(error))
     return record
 
@@ -759,7 +975,8 @@ def _run_in_process(cell, cell_dir, log_path, python, extra_env, timeout, stop, 
                     _kill(proc)
                     reader.join(timeout=5)
                     return None
-                if timeout and time.monotonic() - t0 > timeout and not timed_out:  # so is a timeout
+                limit = timeout.seconds()
+                if limit is not None and time.monotonic() - t0 > limit and not timed_out:  # so is a timeout
                     timed_out = True
                     _kill(proc)
                 try:
@@ -767,6 +984,7 @@ def _run_in_process(cell, cell_dir, log_path, python, extra_env, timeout, stop, 
                 except queue.Empty:
                     event = None
                 if event is not None:
+                    timeout.on_event(event)
                     on_event({"type": "progress", "cell": cell.id, **event})
                     continue
                 if proc.poll() is not None and not reader.is_alive():
@@ -869,7 +1087,8 @@ def _run_in_worker(worker: Worker, cell, cell_dir, log_path, timeout, stop, on_e
                 if stop is not None and stop.is_set():
                     worker.stop()
                     return None
-                if timeout and time.monotonic() - t0 > timeout and not timed_out:
+                limit = timeout.seconds()
+                if limit is not None and time.monotonic() - t0 > limit and not timed_out:
                     timed_out = True
                     _kill(proc)  # its output then ends: handled below
                 try:
@@ -884,6 +1103,7 @@ def _run_in_worker(worker: Worker, cell, cell_dir, log_path, timeout, stop, on_e
                     returncode = int(event["rc"])
                     break
                 if event is not None:
+                    timeout.on_event(event)
                     on_event({"type": "progress", "cell": cell.id, **event})
                 else:
                     log.write(line)

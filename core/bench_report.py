@@ -163,6 +163,21 @@ def markdown(meta: dict, rows: list[dict], plots: list[str], directory: Path, pl
         plural = "s" if starts != 1 else ""
         lines += [f"Cells run: {len(ok + failed)}, {where} in worker processes (`isolation: worker`, {starts} worker start{plural}).", ""]
 
+    timed = [r for r in ok + failed if "timeout_s" in r]
+    if timed:
+        values = sorted({r["timeout_s"] for r in timed if isinstance(r["timeout_s"], (int, float))})
+        span = "none" if not values else f"{values[0]:g} s" if len(values) == 1 else f"{values[0]:g}–{values[-1]:g} s"
+        defaults = sum(1 for r in timed if str(r.get("timeout_basis", "")).startswith("default"))
+        why = (
+            "the default, derived from each cell's own budget and the times of similar cells (`timeout_s` in the matrix sets one)"
+            if defaults == len(timed)
+            else "the matrix's `timeout_s`"
+            if not defaults
+            else f"{defaults} cells the default derived from their budget, the others the matrix's `timeout_s`"
+        )
+        n_out = sum(1 for r in failed if str(r.get("error", "")).startswith("timed out"))
+        lines += [f"Per-cell timeout: {span} ({why}; each cell's in results.csv); {n_out} timed out.", ""]
+
     envs = [r.get("environment") or {} for r in ok]
     if envs:
         lines += ["## Environment", "", "| | |", "|---|---|"]
@@ -279,6 +294,8 @@ def csv_text(meta: dict, rows: list[dict]) -> str:
         "error",
         "oom",
         "wall_seconds",
+        "timeout_s",
+        "timeout_basis",
         *metric_keys,
         *(f"env.{k}" for k in env_keys),
         "qpeft_commit",
@@ -298,6 +315,8 @@ def csv_text(meta: dict, rows: list[dict]) -> str:
             "error": r.get("error"),
             "oom": r.get("oom"),
             "wall_seconds": r.get("wall_seconds"),
+            "timeout_s": r.get("timeout_s"),
+            "timeout_basis": r.get("timeout_basis"),
             **r.get("metrics", {}),
             **{f"env.{k}": v for k, v in r.get("environment", {}).items()},
             "qpeft_commit": r.get("qpeft_commit"),

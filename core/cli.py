@@ -251,6 +251,11 @@ class _BenchDisplay:
                 f"finished before, {actions.count('unsupported')} not supported; results in {escape(event['directory'])}",
                 highlight=False,
             )
+            first = next((c for c in event["cells"] if c.get("timeout")), None)
+            if first is not None:
+                setting = event.get("timeout_s", "auto")
+                later = "; later cells' defaults follow what similar cells measured" if setting == "auto" and n_run > 1 else ""
+                say(f"timeout per cell: {escape(first['timeout'])}{later}", highlight=False)
             if n_run and self.progress is None:
                 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -375,10 +380,10 @@ def bench_run(
     display.close()
     if list_cells:
         table = Table(title=f"cells of {matrix} (results in {result['directory']})", title_justify="left")
-        for col in ("cell", "would", "reason"):
+        for col in ("cell", "would", "reason / timeout"):
             table.add_column(col)
         for cell_id, action, reason in result["actions"]:
-            table.add_row(cell_id, action, reason)
+            table.add_row(cell_id, action, reason or result["timeouts"].get(cell_id, ""))
         out.print(table)
         return
     out.print(
@@ -411,6 +416,28 @@ def bench_report(directory: str = typer.Argument(..., help="Results folder of a 
 INTERRUPTED = "interrupted: finished outputs are intact; partial ones were not written"
 
 
+_interrupted = False
+
+
+def _exit_after_interrupt(code: int) -> None:
+    """Leave at once after an interrupt was reported: the exit handlers run and output is
+    flushed, but the interpreter's teardown (seconds with torch, transformers and gptqmodel
+    loaded) is skipped, and so is Python 3.11's own exit through SIGINT when a library's C code
+    saw the KeyboardInterrupt first (``_Py_UnhandledKeyboardInterrupt``: exit status -2, not 130)."""
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001 - a second Ctrl-C, or a failing handler: leave anyway
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001
+            pass
+    os._exit(code)
+
+
 def _report_interrupts(command):
     """Typer turns a KeyboardInterrupt into a silent exit 130 before it leaves ``app()``: each
     command says what an interrupt left behind itself, then exits 130."""
@@ -420,6 +447,8 @@ def _report_interrupts(command):
         try:
             return command(*args, **kwargs)
         except KeyboardInterrupt:
+            global _interrupted
+            _interrupted = True
             console.print(INTERRUPTED, style="red", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
 
@@ -444,7 +473,12 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
     # torchao (pulled in by gptqmodel) logs missing optional CUDA extensions on every import.
     logging.getLogger("torchao").setLevel(logging.ERROR)
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        if _interrupted and exc.code == 130:
+            _exit_after_interrupt(130)
+        raise
 
 
 if __name__ == "__main__":

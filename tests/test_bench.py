@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -274,6 +276,90 @@ def test_timeout_kills_the_cell_and_is_recorded(random_tiny, tmp_path):
     assert counts["failed"] == 1
     (record,) = _lines(tmp_path / "out")
     assert record["status"] == "failed" and record["error"] == "timed out after 1 s" and record["wall_seconds"] < 30
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (True, "timeout_s: expected a number of seconds"),
+        (-5, "timeout_s: expected a number of seconds (0: no timeout)"),
+        (".inf", "timeout_s: "),
+        ("soon", "timeout_s: "),
+    ],
+)
+def test_bad_timeout_is_an_error_naming_the_key(value, message, random_tiny, tmp_path):
+    matrix = {"name": "t", "base": _base(random_tiny), "axes": {"peft": ["lora"]}, "timeout_s": value}
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(matrix, sort_keys=False).replace("'.inf'", ".inf"))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        bench.load_matrix(path)
+
+
+def test_default_timeout_is_derived_from_each_cells_budget(random_tiny, tmp_path):
+    """``timeout_s`` left out: each cell's timeout comes from what it is asked to do (steps,
+    tokens per step) and from what a finished similar cell measured; a number, 0 or null in the
+    matrix sets or removes it; ``--list`` and the plan show it."""
+    base = _base(random_tiny)
+    base["gradient_checkpointing"] = "auto"
+    base["trainer"]["options"].pop("max_steps")
+    axes = {
+        "trainer.options": {
+            "s3": {"max_steps": 3, "batch_size": 2},
+            "s30": {"max_steps": 30, "batch_size": 4},  # twice the tokens a step
+            "epochs": {"epochs": 2, "batch_size": 2},  # 2 × 6 examples / 2 a step: 6 steps
+        },
+        "data.max_train_examples": {"n6": 6, "all": None},
+    }
+    path = _write(
+        tmp_path / "m.yaml", {"name": "t", "base": base, "axes": axes, "exclude": [{"options": ["s3", "s30"], "max_train_examples": "all"}]}
+    )
+    m = bench.load_matrix(path)
+    assert m.config.timeout_s == "auto"
+    cells = {c.slug: c for c in bench.expand(m, REGISTRY, tmp_path / "out")}
+    assert {k: c.budget["steps"] for k, c in cells.items()} == {"s3__n6": 3, "s30__n6": 30, "epochs__n6": 6, "epochs__all": None}
+    first, more, epochs, unknown = (cells[k] for k in ("s3__n6", "s30__n6", "epochs__n6", "epochs__all"))
+    assert more.budget["tokens_per_step"] == 2 * first.budget["tokens_per_step"] == 4 * 32
+
+    timeouts = bench.Timeouts("auto", list(cells.values()), [])
+    t = timeouts.for_cell(first)  # nothing measured: the generous allowance
+    assert t.seconds() == bench.FIRST_CELL_FIXED_S + 3 * bench.FIRST_CELL_STEP_S == 1980
+    assert t.describe() == "1980 s (default: 1800 s + 3 steps × 60 s, no similar cell measured yet)"
+    assert timeouts.for_cell(epochs).seconds() == 1800 + 6 * 60
+    t = timeouts.for_cell(unknown)  # steps known only once training reports them
+    assert t.seconds() == 1800 and "until training reports its steps" in t.describe()
+    t.on_event({"kind": "message", "text": "loading"})
+    t.on_event({"kind": "step", "step": 1, "max_steps": 5, "loss": 1.0, "tokens": 64})
+    assert t.seconds() == 1800 + 5 * 60 and t.describe().startswith("2100 s (")
+
+    # The first cell finished in 20 s, 2 of them training 3 steps: similar cells get 4 × that,
+    # rescaled to their steps and tokens a step, and at least TIMEOUT_MIN_S.
+    record = {"cell": first.id, "status": "ok", "fingerprint": first.fingerprint, "wall_seconds": 20.0}
+    record["metrics"] = {"train_seconds": 2.0, "train_steps": 3}
+    timeouts.learn(first, record)
+    assert timeouts.for_cell(first).seconds() == max(bench.TIMEOUT_MIN_S, 4 * (18 + 3 * 2 / 3)) == 80
+    t = timeouts.for_cell(more)
+    assert t.seconds() == math.ceil(4 * (18 + 30 * 2 * 2 / 3)) == 232
+    assert t.basis == f"default: 4 × (18.0 s + 30 steps × 1.33 s) as measured on {first.id}"
+    # The same from results.jsonl (a record of the same config), as a resumed bench reads it.
+    assert bench.Timeouts("auto", list(cells.values()), [record]).for_cell(more).seconds() == 232
+    assert bench.Timeouts("auto", list(cells.values()), [{**record, "fingerprint": "stale"}]).for_cell(more).seconds() == 1800 + 30 * 60
+    assert bench.Timeouts("auto", list(cells.values()), [{**record, "status": "failed"}]).for_cell(more).seconds() == 1800 + 30 * 60
+    # A cell of another group (here: another sequence length) is not measured by this one.
+    other = bench.expand(bench.load_matrix(path, ["data.max_length=64"]), REGISTRY, tmp_path / "out")[0]
+    assert timeouts.for_cell(other).seconds() == 1980
+
+    # The matrix sets or removes it.
+    for value, seconds, basis in ((7, 7.0, "timeout_s in the matrix"), (0, None, "off"), (None, None, "off")):
+        data = yaml.safe_load(Path(path).read_text())
+        data["timeout_s"] = value
+        m = bench.load_matrix(_write(tmp_path / "m2.yaml", data))
+        t = bench.Timeouts(m.config.timeout_s, [], []).for_cell(first)
+        assert t.seconds() == seconds and basis in t.basis
+
+    # --list shows each cell's timeout.
+    result = CliRunner().invoke(app, ["bench", path, "--list", "--out", str(tmp_path / "out")], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "1980 s (default: 1800 s + 3 steps × 60 s" in result.output and "3600 s (default" in result.output
 
 
 # ---------------------------------------------------------------------------- the results file

@@ -1,13 +1,16 @@
 """Faults inside ``qpeft bench``: the whole bench process group killed with SIGKILL while a cell
-runs, and a cell that runs out of memory. Earlier results stay intact, the interrupted cell runs
-again on the next invocation, and an out-of-memory cell is recorded as such while the others go on."""
+runs, a cell that runs out of memory, and a cell that hangs. Earlier results stay intact, the
+interrupted cell runs again on the next invocation, an out-of-memory cell is recorded as such
+while the others go on, and a hung cell is stopped at its default timeout."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -138,3 +141,80 @@ def test_sigterm_of_side_by_side_bench_stops_every_running_cell(random_tiny, tmp
     assert not [p for p in pids if alive(p)], [(p, Path(f"/proc/{p}/cmdline").read_bytes()[:200]) for p in pids if alive(p)]
     assert not (out / bench.RESULTS_FILE).exists() or _records(out) == []
     assert not [p for p in out.rglob("*.tmp")]
+
+
+HANG_PLUGIN = """
+import sys
+import time
+from pathlib import Path
+
+from qpeft import hookimpl
+
+
+@hookimpl
+def qpeft_on_step_end(step, max_steps, logs, ctx):
+    if Path(ctx.output_dir).parent.name == "hang":  # the cell whose folder is cells/hang/
+        print("qpeft-test-hang: hanging at step", step, file=sys.stderr, flush=True)
+        time.sleep(3600)
+"""
+
+
+def _installed_plugin(site: Path, name: str, code: str) -> Path:
+    """A plugin package as pip installs it (a module and a dist-info naming its entry point)."""
+    site.mkdir()
+    (site / f"{name}.py").write_text(textwrap.dedent(code))
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[qpeft]\n{name} = {name}\n")
+    return site
+
+
+@pytest.mark.slow  # the hung cell waits out its timeout (60 s, the least a default gives)
+def test_hung_cell_is_stopped_at_its_default_timeout_and_the_next_cell_runs(random_tiny, tmp_path):
+    """No ``timeout_s`` in the matrix. The first cell gets the generous first-cell default and
+    finishes; the second hangs in training (an installed lifecycle plugin sleeps in its first
+    step) and is stopped at the default the first cell's times give it, recorded as timed out
+    with the timeout that applied; the third cell still runs. The plan prints the timeout."""
+    matrix = _matrix(tmp_path, random_tiny, {"seed": {"ok": 0, "hang": 1, "next": 2}})
+    out = tmp_path / "out"
+    site = _installed_plugin(tmp_path / "site", "qpeft_test_hang", HANG_PLUGIN)
+    env = {
+        **os.environ,
+        "COLUMNS": "300",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p),
+    }
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "qpeft", "bench", matrix, "--out", str(out), "--no-report"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        start_new_session=True,
+    )
+    took = time.monotonic() - t0
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "timeout per cell: 1980 s (default: 1800 s + 3 steps × 60 s, no similar cell measured yet)" in " ".join(output.split())
+    by = {r["labels"]["seed"]: r for r in _records(out)}
+    assert [by[k]["status"] for k in ("ok", "hang", "next")] == ["ok", "failed", "ok"], by
+    assert by["ok"]["timeout_s"] == 1980 and by["ok"]["timeout_basis"].endswith("no similar cell measured yet")
+    hung = by["hang"]
+    limit = hung["timeout_s"]
+    expected = max(
+        bench.TIMEOUT_MIN_S,
+        math.ceil(bench.TIMEOUT_FACTOR * by["ok"]["wall_seconds"]),  # ok's fixed part + its steps, same budget
+    )
+    assert abs(limit - expected) <= bench.TIMEOUT_FACTOR * 0.2 + 1, (limit, expected)
+    assert hung["timeout_basis"].startswith("default: 4 × (") and "as measured on seed=ok" in hung["timeout_basis"]
+    assert hung["error"].startswith(f"timed out after {limit:g} s (default: 4 × ("), hung["error"]
+    assert "timeout_s in the matrix sets another" in hung["error"]
+    assert limit <= hung["wall_seconds"] < limit + 20, hung
+    assert "qpeft-test-hang: hanging at step 1" in (out / hung["log"]).read_text()
+    assert by["next"]["timeout_basis"].startswith("default: 4 × (")
+    assert not subprocess.run(["pgrep", "-f", f"qpeft.bench {out}/cells/"], capture_output=True).stdout  # nothing left running
+    print(
+        f"cells: ok {by['ok']['wall_seconds']} s, hang stopped at {hung['wall_seconds']} s (timeout {limit} s), next {by['next']['wall_seconds']} s; {took:.0f} s in all"
+    )
