@@ -10,6 +10,7 @@ import os
 import secrets
 import socket
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from .errors import QpeftError
@@ -61,15 +62,17 @@ def check_shared_output_dir(output_dir: str | Path, *, resume: bool, cpu: bool =
 
     Returns None on one machine (nothing checked, no process group started) or when the folder
     is shared. Every rank must call it, before the trainer starts: it starts the process group
-    the way accelerate does (``PartialState(cpu=cpu)``, gloo on CPUs, NCCL on GPUs), which
-    accelerate and the transformers Trainer then use."""
+    the way accelerate does (``PartialState(cpu=cpu)``, gloo on CPUs, NCCL on GPUs; a 30-minute
+    timeout), which accelerate and the transformers Trainer then use."""
     if not several_machines():
         return None
     import torch
     import torch.distributed as dist
     from accelerate import PartialState
 
-    PartialState(cpu=cpu)
+    # 30 minutes, the transformers Trainer's ddp_timeout (torch's NCCL default is 10): the group
+    # started here is the one the trainers keep.
+    PartialState(cpu=cpu, timeout=timedelta(minutes=30))
     if not cpu and torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     out = Path(output_dir)
