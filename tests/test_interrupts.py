@@ -91,7 +91,7 @@ def test_interrupt_during_the_save_leaves_adapter_and_summary_of_one_run(tiny_co
 STAGE_LINES = {
     "run_start": r"\bmodel\b.*\bon (cpu|cuda)\b",  # "model PATH on cpu (float32); quantizer …": tokenizer loading next
     "tokenizer": r"\bpad token\b|\btokeniz",  # "pad token: reused …": data reading and tokenizing next
-    "data": r"\bdata\b.*\btrain\b",  # "data PATH (text): N train / M val examples": base loading next
+    "data": r"\bdata\b.*\b\d[\d,]* train(ing)?\b",  # "data PATH (text): N train / M val examples": base loading next
     "base": r"\bloaded base\b|\bbase loaded\b",  # "loaded base in 0.1s, …": perplexity before next
     "first_step": r"^qpeft-test-hook: step 1 logged",  # printed by this test's lifecycle plugin
     "trained": r"\btrained \d+ steps\b",  # perplexity after next
@@ -185,6 +185,18 @@ def _stage_config(model: str, tmp_path: Path, long: str) -> dict:
     }
 
 
+def _wait_for_children(pid: int, seconds: float) -> None:
+    """Wait until ``pid`` has child processes (Linux), at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+                return
+        except OSError:
+            return
+        time.sleep(0.02)
+
+
 def _snapshot(out: Path) -> dict[str, bytes]:
     """adapter/ and summary.json of an output folder, file by file."""
     files = [out / "summary.json", *sorted((out / "adapter").rglob("*"))]
@@ -200,8 +212,15 @@ def earlier_run(tiny_llama_path, tmp_path_factory) -> Path:
     return Path(cfg["output_dir"])
 
 
+#: Spawned tokenizing workers (qpeft.data.store, data files over 4 MiB) get the terminal's SIGINT
+#: while still importing, before their initializer ignores it, and print a KeyboardInterrupt
+#: traceback. The fix belongs in core/data/store.py: start the workers with SIGINT ignored
+#: (SIG_IGN survives exec), see issue 17's report; drop this mark with it.
+POOL_WORKERS_SEE_CTRL_C = pytest.mark.xfail(reason="tokenizing pool workers print a traceback on Ctrl-C while starting", strict=True)
+
+
 @pytest.mark.slow  # a process each (~10 s on 2 cores, most of it imports)
-@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("stage", [pytest.param(s, marks=POOL_WORKERS_SEE_CTRL_C) if s == "data_tokenizing" else s for s in STAGES])
 def test_ctrl_c_at_every_stage(stage, tiny_llama_path, earlier_run, tmp_path):
     """SIGINT to ``qpeft run``'s process group at STAGE: exit status 130 within EXIT_BOUND_S,
     the "interrupted" line, no traceback, and the output folder holds the earlier run's adapter
@@ -249,6 +268,8 @@ def test_ctrl_c_at_every_stage(stage, tiny_llama_path, earlier_run, tmp_path):
             if pattern.search(line.strip()):
                 break
         time.sleep(delay)
+        if stage == "data_tokenizing":  # a tokenizing pool: when its workers have just started
+            _wait_for_children(proc.pid, 5.0)
         sent = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal signals the whole foreground group
         rc = proc.wait(timeout=60)
