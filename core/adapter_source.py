@@ -17,12 +17,12 @@ allow-list:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 from .errors import QpeftError
+from .io import MetadataError, read_json_file
 from .model_source import EMBEDDED
 
 METADATA_FILE = "qpeft.json"
@@ -39,9 +39,9 @@ TRUST_KEYS = ("trust_remote_code", "allow_pickle", "device_map")
 def read_json_object(path: Path) -> dict:
     """A JSON object from ``path``, or a one-line error naming the file."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise QpeftError(f"{path} is corrupt: {getattr(exc, 'msg', exc)}") from None
+        data = read_json_file(path)
+    except MetadataError as exc:
+        raise QpeftError(f"{path} is corrupt: {exc.reason}") from None
     if not isinstance(data, dict):
         raise QpeftError(f"{path} is corrupt: expected a JSON object")
     return data
@@ -94,9 +94,14 @@ def trusted_run_sections(meta: dict, adapter_dir: str | Path, user_keys: set[str
     for key, value in (("quantizer.name", quantizer.get("name")), ("peft.name", peft.get("name"))):
         if not isinstance(value, str) or not value:
             raise QpeftError(f"{source}: {key} must be a non-empty string")
+    _check_method(peft["name"], adapter_dir, source)
     options = quantizer.get("options", {})
     if not isinstance(options, dict):
         raise QpeftError(f"{source}: quantizer.options must be an object")
+    if not user_keys & {"quantizer", "quantizer.name", "quantizer.options"}:
+        for key, value in options.items():
+            if f"quantizer.options.{key}" not in user_keys:
+                _check_option_path(f"quantizer.options.{key}", value, source)
     sections = {
         "model": {"name_or_path": base} if isinstance(base, str) and base else {},
         "quantizer": {"name": quantizer["name"], "options": options},
@@ -118,6 +123,123 @@ def _check_base(base: str, source: Path) -> None:
         f"{source} names the base model {base!r}, a path qpeft will not resolve from an adapter's metadata "
         "(it would be relative to your current folder); pass --set model.name_or_path=PATH to name the base yourself"
     )
+
+
+def _check_method(method: str, adapter_dir: str | Path, source: Path) -> None:
+    """The method ``qpeft.json`` names must be the one ``adapter_config.json`` holds (which is
+    what peft loads): otherwise qpeft checks one method's capabilities (can it merge?) while
+    peft loads another. Methods qpeft does not map to a peft_type are not compared."""
+    config = Path(adapter_dir) / "adapter_config.json"
+    if source == config:
+        return
+    peft_type = read_json_object(config).get("peft_type")
+    saved = PEFT_TYPES.get(str(peft_type))
+    if (saved is not None or method in PEFT_TYPES.values()) and saved != method:
+        raise QpeftError(
+            f"{source} names the method {method!r}, but {config} holds a {peft_type!r} adapter"
+            f"{f' (qpeft method {saved!r})' if saved else ''}; the metadata does not describe this adapter"
+        )
+
+
+def _check_option_path(key: str, value, source: Path) -> None:
+    """A quantizer option from an adapter's metadata that names a file or folder (a GPTQ
+    ``quantized_path`` is the base's weights, its ``calibration`` a file read) obeys the rule of
+    the base path: absolute, no ``..``. A relative or ``~`` one would be resolved against the
+    user's current folder (a bare file name counts when it has an extension and is there)."""
+    for item in value if isinstance(value, list) else [value]:
+        if not isinstance(item, str) or (os.path.isabs(item) and ".." not in Path(item).parts):
+            continue
+        if os.sep in item or item.startswith(("~", ".", "$")) or ("." in item and os.path.lexists(item)):
+            raise QpeftError(
+                f"{source} sets {key} to {item!r}, a path qpeft will not resolve from an adapter's metadata "
+                f"(it would be relative to your current folder); pass --set {key}=PATH to name it yourself"
+            )
+
+
+#: adapter_config.json fields that peft matches against module names as regular expressions
+#: (a string ``target_modules``/``exclude_modules``; ``layers_pattern``, ``modules_to_save``
+#: entries and ``rank_pattern``/``alpha_pattern`` keys are pasted into its own patterns).
+REGEX_FIELDS = ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save", "rank_pattern", "alpha_pattern")
+#: A pattern from an adapter is at most this long and has at most this many repeats (``*``,
+#: ``+``, ``{m,n}``): with no repeat nested in another, matching one module name then takes
+#: polynomial time of a small degree, never the exponential time of ``(.|.)*``.
+MAX_PATTERN_CHARS = 1000
+MAX_PATTERN_REPEATS = 4
+
+
+def _pattern_problem(pattern: str) -> str | None:
+    """Why matching ``pattern`` could take exponential (or high-polynomial) time, else None."""
+    try:
+        from re import _parser as parser
+    except ImportError:  # Python 3.10
+        import sre_parse as parser  # noqa: PLC0415
+    if len(pattern) > MAX_PATTERN_CHARS:
+        return f"longer than {MAX_PATTERN_CHARS} characters"
+    try:
+        tree = parser.parse(pattern)
+    except Exception as exc:  # noqa: BLE001 - re.error, RecursionError, OverflowError
+        return f"not a valid regular expression ({exc})"
+    repeats = 0
+
+    def walk(sub, in_repeat: bool) -> str | None:
+        nonlocal repeats
+        for op, av in sub:
+            name = str(op)
+            children, inner = [], in_repeat
+            if name in ("GROUPREF", "GROUPREF_EXISTS"):
+                return "it refers back to a group"
+            if name.endswith("REPEAT"):
+                many = av[1] == parser.MAXREPEAT or av[1] > 1
+                if many and in_repeat:
+                    return "a repeat inside a repeat"
+                repeats += many
+                children, inner = [av[2]], in_repeat or many
+            elif name == "BRANCH":
+                if in_repeat:
+                    return "an alternative inside a repeat"
+                children = av[1]
+            elif name == "SUBPATTERN":
+                children = [av[3]]
+            elif name in ("ASSERT", "ASSERT_NOT"):
+                children = [av[1]]
+            elif name == "ATOMIC_GROUP":
+                children = [av]
+            for child in children:
+                problem = walk(child, inner)
+                if problem:
+                    return problem
+        return None
+
+    problem = walk(tree, False)
+    if problem is None and repeats > MAX_PATTERN_REPEATS:
+        problem = f"more than {MAX_PATTERN_REPEATS} repeats"
+    return problem
+
+
+def check_adapter_config(adapter_dir: str | Path) -> None:
+    """``adapter_config.json`` is read by peft as it is: refuse, before peft reads it, what would
+    make loading the adapter run code or never end. It must be a JSON object of bounded size;
+    its regular expressions (:data:`REGEX_FIELDS`) must match in bounded time; and it must not
+    ask peft to import a module (``megatron_config``)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    cfg = read_json_object(path)
+    if cfg.get("megatron_config"):
+        raise QpeftError(f"{path}: megatron_config makes peft import the module named by megatron_core; qpeft does not load such adapters")
+    for field in REGEX_FIELDS:
+        value = cfg.get(field)
+        if field in ("target_modules", "exclude_modules") and not isinstance(value, str):
+            continue  # a list of names is matched by equality and suffix, not as patterns
+        patterns = list(value) if isinstance(value, (list, dict)) else [value]
+        for pattern in patterns:
+            if pattern is None:
+                continue
+            problem = "not a string" if not isinstance(pattern, str) else _pattern_problem(pattern)
+            if problem:
+                shown = pattern if not isinstance(pattern, str) or len(pattern) <= 60 else pattern[:57] + "..."
+                raise QpeftError(
+                    f"{path}: {field} pattern {shown!r} is refused ({problem}); peft would match it against every "
+                    "module name, which could take forever: list the module names instead"
+                )
 
 
 def absolute_base(name_or_path: str) -> str:

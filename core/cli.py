@@ -149,7 +149,7 @@ def _print_summary(s: dict, output_dir: str) -> None:
 def generate(
     adapter: str = typer.Option(..., "--adapter", help="Adapter folder written by qpeft."),
     prompt: str = typer.Option(..., "--prompt"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, max=8192, help="1 to 8192 (as generate.max_new_tokens)."),
     set_: list[str] | None = typer.Option(None, "--set", help="Override the base, e.g. --set quantizer=bnb-8bit."),
 ):
     """Rebuild the quantized base from the adapter's metadata, load the adapter, generate."""
@@ -182,12 +182,31 @@ def merge(
     try:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise QpeftError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
+        out_dir = _merge_out(out_dir)
         result = orchestrator.merge(
             adapter, out_dir, _registry(), force=force, overrides=set_ or [], dtype=dtype, requantize=requantize, say=_say_factory()
         )
     except USER_ERRORS as exc:
         _fail(exc)
     out.print_json(json.dumps(result))
+
+
+def _merge_out(out_dir: str) -> str:
+    """``--out`` as an absolute path (``~`` and ``$VARS`` expanded, as in a config), so that
+    ``.``, ``..`` and trailing slashes name a folder (and ``OUT-QUANTIZER`` a sibling of it)."""
+    from .config import expand_path
+    from .outputs import system_folder
+
+    if not out_dir.strip():
+        raise QpeftError("--out: empty; name the folder for the merged model")
+    try:
+        path = os.path.abspath(expand_path(out_dir))
+    except ValueError as exc:
+        raise QpeftError(f"--out: {exc}") from None
+    where = system_folder(path)
+    if where:
+        raise QpeftError(f"--out: {out_dir} is {where}; name a folder of its own")
+    return path
 
 
 @config_app.command("schema")
@@ -371,7 +390,7 @@ def bench_run(
             gpus=[g.strip() for g in gpus.split(",") if g.strip()] if gpus else (),
             isolation=isolation,
         )
-    except QpeftError as exc:
+    except USER_ERRORS as exc:
         display.close()
         _fail(exc)
     except KeyboardInterrupt:
@@ -400,7 +419,7 @@ def _bench_report(directory: str) -> None:
 
     try:
         written = write_report(directory)
-    except QpeftError as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     out.print(f"report: {written['markdown']}, {written['csv']}" + "".join(f", {p}" for p in written["plots"]), highlight=False)
     if written["note"]:

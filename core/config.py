@@ -88,6 +88,25 @@ def _expand(value: str | None) -> str | None:
     return value if value is None else expand_path(value)
 
 
+#: ``device_map`` strings that name a placement strategy (accelerate's), not a device.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def device_map_gpus(device_map) -> list[int]:
+    """The GPU indices a ``device_map`` names (``cuda`` is GPU 0; a strategy names none)."""
+    if device_map is None or isinstance(device_map, str) and device_map in DEVICE_MAP_STRATEGIES:
+        return []
+    devices = device_map.values() if isinstance(device_map, dict) else [device_map]
+    found = []
+    for d in devices:
+        if type(d) is int:
+            found.append(d)
+        elif isinstance(d, str) and d.startswith("cuda"):
+            found.append(int(d.partition(":")[2] or 0))
+    return found
+
+
 class ModelConfig(_Strict):
     """Which base model to load and how."""
 
@@ -107,6 +126,29 @@ class ModelConfig(_Strict):
     allow_pickle: bool = False
 
     _expand_name = field_validator("name_or_path", mode="after")(_expand)
+
+    @field_validator("device_map", mode="after")
+    @classmethod
+    def _device_map(cls, value: Any) -> Any:
+        """A placement transformers can load onto and qpeft can train: a strategy or a device
+        (cpu, cuda, cuda:N, N), for the whole model or per module; never meta or disk (qpeft
+        reads, trains and saves every weight, none of which may be left unloaded)."""
+        if value is None:
+            return value
+        if isinstance(value, str):
+            if value in DEVICE_MAP_STRATEGIES or _DEVICE.fullmatch(value):
+                return value
+            raise ValueError(f"expected one of {', '.join(DEVICE_MAP_STRATEGIES)}, cpu, cuda or cuda:N")
+        if not value:
+            raise ValueError("an empty mapping places no module; leave device_map out to put the model on model.device")
+        for module, device in value.items():
+            ok = isinstance(device, str) and _DEVICE.fullmatch(device) or type(device) is int and device >= 0
+            if not ok:
+                raise ValueError(
+                    f"module {module!r}: expected a device (cpu, cuda, cuda:N or a GPU index), got {device!r}; "
+                    "qpeft keeps every weight loaded (no meta or disk offload)"
+                )
+        return value
 
 
 class BackendRef(_Strict):
@@ -279,6 +321,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise ConfigError(key.strip(), f"the --set value is nested deeper than {MAX_CONFIG_DEPTH} levels") from None
     return parts, value
 
 
@@ -368,6 +412,8 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
     """Parse and validate a config file (or dict) with ``--set`` overrides applied."""
     data = source if isinstance(source, dict) else read_yaml(source)
     data = apply_overrides(data, overrides or [])
+    # The limits of a config file hold for what --set added (a YAML value, aliases and all).
+    _check_size(data, "the config" if isinstance(source, dict) else f"{source} with its --set values")
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
@@ -454,6 +500,14 @@ def resolve(config: RunConfig, registry, *, device: str | None = None) -> Resolv
         dev, dtype = resolve_device(config.model)
     else:
         dev, dtype = device, ("float32" if device == "cpu" else "bfloat16")
+    gpus = device_map_gpus(config.model.device_map)
+    if gpus and dev != "cuda":
+        raise ConfigError("model.device_map", f"places modules on GPU {gpus[0]}, but this run is on {dev}; use cpu there")
+    if gpus:
+        import torch
+
+        if max(gpus) >= torch.cuda.device_count():
+            raise ConfigError("model.device_map", f"names GPU {max(gpus)}, but this machine has {torch.cuda.device_count()}")
     for kind, plugin in (("quantizer", quant), ("peft", peft), ("trainer", trainer)):
         if dev not in plugin.capabilities.devices:
             raise ConfigError(

@@ -21,6 +21,7 @@ nothing.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -51,10 +52,16 @@ def check_finite(named_tensors: Iterable, what: str) -> None:
 
 def check_adapter_files(adapter_dir: str | Path, what: str | None = None) -> None:
     """Refuse an adapter folder whose safetensors files hold a non-finite tensor (read one
-    tensor at a time). Headers were checked before (:func:`qpeft.model_source.check_weight_files`)."""
+    tensor at a time), or whose ``adapter_config.json`` would make peft run code or never
+    finish (:func:`qpeft.adapter_source.check_adapter_config`). Headers were checked before
+    (:func:`qpeft.model_source.check_weight_files`)."""
     from safetensors import safe_open
 
+    from .adapter_source import check_adapter_config
+
     adapter_dir = Path(adapter_dir)
+    if os.path.lexists(adapter_dir / "adapter_config.json"):  # (a training checkpoint has none)
+        check_adapter_config(adapter_dir)
     for file in sorted(adapter_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             tensors = ((k, f.get_tensor(k)) for k in f.keys())

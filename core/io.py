@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -130,6 +131,18 @@ def clean_stale(target: str | Path) -> None:
                 entry.unlink()
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode(folder: bool) -> int:
+    """The mode a plain ``open``/``mkdir`` would give under the process's umask: the temporaries
+    (``mkstemp``: 0600, ``mkdtemp``: 0700) become what the user expects of an output."""
+    return (0o777 if folder else 0o666) & ~_umask()
+
+
 def _locked_temp(target: Path, *, folder: bool) -> tuple[Path, int | None]:
     """A new temporary beside ``target``, locked by this process before it takes the name
     that :func:`clean_stale` removes when unlocked: (path, fd holding the lock)."""
@@ -141,6 +154,7 @@ def _locked_temp(target: Path, *, folder: bool) -> tuple[Path, int | None]:
     else:
         fd = made[0]
         _try_lock(fd)  # where the file system cannot lock, clean_stale removes nothing either
+        os.fchmod(fd, _mode(folder=False))
     tmp = new.with_name(new.name[: -len(".new")] + ".tmp")
     try:
         os.rename(new, tmp)
@@ -155,6 +169,22 @@ class OutputBusy(QpeftError):
     """Another process is writing to the same output folder."""
 
 
+def _open_lock_file(path: Path) -> int:
+    """Open (creating) the lock file itself: never what a symlink planted in its place points
+    at (the lock's text would overwrite it, and its removal would leave it), never a FIFO or
+    device (``O_NONBLOCK``: opening one does not wait)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise QpeftError(f"{path} is a symbolic link, not qpeft's lock file; qpeft will not write through it: remove it") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise QpeftError(f"{path} is not a regular file, so not qpeft's lock file: remove it")
+    return fd
+
+
 @contextlib.contextmanager
 def folder_lock(directory: str | Path, what: str = "qpeft run", *, wait: bool = False):
     """Hold ``DIRECTORY/.qpeft.lock`` (an exclusive ``flock``) while ``what`` writes there.
@@ -167,7 +197,7 @@ def folder_lock(directory: str | Path, what: str = "qpeft run", *, wait: bool = 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(path)
         got = _try_lock(fd)
         if got is False and wait:
             try:
@@ -185,7 +215,7 @@ def folder_lock(directory: str | Path, what: str = "qpeft run", *, wait: bool = 
                 f"{directory} is in use by another writer ({holder}; lock file {path}); wait for it to finish or use another output folder"
             )
         try:  # the holder before us may have removed the file between our open and our lock
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            same = os.fstat(fd).st_ino == os.lstat(path).st_ino
         except FileNotFoundError:
             same = False
         if same or got is None:
@@ -288,6 +318,59 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+#: The most qpeft reads of a metadata file (a config.json, qpeft.json, adapter_config.json, a
+#: shard index, summary.json): any real one is far smaller; a larger (or sparse) one is not read
+#: into memory.
+MAX_METADATA_BYTES = 64 << 20
+
+
+class MetadataError(QpeftError):
+    """A metadata file that cannot be read as what it claims to be; ``reason`` without the path."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def read_metadata_bytes(path: str | Path, max_bytes: int = MAX_METADATA_BYTES) -> bytes:
+    """The bytes of a small file qpeft reads as metadata: never waits on a FIFO or device
+    (``O_NONBLOCK``, regular files only), never reads more than ``max_bytes``. OS errors (a
+    missing file) propagate as they are."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MetadataError(path, "not a regular file (a FIFO, socket or device would block the read)")
+        chunks, left = [], max_bytes + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    raw = b"".join(chunks)
+    if len(raw) > max_bytes:
+        raise MetadataError(path, f"larger than {max_bytes:,} bytes, which no metadata file qpeft reads is")
+    return raw
+
+
+def read_json_file(path: str | Path, max_bytes: int = MAX_METADATA_BYTES):
+    """Parse a JSON metadata file (:func:`read_metadata_bytes`); anything wrong with its content
+    (not UTF-8, not JSON, nested past Python's recursion limit) is a :class:`MetadataError`."""
+    raw = read_metadata_bytes(path, max_bytes)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise MetadataError(Path(path), "not UTF-8 text") from None
+    except RecursionError:
+        raise MetadataError(Path(path), "nested too deeply to be metadata") from None
+    except ValueError as exc:
+        raise MetadataError(Path(path), f"not valid JSON ({getattr(exc, 'msg', exc)})") from None
+
+
 def finite_json(data):
     """``data`` with every non-finite float (NaN, ±inf) replaced by None.
 
@@ -337,10 +420,11 @@ def atomic_dir(target: str | Path, *, replace: bool = True):
     tmp = old = fd = old_fd = None
     try:
         tmp, fd = _locked_temp(target, folder=True)  # locked until renamed into place
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, _mode(folder=True))
         yield tmp
         for f in tmp.rglob("*"):
-            if f.is_file():
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, _mode(folder=False))  # libraries' own temp-and-rename writers leave 0600
                 ffd = os.open(f, os.O_RDONLY)
                 try:
                     os.fsync(ffd)

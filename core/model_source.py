@@ -9,12 +9,11 @@ safetensors folder that every later run loads like any Hugging Face checkpoint.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 
 from .errors import ConfigError, QpeftError
-from .io import atomic_dir
+from .io import MetadataError, atomic_dir, read_json_file
 from .tokenizer import align_eos_with_chat_template
 
 EMBEDDED = {
@@ -112,8 +111,10 @@ def check_weight_files(folder: str | Path, *, allow_pickle: bool = False) -> Non
         return
     for index in folder.glob("*.safetensors.index.json"):
         try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+            shards = set(read_json_file(index)["weight_map"].values())
+        except MetadataError as exc:
+            raise QpeftError(f"{index} is corrupt ({exc.reason}); download or convert the model again") from None
+        except (KeyError, TypeError, AttributeError) as exc:
             raise QpeftError(f"{index} is corrupt ({type(exc).__name__}: {exc}); download or convert the model again") from None
         missing = sorted(s for s in shards if not (folder / s).is_file())
         if missing:
@@ -134,9 +135,9 @@ def check_model_config(folder: str | Path) -> None:
     transformers knows (or, with ``auto_map``, the folder's own code)."""
     path = Path(folder) / "config.json"
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise QpeftError(f"{path} is not valid JSON ({exc}); download or convert the model again") from None
+        config = read_json_file(path)
+    except MetadataError as exc:
+        raise QpeftError(f"{path} is not valid JSON ({exc.reason}); download or convert the model again") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if not isinstance(model_type, str) or not model_type:
         raise QpeftError(f"{path} names no model_type; it is not a transformers model config")

@@ -17,7 +17,6 @@ One ``qpeft run`` per output folder at a time is :func:`qpeft.io.folder_lock`.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from pathlib import Path
@@ -26,6 +25,7 @@ import yaml
 
 from .adapter_source import METADATA_FILE
 from .errors import QpeftError
+from .io import MetadataError, read_json_file, read_metadata_bytes
 
 #: What ``qpeft merge`` writes into its output folder; ``--force`` replaces only such folders.
 MERGE_MARKER = "qpeft_merge.json"
@@ -53,10 +53,16 @@ def system_folder(path: str | Path) -> str | None:
 
 
 def _run_inputs(cfg) -> list[tuple[str, Path]]:
-    """The run's inputs that are files or folders here (embedded names and hub ids are not)."""
+    """The run's inputs that are files or folders here: an embedded model is its cached folder
+    (the folder the run loads), hub ids are none."""
+    from .model_source import EMBEDDED, cache_root
+
+    model = cfg.model.name_or_path
     found = []
-    for key, value in (("model.name_or_path", cfg.model.name_or_path), ("data.path", cfg.data.path), ("data.val_path", cfg.data.val_path)):
-        if value and os.path.exists(value):
+    if model in EMBEDDED:  # also before its first conversion, which writes the folder
+        found.append(("model.name_or_path", _real(cache_root() / "models" / EMBEDDED[model][2])))
+    for key, value in (("model.name_or_path", model), ("data.path", cfg.data.path), ("data.val_path", cfg.data.val_path)):
+        if value and os.path.exists(value) and not (key == "model.name_or_path" and value in EMBEDDED):
             found.append((key, _real(value)))
     return found
 
@@ -69,15 +75,15 @@ def _not_ours(path: Path, why: str) -> QpeftError:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json_file(path)
+    except (OSError, MetadataError):
         return None
 
 
 def _read_yaml(path: Path):
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
+        return yaml.safe_load(read_metadata_bytes(path).decode("utf-8"))
+    except (OSError, MetadataError, ValueError, RecursionError, yaml.YAMLError):
         return None
 
 

@@ -46,6 +46,7 @@ from pydantic import Field, field_validator
 from qpeft import hookimpl
 from qpeft.api import Capabilities, Options, QuantizerPlugin
 from qpeft.errors import ConfigError, QpeftError
+from qpeft.io import MetadataError, read_json_file
 from qpeft.modeling import load_causal_lm
 
 INSTALL_HINT = "GPTQ needs gptqmodel and optimum: pip install 'qpeft[gptq]' (gptqmodel==7.6.0, optimum>=2.3)"
@@ -129,8 +130,10 @@ def indivisible_in_features(config_dir: str | Path, group_size: int) -> list[int
     if group_size <= 0:
         return []
     try:
-        cfg = json.loads((Path(config_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        cfg = read_json_file(Path(config_dir) / "config.json")
+    except (OSError, MetadataError):
+        return []
+    if not isinstance(cfg, dict):
         return []
     cfg = cfg.get("text_config", cfg)
     hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
@@ -146,12 +149,14 @@ def _checkpoint_quant_config(path: Path) -> dict:
     if not path.is_dir():
         raise ConfigError(key, f"GPTQ checkpoint folder not found: {path}")
     try:
-        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        cfg = read_json_file(path / "config.json")
     except FileNotFoundError:
         raise ConfigError(key, f"{path} is not a Hugging Face model folder (no config.json)") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(key, f"{path / 'config.json'} is not valid JSON: {exc.msg}") from None
-    qc = cfg.get("quantization_config") or {}
+    except MetadataError as exc:
+        raise ConfigError(key, f"{path / 'config.json'}: {exc.reason}") from None
+    qc = (cfg.get("quantization_config") if isinstance(cfg, dict) else None) or {}
+    if not isinstance(qc, dict):
+        raise ConfigError(key, f"{path / 'config.json'}: quantization_config is not an object")
     if str(qc.get("quant_method", "")).lower() != "gptq":
         raise ConfigError(key, f"{path} is not a GPTQ checkpoint (quantization_config.quant_method is {qc.get('quant_method')!r})")
     if not list(path.glob("*.safetensors")):
