@@ -495,7 +495,9 @@ def main() -> None:
     try:
         app()
     except SystemExit as exc:
-        if _interrupted and exc.code == 130:
+        if exc.code == 130:  # an interrupt: reported by the command, or (while typer parses) not yet
+            if not _interrupted:
+                console.print(INTERRUPTED, style="red", highlight=False, soft_wrap=True)
             _exit_after_interrupt(130)
         raise
 

@@ -84,6 +84,49 @@ def test_interrupt_during_the_save_leaves_adapter_and_summary_of_one_run(tiny_co
     assert meta["run_id"] == summary["run_id"] and meta["training"]["train_loss"] == summary["train_loss"], "adapter and summary differ"
 
 
+#: Python run with ``python -c``: Ctrl-C (a KeyboardInterrupt) at a point before any command runs.
+BEFORE_THE_COMMAND = {
+    # while ``python -m qpeft`` imports its command line (typer loading)
+    "imports": """
+        import runpy, sys
+
+        class CtrlC:
+            def find_spec(self, name, path=None, target=None):
+                if name == "typer":
+                    raise KeyboardInterrupt
+
+        sys.meta_path.insert(0, CtrlC())
+        sys.argv = ["qpeft", "run", "config.yaml"]
+        runpy.run_module("qpeft", run_name="__main__", alter_sys=True)
+    """,
+    # while typer parses the arguments (it turns a KeyboardInterrupt into a silent exit 130)
+    "parsing": """
+        import sys
+
+        import typer.core
+
+        from qpeft import cli
+
+        def ctrl_c(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        typer.core.TyperGroup.parse_args = ctrl_c
+        sys.argv = ["qpeft", "run", "config.yaml"]
+        cli.main()
+    """,
+}
+
+
+@pytest.mark.parametrize("where", list(BEFORE_THE_COMMAND))
+def test_ctrl_c_before_the_command_runs(where, tmp_path):
+    """Ctrl-C before qpeft's command runs (its modules importing, typer parsing the arguments):
+    the "interrupted" line and exit status 130, no traceback."""
+    code = textwrap.dedent(BEFORE_THE_COMMAND[where])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert INTERRUPTED in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------- Ctrl-C at every stage
 
 #: The output lines the stages are recognised by (loosely, so that wording can change). The
