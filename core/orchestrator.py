@@ -23,7 +23,7 @@ from .checkpoint import find_resume_point, read_marker
 from .config import ResolvedRun, RunConfig, dump_yaml, load_config, resolve
 from .context import RunContext
 from .data import check_same_data, load_datasets, tokenize
-from .distributed import fsdp_version, gather_trainable_state, local_rank, world_size
+from .distributed import check_shared_output_dir, fsdp_version, gather_trainable_state, local_rank, world_size
 from .distributed import rank as distributed_rank
 from .errors import QpeftError, TrainingDiverged
 from .integrity import check_adapter_applied, check_adapter_files, check_finite
@@ -102,6 +102,9 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
 
     cfg = resolved.config
     ctx = _context(resolved, registry)
+    if note := check_shared_output_dir(cfg.output_dir, resume=resume, cpu=ctx.device == "cpu"):
+        say(f"[yellow]{note}[/]")
+        ctx.notes.append(note)
     if resume:
         path, notes = find_resume_point(cfg, resolved.trainer.name)
         ctx.resume_from = str(path) if path else None

@@ -34,8 +34,7 @@ def plan_steps(n_examples: int, per_step: int, epochs: float, max_steps: int | N
 class OrderedExamples:
     """``data`` laid out for ``epochs`` epochs, each in :func:`epoch_order`, as a map-style
     dataset of ``epochs × len(data)`` examples read lazily (one epoch's permutation in memory:
-    8 bytes per example). Reading it in index order is the order every trainer follows; an
-    index past the end wraps around (as a data loader restarted from the beginning would)."""
+    8 bytes per example). Reading it in index order is the order every trainer follows."""
 
     def __init__(self, data, seed: int, epochs: int):
         self.data, self.seed, self.epochs = data, seed, epochs
@@ -47,13 +46,18 @@ class OrderedExamples:
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"example {i} of {len(self)}")
         epoch, index = self.locate(i)
         if epoch != self._epoch:
             self._epoch, self._perm = epoch, _permutation(len(self.data), self.seed, epoch)
         return self.data[int(self._perm[index])]
 
     def locate(self, position: int) -> tuple[int, int]:
-        """(epoch, index in that epoch's order) of the example at ``position``."""
+        """(epoch, index in that epoch's order) of the example at ``position``; a position past
+        the end wraps around, as a data loader restarted from the beginning would."""
         q = position % len(self)
         return q // len(self.data), q % len(self.data)
 
@@ -88,7 +92,8 @@ class DataSchedule:
     def step_examples(self, step: int) -> list[dict]:
         """Every rank's examples of optimizer step ``step`` (1-based), rank 0's first."""
         pos = self.start(step - 1)
-        return [self.ordered[pos + i] for i in range(self.per_step)]
+        n = len(self.ordered)
+        return [self.ordered[(pos + i) % n] for i in range(self.per_step)]
 
     def rank_examples(self, examples: list[dict], rank: int) -> list[dict]:
         """Rank ``rank``'s slice of a step's examples."""
