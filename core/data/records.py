@@ -175,8 +175,10 @@ def _csv_rows(path: Path, key: str) -> Iterator[Row]:
 def _parquet_rows(path: Path, key: str, batch_rows: int = 1024) -> Iterator[Row]:
     """Rows of a parquet file, one record batch at a time. Arrow gives every row every column
     (None where a row lacks it); qpeft's checks want a missing column to look missing."""
-    import pyarrow.parquet as pq
-
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError(key, f"{path}: reading parquet needs pyarrow (`pip install 'qpeft[data]'`)") from None
     try:
         batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
         n = 0
