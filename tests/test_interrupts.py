@@ -255,15 +255,8 @@ def earlier_run(tiny_llama_path, tmp_path_factory) -> Path:
     return Path(cfg["output_dir"])
 
 
-#: Spawned tokenizing workers (qpeft.data.store, data files over 4 MiB) get the terminal's SIGINT
-#: while still importing, before their initializer ignores it, and print a KeyboardInterrupt
-#: traceback. The fix belongs in core/data/store.py: start the workers with SIGINT ignored
-#: (SIG_IGN survives exec), see issue 17's report; drop this mark with it.
-POOL_WORKERS_SEE_CTRL_C = pytest.mark.xfail(reason="tokenizing pool workers print a traceback on Ctrl-C while starting", strict=True)
-
-
 @pytest.mark.slow  # a process each (~10 s on 2 cores, most of it imports)
-@pytest.mark.parametrize("stage", [pytest.param(s, marks=POOL_WORKERS_SEE_CTRL_C) if s == "data_tokenizing" else s for s in STAGES])
+@pytest.mark.parametrize("stage", list(STAGES))
 def test_ctrl_c_at_every_stage(stage, tiny_llama_path, earlier_run, tmp_path):
     """SIGINT to ``qpeft run``'s process group at STAGE: exit status 130 within EXIT_BOUND_S,
     the "interrupted" line, no traceback, and the output folder holds the earlier run's adapter

@@ -297,13 +297,27 @@ def _encoded_chunks(rows, spec: StoreSpec, tok, n_workers: int):
     pending = collections.deque()
     try:
         for batch in batches:
-            pending.append(pool.submit(_encode_chunk, batch, None, *args))
+            pending.append(_submit(pool, batch, args))
             if len(pending) >= 2 * n_workers:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _submit(pool, batch: list, args: tuple):
+    """``pool.submit`` with SIGINT blocked in this thread: a worker process the submit starts
+    inherits the blocked signal through exec, so a Ctrl-C while it is still importing cannot
+    print its traceback (its initializer then ignores SIGINT for good); a Ctrl-C meanwhile
+    reaches this process as soon as the submit returns."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return pool.submit(_encode_chunk, batch, None, *args)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return pool.submit(_encode_chunk, batch, None, *args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _batches(rows, size: int):
