@@ -485,13 +485,13 @@ class CellTimeout:
     #: Where the numbers come from, in words (recorded as ``timeout_basis``).
     basis: str = ""
 
-    def seconds(self) -> float | None:
+    def seconds(self) -> int | float | None:
         """The limit now, in seconds; None for no limit."""
         if self.kind == "off":
             return None
         if self.kind == "matrix":
             return self.fixed_s
-        return float(max(TIMEOUT_MIN_S, math.ceil(self.fixed_s + (self.steps or 0) * self.step_s)))
+        return max(TIMEOUT_MIN_S, math.ceil(self.fixed_s + (self.steps or 0) * self.step_s))
 
     def on_event(self, event: dict) -> None:
         """A step event of the cell: learn its number of steps if the config could not tell."""
@@ -542,7 +542,7 @@ class Timeouts:
         if self.setting is None:
             return CellTimeout("off", basis="timeout_s is off in the matrix")
         if self.setting != "auto":
-            return CellTimeout("matrix", fixed_s=float(self.setting), basis="timeout_s in the matrix")
+            return CellTimeout("matrix", fixed_s=self.setting, basis="timeout_s in the matrix")
         budget = cell.budget or {"steps": None, "tokens_per_step": 0, "group": ""}
         steps = budget["steps"]
         n = f"{steps} steps" if steps is not None else "its steps"

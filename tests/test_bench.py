@@ -261,7 +261,9 @@ def test_run_resume_select_and_report(matrix_file, tmp_path):
     md = (out / "report.md").read_text()
     assert "| tiny | lora | ok |" in md and "| broken | lora | **failed** |" in md
     assert "model=tiny,peft=prefix" in md and "model=broken,peft=lora" in md and "## Not supported" in md
+    assert "Per-cell timeout: 1980 s (the default, derived from each cell's own budget" in md and "0 timed out" in md
     rows = list(csv.DictReader((out / "results.csv").open()))
+    assert rows[0]["timeout_s"] == "1980" and rows[0]["timeout_basis"].startswith("default: 1800 s + 3 steps × 60 s")
     assert [r["cell"] for r in rows] == list(by_cell) and [r["status"] for r in rows] == ["ok", "unsupported", "failed", "unsupported"]
     assert float(rows[0]["tokens_per_s_after_warmup"]) > 0 and rows[0]["model"] == "tiny" and rows[0]["env.torch"]
     for png in (PLOT_SPEED, PLOT_QUALITY):
