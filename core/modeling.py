@@ -63,14 +63,25 @@ def load_causal_lm(model_path: str, ctx, **kwargs):
 def _from_pretrained(model_path: str, ctx, trust: bool, allow_pickle: bool, kwargs: dict):
     from transformers import AutoModelForCausalLM
 
+    qc = kwargs.get("quantization_config")
+    # Weights the config declares but the checkpoint lacks are initialised at random by
+    # transformers (it only prints a report): checked for full-precision loads, which bitsandbytes
+    # quantizes while loading; a pre-quantized checkpoint (GPTQ) has its own layout.
+    check_missing = qc is None or type(qc).__name__ == "BitsAndBytesConfig"
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             model_path,
             device_map=device_map_for(ctx),
             trust_remote_code=trust,
             use_safetensors=None if allow_pickle else True,
+            output_loading_info=True,
             **kwargs,
         )
+    except MemoryError:
+        raise QpeftError(
+            f"cannot load model {model_path!r}: out of memory building the model its config.json describes "
+            "(check that config.json matches the weights, or use a smaller model or a quantizer)"
+        ) from None
     except OSError as exc:
         raise QpeftError(
             f"cannot load model {model_path!r}: {str(exc).splitlines()[0]} (qpeft runs offline; for a hub id set QPEFT_ALLOW_HUB=1)"
@@ -82,6 +93,14 @@ def _from_pretrained(model_path: str, ctx, trust: bool, allow_pickle: bool, kwar
                 f"{model_path} needs its own Python code to load; set model.trust_remote_code: true only if you trust its author",
             ) from None
         raise QpeftError(f"cannot load model {model_path!r}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+    missing = sorted((info or {}).get("missing_keys") or []) if check_missing else []
+    if missing:
+        raise QpeftError(
+            f"model {model_path!r}: its checkpoint lacks {len(missing)} weights that its config.json declares "
+            f"(e.g. {missing[0]!r}); transformers would initialise them at random: config.json does not match the weights, "
+            "download or convert the model again"
+        )
+    return model
 
 
 class BaseModelCache:

@@ -248,6 +248,27 @@ def test_adapter_metadata_must_name_the_method_peft_loads(tmp_path):
         assert f"names the method {named!r}" in out and saved in out
 
 
+def test_a_base_missing_weights_its_config_declares_is_refused(tiny_adapter, tmp_path):
+    """A model folder whose config.json declares a layer its safetensors lack trained with exit
+    0: transformers initialised the missing weights at random and only printed a report (and a
+    config.json declaring 20,000 layers ended in a MemoryError traceback)."""
+    import shutil
+
+    import yaml
+
+    base, _ = tiny_adapter
+    model = tmp_path / "model"
+    shutil.copytree(base, model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": cfg["num_hidden_layers"] + 1}))
+    config = tmp_path / "c.yaml"
+    data = {"path": "embedded:text", "max_length": 32, "max_train_examples": 8, "max_val_examples": 2}
+    config.write_text(yaml.safe_dump({**BASE, "model": {"name_or_path": str(model), "device": "cpu"}, "data": data}))
+    result = runner.invoke(app, ["run", str(config), "--set", f"output_dir={tmp_path / 'out'}", "--set", "evaluate=false"])
+    out = _one_line_error(result)
+    assert "weights that its config.json declares" in " ".join(out.split())
+
+
 # ---------------------------------------------------------------------------- configs and flags
 
 
