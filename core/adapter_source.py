@@ -110,12 +110,22 @@ def trusted_run_sections(meta: dict, adapter_dir: str | Path, user_keys: set[str
     return sections, notes
 
 
+def _fixed_absolute(path: str) -> bool:
+    """``path`` names one place whatever the current folder: absolute, without ``..``, and not
+    under ``/proc`` or ``/dev``, whose magic links (``/proc/self/cwd``, ``/dev/fd/N``) lead back
+    to the current folder or to open files."""
+    if not os.path.isabs(path) or ".." in Path(path).parts:
+        return False
+    return Path(os.path.normpath(path)).parts[1:2] not in (("proc",), ("dev",))
+
+
 def _check_base(base: str, source: Path) -> None:
     """An adapter may name an embedded model, a hub id or an absolute local folder; a relative
-    or ``~`` path would resolve against wherever the user happens to run qpeft."""
+    or ``~`` path (or ``/proc/self/cwd/...``) would resolve against wherever the user happens to
+    run qpeft."""
     if base in EMBEDDED:
         return
-    if os.path.isabs(base) and ".." not in Path(base).parts:
+    if _fixed_absolute(base):
         return
     if _HUB_ID.fullmatch(base) and not Path(base).exists():  # a name that is not also a folder here
         return
@@ -147,7 +157,7 @@ def _check_option_path(key: str, value, source: Path) -> None:
     the base path: absolute, no ``..``. A relative or ``~`` one would be resolved against the
     user's current folder (a bare file name counts when it has an extension and is there)."""
     for item in value if isinstance(value, list) else [value]:
-        if not isinstance(item, str) or (os.path.isabs(item) and ".." not in Path(item).parts):
+        if not isinstance(item, str) or _fixed_absolute(item):
             continue
         if os.sep in item or item.startswith(("~", ".", "$")) or ("." in item and os.path.lexists(item)):
             raise QpeftError(

@@ -235,6 +235,21 @@ def test_adapter_quantizer_options_cannot_name_relative_paths(tmp_path, monkeypa
     trusted_run_sections(read_adapter_metadata(ok), ok, set())
 
 
+def test_adapter_base_cannot_reach_the_current_folder_through_proc(tmp_path, monkeypatch):
+    """Relative bases are refused, but `/proc/self/cwd/planted` is absolute and has no `..`:
+    `qpeft generate` loaded the model folder `planted` from the user's current folder."""
+    from qpeft.adapter_source import read_adapter_metadata, trusted_run_sections
+
+    monkeypatch.chdir(tmp_path)
+    for base in ("/proc/self/cwd/planted", "//proc/self/cwd/planted", "/./proc/thread-self/cwd/p", "/dev/fd/3"):
+        adapter = _adapter(tmp_path / f"a{len(base)}", base=base)
+        with pytest.raises(QpeftError, match="model"):
+            trusted_run_sections(read_adapter_metadata(adapter), adapter, set())
+    gptq = _adapter(tmp_path / "g", quantizer={"name": "gptq", "options": {"quantized_path": "/proc/self/cwd/w"}})
+    with pytest.raises(QpeftError, match="quantizer.options.quantized_path"):
+        trusted_run_sections(read_adapter_metadata(gptq), gptq, set())
+
+
 def test_adapter_metadata_must_name_the_method_peft_loads(tmp_path):
     """qpeft.json naming another method than adapter_config.json's peft_type: qpeft checked the
     named method (LoRA can merge) while peft loaded the saved one (prefix tuning), and
