@@ -276,6 +276,7 @@ def test_ctrl_c_at_every_stage(stage, tiny_llama_path, earlier_run, tmp_path):
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p),
+        "QPEFT_CACHE": str(tmp_path / "cache"),  # this run's token store is not left in the user's cache
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "qpeft", "run", str(path)],
