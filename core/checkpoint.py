@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from .errors import ConfigError
-from .io import atomic_write_json
+from .io import MetadataError, atomic_write_json, read_json_file
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "checkpoint-"
@@ -66,11 +66,13 @@ def mark_complete(path: str | Path, *, step: int, trainer: str, config_fingerpri
 
 
 def read_marker(path: str | Path) -> dict | None:
-    """The marker of a checkpoint folder, or None if it is incomplete or unreadable."""
+    """The marker of a checkpoint folder, or None if it is incomplete or unreadable (missing,
+    not a regular file, too large, too deeply nested, not JSON, not an object)."""
     try:
-        return json.loads((Path(path) / MARKER).read_text())
-    except (OSError, ValueError):
+        marker = read_json_file(Path(path) / MARKER)
+    except (OSError, MetadataError):
         return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("step"), int) else None
 
 
 def _step_dirs(root: Path) -> list[tuple[int, Path]]:

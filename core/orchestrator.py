@@ -132,7 +132,9 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
     d = cfg.data
     data = load_datasets(d, tok, say=say)
     train_data, val_data = data.train, data.val
-    say(f"data {d.path} ({data.format}): {train_data.n_documents} train / {len(val_data)} val examples, {train_data.n_tokens:,} training tokens")
+    say(
+        f"data {d.path} ({data.format}): {train_data.n_documents} train / {len(val_data)} val examples, {train_data.n_tokens:,} training tokens"
+    )
     if d.packing:
         say(f"packed {train_data.n_documents} training documents into {len(train_data)} rows of up to {d.max_length} tokens")
     for kind, rows, path in (("training", train_data, d.path), ("validation", val_data, d.val_path or d.path)):
@@ -219,7 +221,12 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
         **steps.summary(),
         **memory,
         "val_tokens": val_data.label_tokens(),
-        "train_data": {"documents": train_data.n_documents, "examples": len(train_data), "tokens": train_data.n_tokens, "store": str(train_data.store.folder)},
+        "train_data": {
+            "documents": train_data.n_documents,
+            "examples": len(train_data),
+            "tokens": train_data.n_tokens,
+            "store": str(train_data.store.folder),
+        },
         "val_perplexity_before": round(before["perplexity"], 4) if before else None,
         "val_perplexity_after": round(after["perplexity"], 4) if after else None,
         "val_loss_before": round(before["loss"], 4) if before else None,
@@ -250,9 +257,10 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
     model = load_for_inference(adapter_dir, resolved, registry, ctx, as_trained=True)
     reload_diff = float((logits_for(model, probe, tok.pad_token_id) - trained_logits).abs().max())
     summary["reload_max_abs_logit_diff"] = reload_diff
+    say(f"reloaded adapter on a fresh {quant.name} base: max |Δlogit| vs trained model = {reload_diff:.2e}")
+    say(f"generating up to {cfg.generate.max_new_tokens} tokens")
     sample = generate_text(model, tok, cfg.generate.prompt, cfg.generate.max_new_tokens, cfg.generate.chat_template)
     summary["generation"] = sample
-    say(f"reloaded adapter on a fresh {quant.name} base: max |Δlogit| vs trained model = {reload_diff:.2e}")
     summary["notes"] = list(dict.fromkeys(ctx.notes))  # loading the base again repeats the plugins' notes
     summary["stage"] = "complete"
     atomic_write_json(out / "summary.json", summary)

@@ -280,6 +280,14 @@ def _load_state(path: Path, trainable: dict, optimizer, scheduler, sharded: bool
     missing = sorted(set(trainable) - set(saved))
     if missing:
         raise ConfigError("--resume", f"{path} lacks trainable tensors such as {missing[0]!r}; it belongs to another adapter")
+    for k, p in trainable.items():  # checked before any is copied: a bad checkpoint changes nothing
+        if tuple(saved[k].shape) != tuple(p.shape):
+            raise ConfigError("--resume", f"{path}: tensor {k!r} has shape {tuple(saved[k].shape)}, the adapter's is {tuple(p.shape)}")
+        if saved[k].is_floating_point() and not bool(torch.isfinite(saved[k]).all()):
+            raise ConfigError(
+                "--resume",
+                f"{path}: tensor {k!r} holds non-finite values; this checkpoint cannot be resumed (delete it to resume from an earlier one)",
+            )
     with torch.no_grad():
         for k, p in trainable.items():
             p.copy_(saved[k].to(p.device, p.dtype))
@@ -435,7 +443,9 @@ class NativeTrainer(TrainerPlugin):
                     # earlier); every rank holds the full tensors, so every rank decides alike.
                     check_finite(tensors.items(), f"training diverged at step {step}: refusing to write its checkpoint")
                     if acc.is_main_process:
-                        _save_state(checkpoint_dir(ctx.output_dir, step), tensors, optim_state, scheduler, step, ctx, schedule.position(step))
+                        _save_state(
+                            checkpoint_dir(ctx.output_dir, step), tensors, optim_state, scheduler, step, ctx, schedule.position(step)
+                        )
                         prune(ctx.output_dir, options.save_total_limit)
         finally:
             for fn in undo:

@@ -353,3 +353,77 @@ def test_bench_os_errors_are_one_line(tmp_path):
     (tmp_path / "afile").write_text("x")
     result = runner.invoke(app, ["bench", str(matrix), "--out", str(tmp_path / "afile" / "x")])
     assert "Not a directory" in _one_line_error(result)
+
+
+# Findings of the round in the data layer and the native trainer's checkpoints (fixed there).
+
+
+def test_a_deeply_nested_data_row_is_one_line(tmp_path):
+    from qpeft.data import iter_records
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(ConfigError, match=r"data.path: .*d.jsonl: row 2 is nested too deeply"):
+        list(iter_records(path, "data.path"))
+
+
+def test_a_pipe_or_device_as_data_path_is_not_a_regular_file(tmp_path):
+    from qpeft.data import iter_records
+
+    fifo = tmp_path / "d.jsonl"
+    os.mkfifo(fifo)
+    link = tmp_path / "zero.jsonl"
+    link.symlink_to("/dev/zero")
+    for path in (fifo, link):  # opening either would block or never end
+        with pytest.raises(ConfigError, match=r"is not a regular file"):
+            list(iter_records(path, "data.path"))
+
+
+@pytest.mark.parametrize("planted", ["nested", "fifo", "list"])
+def test_a_tampered_checkpoint_marker_makes_the_checkpoint_incomplete(tmp_path, planted):
+    from qpeft.checkpoint import MARKER, read_marker
+
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    marker = ckpt / MARKER
+    if planted == "fifo":
+        os.mkfifo(marker)  # reading it would wait for a writer for ever
+    else:
+        marker.write_text("[" * 100_000 + "]" * 100_000 if planted == "nested" else '[{"step": 2}]')
+    t0 = time.monotonic()
+    assert read_marker(ckpt) is None
+    assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("damage", ["inf", "shape"])
+def test_a_damaged_native_checkpoint_is_refused_naming_the_tensor(tmp_path, tiny_llama_path, damage):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from qpeft import orchestrator
+    from qpeft.checkpoint import checkpoint_dir
+    from qpeft.registry import load_registry
+
+    cfg = {
+        "model": {"name_or_path": tiny_llama_path, "device": "cpu"},
+        "quantizer": "none",
+        "peft": {"name": "lora", "options": {"r": 4}},
+        "trainer": {"name": "native", "options": {"max_steps": 2, "batch_size": 2, "save_steps": 1}},
+        "data": {"path": "embedded:text", "max_length": 32, "max_train_examples": 8, "max_val_examples": 2},
+        "output_dir": str(tmp_path / "run"),
+        "evaluate": False,
+        "generate": {"max_new_tokens": 2},
+    }
+    registry = load_registry()
+    orchestrator.run(orchestrator.prepare(cfg, registry=registry)[0], registry)
+    shutil.rmtree(checkpoint_dir(tmp_path / "run", 2))  # resume from step 1, which is damaged below
+    file = checkpoint_dir(tmp_path / "run", 1) / "trainable.safetensors"
+    tensors = load_file(str(file))
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("inf")) if damage == "inf" else torch.zeros(3, 3)
+    save_file(tensors, str(file))
+    expected = "holds non-finite values" if damage == "inf" else r"has shape \(3, 3\)"
+    with pytest.raises(ConfigError, match=rf"--resume: .*checkpoint-1: tensor '{name}' {expected}"):
+        orchestrator.run(orchestrator.prepare(cfg, registry=registry)[0], registry, resume=True)

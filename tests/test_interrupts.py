@@ -140,6 +140,7 @@ STAGE_LINES = {
     "trained": r"\btrained \d+ steps\b",  # perplexity after next
     "perplexity_after": r"\bperplexity after\b",  # saving next
     "saved": r"\bsaved adapter\b",  # reload on a fresh base, then generation
+    "generating": r"\bgenerating up to\b",  # after the reload check: generation next
 }
 #: Lines that end each long stage: the signal must have come before them.
 END_LINES = {
@@ -147,7 +148,7 @@ END_LINES = {
     "perplexity_before": r"\bperplexity before\b",
     "training": STAGE_LINES["trained"],
     "perplexity_after": STAGE_LINES["perplexity_after"],
-    "generate": r"\breloaded adapter\b",  # printed after the generation
+    "generate": r"\bgeneration\b",  # the summary table's row, printed after the generation
 }
 
 # stage: (line to wait for, seconds to wait after it, what makes the stage long, end line it must precede)
@@ -160,7 +161,7 @@ STAGES = {
     "perplexity_after": ("trained", 0.3, "eval", "perplexity_after"),
     "saving": ("perplexity_after", 0.0, "generate", None),
     "reload": ("saved", 0.0, "generate", None),
-    "generate": ("saved", 2.0, "generate", "generate"),
+    "generate": ("generating", 0.5, "generate", "generate"),
 }
 
 HOOK_PLUGIN = """
@@ -208,7 +209,9 @@ def _stage_config(model: str, tmp_path: Path, long: str) -> dict:
     rows = 30_000 if long == "data" else 400
     val_rows = 48 if long == "eval" else 8
     return {
-        "model": {"name_or_path": model},
+        # On the CPU everywhere: the stages are sized to last long enough there (on a GPU the
+        # evaluation stage ends before the signal arrives); Ctrl-C handling is the CPU process's.
+        "model": {"name_or_path": model, "device": "cpu", "dtype": "float32"},
         "quantizer": "none",
         "peft": {"name": "lora", "options": {"r": 4, "alpha": 8}},
         "trainer": {

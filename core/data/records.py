@@ -64,6 +64,8 @@ def check_source(path: Path, key: str) -> None:
         if not (path / "dataset_info.json").is_file() and not (path / "dataset_dict.json").is_file():
             raise ConfigError(key, f"{path} is a folder but not one written by datasets' save_to_disk (no dataset_info.json)")
         return
+    if path.exists() and not path.is_file():  # stat only: opening a FIFO would block
+        raise ConfigError(key, f"{path} is not a regular file (a pipe, device or socket cannot be training data)")
     if not path.is_file():
         raise ConfigError(key, f"data file not found: {path}")
     suffix = path.suffix.lower()
@@ -125,6 +127,8 @@ def _jsonl_rows(path: Path, key: str) -> Iterator[Row]:
                 value = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ConfigError(key, f"{path}: row {n} is not valid JSON: {exc.msg}") from None
+            except RecursionError:
+                raise ConfigError(key, f"{path}: row {n} is nested too deeply to be a record") from None
             yield _numbered_or_refused(value, n, path, key)
 
 
@@ -133,6 +137,8 @@ def _json_rows(path: Path, key: str) -> Iterator[Row]:
         rows = json.loads(path.read_text(encoding="utf-8-sig") or "[]")
     except json.JSONDecodeError as exc:
         raise ConfigError(key, f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
+    except RecursionError:
+        raise ConfigError(key, f"{path}: nested too deeply to be a list of records") from None
     if isinstance(rows, dict) and "data" in rows:
         rows = rows["data"]
     if not isinstance(rows, list):

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..io import atomic_dir, folder_lock
+from ..io import MetadataError, atomic_dir, folder_lock, read_json_file
 from .encode import IGNORE, encode_rows, report
 from .records import check_rows, detect_format, iter_records
 
@@ -120,7 +120,7 @@ class TokenStore:
         import numpy as np
 
         self.folder = Path(folder)
-        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.meta = read_json_file(self.folder / "meta.json")
         self.key = self.meta["key"]
         n, t = self.meta["documents"], self.meta["tokens"]
         dtype = np.dtype(self.meta["dtype"])
@@ -200,7 +200,7 @@ def _try_open(folder: Path) -> TokenStore | None:
         return None
     try:
         return TokenStore(folder)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, MetadataError):
         return None  # damaged (by hand: stores are written atomically): built again
 
 
