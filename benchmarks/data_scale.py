@@ -8,7 +8,8 @@ two ``qpeft run``s on the embedded SmolLM2 (its real 49k tokenizer), each in a f
 
 Measured: tokenization throughput (tokens/s, and per core), store size on disk, peak RSS of
 the run's process (``summary.json``'s ``peak_rss_gib``: data, model load and training
-together), time from process start to the first optimizer step, and the whole run's time.
+together) and the largest RSS of a tokenizing worker process (sampled every 0.1 s), time from process start to the first
+optimizer step, and the whole run's time.
 The training part is short (``--steps``) and identical for every size, so any growth of the
 peak RSS with the corpus comes from the data path.
 
@@ -26,6 +27,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,6 +70,32 @@ def make_corpus(path: Path, tokens: int, tok) -> int:
     return rows
 
 
+class ChildRss(threading.Thread):
+    """The largest RSS any child process (a tokenizing worker) had, sampled every 0.1 s from
+    /proc (getrusage's children maxrss is no use here: a spawned child starts with its
+    parent's high-water mark)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak_kib, self.stop = 0, False
+
+    def run(self):
+        me = os.getpid()
+        while not self.stop:
+            try:
+                children = Path(f"/proc/{me}/task/{me}/children").read_text().split()
+            except OSError:
+                children = []
+            for pid in children:
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    continue
+                rss = next((int(l.split()[1]) for l in status.splitlines() if l.startswith("VmRSS:")), 0)
+                self.peak_kib = max(self.peak_kib, rss)
+            time.sleep(0.1)
+
+
 def one_run(config: Path, result: Path) -> None:
     """Run the config in this process; write timings and the summary to ``result``."""
     t_start = time.perf_counter()
@@ -90,8 +118,19 @@ def one_run(config: Path, result: Path) -> None:
 
     resolved, registry = orchestrator.prepare(str(config))
     registry.pm.register(first)
+    sampler = ChildRss()
+    sampler.start()
     summary = orchestrator.run(resolved, registry, say=say)
-    result.write_text(json.dumps({"seconds": time.perf_counter() - t_start, "first_step_s": first.at, "summary": summary, "log": lines}))
+    sampler.stop = True
+    workers_gib = sampler.peak_kib / 2**20
+    payload = {
+        "seconds": time.perf_counter() - t_start,
+        "first_step_s": first.at,
+        "workers_peak_rss_gib": workers_gib,
+        "summary": summary,
+        "log": lines,
+    }
+    result.write_text(json.dumps(payload))
 
 
 def measure(config: Path, cache: Path, result: Path) -> dict:
@@ -114,6 +153,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/qpeft_data_scale"), help="corpora, caches and runs")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--name", default="data_scale")
+    ap.add_argument("--corpus-only", action="store_true", help="write the corpora and stop")
     ap.add_argument("--one-run", nargs=2, type=Path, metavar=("CONFIG", "RESULT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one_run:
@@ -132,7 +172,11 @@ def main() -> None:
         if not corpus.exists():
             t0 = time.perf_counter()
             n_rows = make_corpus(corpus, int(tokens), tok)
-            print(f"corpus {corpus}: {n_rows:,} rows, {corpus.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - t0:.0f}s", flush=True)
+            print(
+                f"corpus {corpus}: {n_rows:,} rows, {corpus.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - t0:.0f}s", flush=True
+            )
+        if args.corpus_only:
+            continue
         cache = args.work / f"cache_{label}"
         subprocess.run(["rm", "-rf", str(cache)], check=True)
         for phase in ("cold", "warm"):
@@ -156,10 +200,13 @@ def main() -> None:
                 "first_step_s": round(r["first_step_s"], 1),
                 "run_s": round(r["seconds"], 1),
                 "peak_rss_gib": s.get("peak_rss_gib"),
+                "worker_peak_rss_gib": round(r["workers_peak_rss_gib"], 3) if meta["workers"] and phase == "cold" else None,
                 "train_loss": s.get("train_loss"),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
+    if args.corpus_only:
+        return
     columns = [
         "corpus",
         "phase",
@@ -172,6 +219,7 @@ def main() -> None:
         "first_step_s",
         "run_s",
         "peak_rss_gib",
+        "worker_peak_rss_gib",
     ]
     payload = {"environment": environment(), "cpus": os.cpu_count(), "steps": args.steps, "config": CONFIG}
     print(write(args.name, payload, rows, columns))
