@@ -36,6 +36,10 @@ pytest collects the inherited ``test_*`` methods; each runs one check on a tiny 
 Without pytest, :func:`check_quantizer` runs the same checks and returns what they measured;
 ``python -m qpeft.testing NAME [--options JSON]`` prints it.
 
+A trainer plugin is checked by :func:`check_trainer` (:class:`TrainerChecker`): it reads the
+lazy datasets in qpeft's order, reports every step, trains, and resumes at its checkpoint's
+data position with the uninterrupted run's adapter.
+
 This module imports neither pytest nor torch at import time; both are imported when used.
 """
 
@@ -883,6 +887,166 @@ class QuantizerConformance:
     def test_merge(self):
         """qpeft merge reproduces the adapter's logits, or refuses clearly."""
         self._report("merge", self.checker().check_merge())
+
+
+# ---------------------------------------------------------------------------- trainer plugins
+
+
+class _StepLosses:
+    """A lifecycle plugin recording the loss of every step a trainer reports; with ``stop_at``,
+    it interrupts the run (KeyboardInterrupt) when that step is reported."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.losses: list[tuple[int, float]] = []
+        self.stop_at = stop_at
+
+    @hookimpl
+    def qpeft_on_step_end(self, step, max_steps, logs, ctx):
+        """Record the step's loss; interrupt at ``stop_at``."""
+        self.losses.append((int(step), float(logs["loss"])))
+        if self.stop_at is not None and step >= self.stop_at:
+            raise KeyboardInterrupt(f"conformance kit: interrupted at step {step}")
+
+
+class TrainerChecker:
+    """The conformance checks of a trainer plugin, on the tiny model with ``quantizer: none`` and
+    LoRA, through ``qpeft run`` (so the trainer gets the datasets, context and hooks of a real run):
+
+    * ``registration``: a ``TrainerPlugin`` whose ``Options`` subclass ``TrainingOptions``;
+    * ``data_order``: with a learning rate too small to change the model, the loss of each of
+      the first steps equals the ``native`` trainer's (1e-3 relative): the trainer reads the
+      lazy dataset in qpeft's seed-fixed order (:class:`qpeft.data.DataSchedule`) and reports
+      every step through ``qpeft_on_step_end``;
+    * ``trains``: the loss goes down on a few repeated examples and the run saves and reloads;
+    * ``resume``: interrupted after its step-2 checkpoint (``save_steps: 2``), ``--resume``
+      ends with the uninterrupted run's adapter (1e-5); a trainer that writes no checkpoint
+      starts over, which the check reports.
+    """
+
+    def __init__(self, trainer: str, options: dict | None = None, *, model_path: str | None = None, plugins: tuple = ()):
+        self.name, self.options = trainer, dict(options or {})
+        self.model_path, self.plugins = model_path, tuple(plugins)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"qpeft-trainer-kit-{trainer}-"))
+
+    def fail(self, message: str):
+        raise ConformanceError(f"[{self.name}] {message}")
+
+    def expect(self, condition: bool, message: str) -> None:
+        if not condition:
+            self.fail(message)
+
+    def close(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def config_dict(self, out: str, trainer: str | None = None, **options) -> dict:
+        opts = {"batch_size": 1, "max_steps": 3, "lr": 1e-7, "scheduler": "constant", "logging_steps": 1, **self.options, **options}
+        return {
+            "model": {"name_or_path": self.model_path or tiny_model_path(), "device": "cpu", "dtype": "float32"},
+            "quantizer": "none",
+            "peft": {"name": "lora", "options": {"r": 8, "alpha": 16}},
+            "trainer": {"name": trainer or self.name, "options": opts},
+            "data": {"path": "embedded:text", "max_length": 48, "max_train_examples": 8, "max_val_examples": 2},
+            "output_dir": str(self._tmp / out),
+            "seed": 0,
+            "evaluate": False,
+            "gradient_checkpointing": False,
+            "generate": {"max_new_tokens": 2, "chat_template": False},
+        }
+
+    def _run(self, cfg: dict, watch: _StepLosses, resume: bool = False) -> dict:
+        from . import orchestrator
+        from .registry import load_registry
+
+        registry = load_registry((*self.plugins, watch))
+        resolved, registry = orchestrator.prepare(cfg, registry=registry)
+        return orchestrator.run(resolved, registry, resume=resume)
+
+    def check_registration(self) -> dict:
+        from .api import TrainerPlugin, TrainingOptions
+        from .registry import load_registry
+
+        registry = load_registry(self.plugins)
+        plugin = registry.backends["trainer"].get(self.name)
+        self.expect(
+            plugin is not None, f"no trainer of this name is registered; installed: {', '.join(sorted(registry.backends['trainer']))}"
+        )
+        self.expect(isinstance(plugin, TrainerPlugin), f"{type(plugin).__name__} is not a qpeft.api.TrainerPlugin")
+        self.expect(issubclass(plugin.Options, TrainingOptions), "Options should subclass qpeft.api.TrainingOptions")
+        return {"source": registry.origins[("trainer", self.name)]}
+
+    def check_data_order(self) -> dict:
+        mine, ref = _StepLosses(), _StepLosses()
+        self._run(self.config_dict("order"), mine)
+        self._run(self.config_dict("order-native", trainer="native"), ref)
+        self.expect(
+            [s for s, _ in mine.losses] == [1, 2, 3],
+            f"steps reported through qpeft_on_step_end: {[s for s, _ in mine.losses]}, expected 1, 2, 3",
+        )
+        for (step, a), (_, b) in zip(mine.losses, ref.losses):
+            self.expect(
+                abs(a - b) <= 1e-3 * abs(b),
+                f"step {step} loss {a:.6f}, the native trainer's {b:.6f}: the trainer does not read the examples in qpeft's order "
+                "(qpeft.data.DataSchedule) or does not average the loss over the step's target tokens",
+            )
+        return {"losses": [l for _, l in mine.losses], "native_losses": [l for _, l in ref.losses]}
+
+    def check_trains(self) -> dict:
+        watch = _StepLosses()
+        cfg = self.config_dict("trains", batch_size=4, max_steps=6, lr=1e-2)
+        cfg["data"]["max_train_examples"] = 4  # every step sees the same four examples
+        summary = self._run(cfg, watch)
+        losses = [l for _, l in watch.losses]
+        self.expect(len(losses) >= 2 and losses[-1] < losses[0], f"training loss did not go down: {losses}")
+        self.expect(summary["reload_max_abs_logit_diff"] <= 1e-4, f"reload changed logits by {summary['reload_max_abs_logit_diff']:.2e}")
+        return {"losses": losses}
+
+    def check_resume(self) -> dict:
+        from safetensors.torch import load_file
+
+        from .checkpoint import latest_complete
+
+        opts = {"batch_size": 2, "max_steps": 4, "lr": 1e-2, "save_steps": 2}
+        self._run(self.config_dict("whole", **opts), _StepLosses())
+        cut = self.config_dict("cut", **opts)
+        try:
+            self._run(cut, _StepLosses(stop_at=3))
+            self.fail("the run was not interrupted at step 3: does the trainer call qpeft_on_step_end after each step?")
+        except KeyboardInterrupt:
+            pass
+        checkpoint = latest_complete(cut["output_dir"])
+        self._run(cut, _StepLosses(), resume=True)
+        a = load_file(str(self._tmp / "whole" / "adapter" / "adapter_model.safetensors"))
+        b = load_file(str(self._tmp / "cut" / "adapter" / "adapter_model.safetensors"))
+        self.expect(a.keys() == b.keys(), "the resumed run saved other adapter tensors")
+        diff = max(float((a[k] - b[k]).abs().max()) for k in a) if a else 0.0
+        self.expect(
+            diff <= 1e-5,
+            f"resumed from {checkpoint}, the adapter differs from the uninterrupted run's by {diff:.2e}: the trainer must restore "
+            "its optimizer and scheduler state and continue at the checkpoint's data position (DataSchedule.resume)",
+        )
+        return {"checkpoint": str(checkpoint) if checkpoint else None, "max_abs_diff": diff}
+
+    CHECKS: ClassVar[tuple[str, ...]] = ("registration", "data_order", "trains", "resume")
+
+    def run_all(self) -> dict:
+        import time
+
+        out = {}
+        for name in self.CHECKS:
+            t0 = time.perf_counter()
+            out[name] = getattr(self, f"check_{name}")()
+            out[name]["seconds"] = round(time.perf_counter() - t0, 2)
+        return out
+
+
+def check_trainer(trainer: str, options: dict | None = None, **kwargs) -> dict:
+    """Run every trainer conformance check (:class:`TrainerChecker`); return what they measured.
+    Raises :class:`ConformanceError` at the first check that fails."""
+    checker = TrainerChecker(trainer, options, **kwargs)
+    try:
+        return checker.run_all()
+    finally:
+        checker.close()
 
 
 def main(argv: list[str] | None = None) -> int:
