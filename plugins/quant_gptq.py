@@ -13,7 +13,7 @@ Kernels (gptqmodel 7.6.0 ``backend=`` names, chosen by ``kernel``):
   ``TorchAtenLinear`` (``gptq_torch_aten``, int4pack ATen kernel) for 4-bit on CPU,
   Marlin/Machete on CUDA.
 
-SILENT CORRUPTION guarded here (DESIGN.md part 2). ``TorchAtenLinear`` and
+SILENT CORRUPTION guarded here (docs/architecture.md, library facts). ``TorchAtenLinear`` and
 ``TorchFusedLinear`` (both declare ``SUPPORTS_TRAINING = True``, so gptqmodel's
 ``auto_trainable`` still picks ``TorchAtenLinear`` for 4-bit on CPU) latch on the first
 forward that runs with ``module.training == False`` and an input that does not require
@@ -114,7 +114,7 @@ def _require_gptq() -> None:
 
 
 def _set_env() -> None:
-    # DESIGN.md part 2: set GPTQMODEL_CPU_WORKERS=2 on 2-core machines. Read at import.
+    # docs/architecture.md (library facts): GPTQMODEL_CPU_WORKERS=2 on 2-core machines. Read at import.
     if "GPTQMODEL_CPU_WORKERS" not in os.environ and (os.cpu_count() or 1) <= 2:
         os.environ["GPTQMODEL_CPU_WORKERS"] = "2"
 
@@ -300,7 +300,7 @@ class Gptq(QuantizerPlugin):
     capabilities = Capabilities(
         merge_source="original",
         bits=4,
-        incompatible={"ia3": "IA3 is not supported on GPTQ layers (DESIGN.md part 2)"},
+        incompatible={"ia3": "IA3 is not supported on GPTQ layers (docs/architecture.md, library facts)"},
     )
 
     # ------------------------------------------------------------------ checks

@@ -1,5 +1,5 @@
 """Regression: bitsandbytes' 4-bit CPU inference repacking corrupts LoRA gradients and
-dequantization after one eval-mode forward (DESIGN.md part 2). bnb enables it only on
+dequantization after one eval-mode forward (docs/architecture.md, library facts). bnb enables it only on
 AVX512-BF16 CPUs (Intel Xeon with AMX, AMD Zen 4); on other CPUs these tests emulate such a
 CPU by setting the flag bnb derives from it.
 

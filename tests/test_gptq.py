@@ -1,6 +1,6 @@
 """GPTQ quantizer plugin (``gptq``): quantize a tiny random Llama once, then check memory,
 logits, LoRA gradients after an eval forward (the silent-corruption regression of
-DESIGN.md part 2), the save/reload cache, and the config checks.
+docs/architecture.md, library facts), the save/reload cache, and the config checks.
 
 The model is built here (not with conftest's SmolLM2 tokenizer) so the module needs neither
 the embedded model nor a hub: a 512-token byte-level BPE is trained on qpeft's embedded text.

@@ -99,7 +99,7 @@ def load_base(path: str, base: str):
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": "cpu"}, **kwargs)
     if base == "nf4":
-        # The engine's guard against bnb's inference-only CPU repacking (DESIGN.md part 2).
+        # The engine's guard against bnb's inference-only CPU repacking (docs/architecture.md, library facts).
         from qpeft.plugins.quant_bnb import Bnb4bit
 
         Bnb4bit().ensure_training_kernels(model, None)

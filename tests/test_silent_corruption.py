@@ -1,4 +1,4 @@
-"""Silent-corruption guards (DESIGN.md part 2) not covered elsewhere, and a check that every
+"""Silent-corruption guards (docs/architecture.md, library facts) not covered elsewhere, and a check that every
 trap in docs/reliability.md's table points at a regression test that exists.
 
 * Merge after an eval forward on a 4-bit base: on AVX512-BF16 CPUs bitsandbytes repacks 4-bit
