@@ -259,3 +259,80 @@ def absolute_base(name_or_path: str) -> str:
     if name_or_path not in EMBEDDED and path.exists():
         return str(path.resolve())
     return name_or_path
+
+
+#: How :func:`base_fingerprint` reads a model folder (recorded beside the digest).
+FINGERPRINT_SCHEME = "qpeft-sampled-v1"
+_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16
+
+
+def _model_folder(model_path: str) -> Path | None:
+    """The local folder of a resolved base: a folder as it is; a hub id's cached snapshot."""
+    path = Path(model_path)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model_path, "config.json")
+    except Exception:  # noqa: BLE001 - an id the hub client refuses: no fingerprint
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def base_fingerprint(model_path: str) -> dict | None:
+    """A fingerprint of a base model's content, cheap for any size: SHA-256 over its
+    ``config.json`` and, for each safetensors file, its name, size, header (every tensor's
+    name, dtype, shape and offsets) and 16 blocks of 64 KiB spread evenly over its tensor data.
+    Two bases with different weights differ in nearly every block; equal fingerprints mean the
+    same architecture and, with near certainty, the same weights. None for a base with no
+    local files (a hub id not in the cache)."""
+    import hashlib
+    import struct
+
+    folder = _model_folder(model_path)
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    digest = hashlib.sha256()
+    digest.update((folder / "config.json").read_bytes())
+    files = sorted(folder.glob("*.safetensors"))
+    for f in files:
+        size = f.stat().st_size
+        digest.update(f"{f.name}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            head = fh.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            n = min(n, size - 8) if size >= 8 else 0
+            digest.update(head + fh.read(n))
+            start = 8 + n
+            span = max(0, size - start - _SAMPLE_BYTES)
+            for i in range(_SAMPLES):
+                fh.seek(start + span * i // max(1, _SAMPLES - 1))
+                digest.update(fh.read(_SAMPLE_BYTES))
+    return {"scheme": FINGERPRINT_SCHEME, "sha256": digest.hexdigest(), "weight_files": len(files)}
+
+
+def check_base_fingerprint(meta: dict, model_path: str) -> str | None:
+    """A note when the base resolved here is not the one the adapter was trained on (by
+    :func:`base_fingerprint`); None when they match or either side has no fingerprint."""
+    saved = meta.get("base_model_fingerprint")
+    if not isinstance(saved, dict) or saved.get("scheme") != FINGERPRINT_SCHEME or not isinstance(saved.get("sha256"), str):
+        return None
+    here = base_fingerprint(model_path)
+    if here is None or here["sha256"] == saved["sha256"]:
+        return None
+    return (
+        f"the base model {model_path} differs from the one this adapter was trained on (fingerprint "
+        f"{here['sha256'][:12]} here, {saved['sha256'][:12]} in {METADATA_FILE}); its outputs may be wrong"
+    )
+
+
+def record_base(adapter_dir: str | Path, base: str) -> None:
+    """Name the base in ``adapter_config.json`` as ``qpeft.json`` does (peft writes the path it
+    loaded from, which for the embedded model is qpeft's cache on this machine)."""
+    from .io import atomic_write_json
+
+    path = Path(adapter_dir) / "adapter_config.json"
+    cfg = read_json_object(path)
+    cfg["base_model_name_or_path"] = base
+    atomic_write_json(path, cfg)

@@ -34,16 +34,26 @@ class NoOptions(Options):
 class TrainingOptions(Options):
     """Options every trainer understands; a trainer plugin subclasses it and adds its own."""
 
+    #: Examples (or packed rows) per forward pass.
     batch_size: int = Field(4, ge=1, le=65536)
+    #: Forward passes whose gradients are summed per optimizer step (the effective batch is
+    #: batch_size × grad_accum × the number of processes).
     grad_accum: int = Field(1, ge=1, le=65536)
+    #: Peak learning rate (learning_rate in transformers).
     lr: float = Field(2e-4, gt=0, lt=1)
+    #: Learning-rate schedule after the warmup.
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    #: Optimizer steps of linear warmup from 0 to lr.
     warmup_steps: int = Field(0, ge=0)
     #: Passes over the data (each in a seed-fixed order); ignored when max_steps is set.
     epochs: float = Field(1.0, gt=0, le=1000)
+    #: Stop after this many optimizer steps (null = epochs decide).
     max_steps: int | None = Field(None, ge=1)
+    #: AdamW weight decay of the trainable parameters.
     weight_decay: float = Field(0.0, ge=0, le=10)
+    #: Clip the gradient norm to this (0 = no clipping).
     max_grad_norm: float = Field(1.0, ge=0)
+    #: Record the loss every this many optimizer steps.
     logging_steps: int = Field(1, ge=1)
     #: "auto" = bf16/fp16 autocast when the run dtype is bf16/fp16 on a GPU, else none.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
@@ -131,7 +141,7 @@ class QuantizerPlugin(_Plugin):
         """Undo any switch to inference-only kernels that an eval forward may have made.
 
         Called by the orchestrator after every evaluation pass on a model that will train
-        or be merged again (DESIGN.md part 2: some kernels switch silently and corrupt
+        or be merged again (docs/architecture.md, library facts: some kernels switch silently and corrupt
         gradients and dequantization afterwards).
         """
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
+import inspect
 import os
 import re
 import typing
@@ -35,9 +37,47 @@ from .distributed import fsdp_version
 from .errors import ConfigError
 
 DEFAULT_MODEL = "smollm2"
+DEFAULT_PROMPT = "What does the Python 'with' statement do?"
+#: Prompts made for the embedded data: the default and configs/quickstart.yaml's. A run on
+#: other data that generates from one of them is told so.
+EMBEDDED_DATA_PROMPTS = (DEFAULT_PROMPT, 'Explain the Python topic "The assert statement" briefly.')
 
 
 INT64_MAX = 2**63 - 1
+
+
+@functools.cache
+def comment_docs(cls: type) -> dict[str, str]:
+    """The ``#:`` comment block above each field of ``cls`` (Sphinx's attribute-comment style,
+    which qpeft's config and plugin options use), joined into one line per field."""
+    try:
+        lines, _ = inspect.getsourcelines(cls)
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    for line in lines[1:]:
+        text = line.strip()
+        if text.startswith("#:"):
+            pending.append(text[2:].strip())
+            continue
+        field = re.match(r"(\w+)\s*:", text)
+        if field and pending:
+            docs.setdefault(field.group(1), " ".join(pending))
+        pending = []
+    return docs
+
+
+def _describe_fields(schema: dict, cls: type) -> None:
+    """JSON schema hook: each field's description from its ``#:`` comment, in its class or the
+    nearest base class that has one (a ``Field(description=...)`` wins)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if isinstance(klass, type) and issubclass(klass, BaseModel) and klass is not BaseModel:
+            docs.update(comment_docs(klass))
+    for name, prop in schema.get("properties", {}).items():
+        if "description" not in prop and name in docs:
+            prop["description"] = docs[name]
 
 
 class StrictModel(BaseModel):
@@ -45,7 +85,7 @@ class StrictModel(BaseModel):
     finite and fit in 64 bits, text holds no NUL character (each would fail later, after the
     weights were loaded, deep inside torch or the OS)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra=_describe_fields)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -154,7 +194,9 @@ class ModelConfig(_Strict):
 class BackendRef(_Strict):
     """A backend chosen by name, with options validated by the backend's own model."""
 
+    #: The backend's name (``qpeft plugins`` lists them).
     name: str = Field(min_length=1)
+    #: The backend's own options (``qpeft config schema kind:name`` prints their schema).
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -179,8 +221,9 @@ class DataConfig(_Strict):
     #: crosses documents: position ids restart per document and transformers builds a
     #: block-diagonal mask from them; each document's first token is never a target.
     packing: bool = False
-    #: Use at most this many training / validation examples (null = all).
+    #: Use at most this many training examples, counted from the start (null = all).
     max_train_examples: int | None = Field(None, ge=1)
+    #: Use at most this many validation examples, counted from the start (null = all).
     max_val_examples: int | None = Field(32, ge=1)
 
     _expand_paths = field_validator("path", "val_path", mode="after")(_expand)
@@ -189,7 +232,10 @@ class DataConfig(_Strict):
 class GenerateConfig(_Strict):
     """The generation made after reloading the saved adapter."""
 
-    prompt: str = "What does the Python 'with' statement do?"
+    #: The prompt generated from after training (the quickstart's question by default: set
+    #: one that fits your data).
+    prompt: str = DEFAULT_PROMPT
+    #: Generate at most this many tokens (generation also stops at EOS).
     max_new_tokens: int = Field(48, ge=1, le=8192)
     #: Render the prompt with the tokenizer's chat template when it has one.
     chat_template: bool = True
@@ -198,17 +244,26 @@ class GenerateConfig(_Strict):
 class RunConfig(_Strict):
     """Top level of a qpeft YAML config."""
 
+    #: The base model.
     model: ModelConfig = Field(default_factory=ModelConfig)
+    #: How the base is loaded: a quantizer name (bnb-nf4, bnb-8bit, gptq, none, ...) or
+    #: {name, options}.
     quantizer: BackendRef
+    #: The PEFT method: a name (lora, prefix, adapters, ...) or {name, options}.
     peft: BackendRef
+    #: The training loop: a name (hf, native) or {name, options}.
     trainer: BackendRef
+    #: Training and validation data.
     data: DataConfig = Field(default_factory=DataConfig)
+    #: Where adapter/, summary.json, resolved_config.yaml and checkpoints/ are written.
     output_dir: str = Field("runs/qpeft", min_length=1)
+    #: Seed of every random number generator (initialization, data order, dropout).
     seed: int = Field(0, ge=0, le=2**32 - 1)
     #: true / false, or "auto": on unless the PEFT method or quantizer cannot use it.
     gradient_checkpointing: bool | Literal["auto"] = "auto"
     #: Measure validation perplexity before and after training.
     evaluate: bool = True
+    #: The generation made after reloading the saved adapter.
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
 
     @model_validator(mode="before")
@@ -278,6 +333,46 @@ def _field_loc(model: type[BaseModel], loc: tuple) -> tuple:
     return tuple(out)
 
 
+#: Key names from other tools (transformers' TrainingArguments, peft's LoraConfig, axolotl)
+#: and qpeft's name for each, suggested when the name is not a key where it was given.
+KEY_ALIASES = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "lr_scheduler_type": "scheduler",
+    "lr_scheduler": "scheduler",
+    "optimizer": "optim",
+    "lora_r": "r",
+    "rank": "r",
+    "lora_rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lora_target_modules": "target_modules",
+    "model_name_or_path": "name_or_path",
+    "base_model": "name_or_path",
+    "torch_dtype": "dtype",
+    "dataset": "path",
+    "data_path": "path",
+    "max_seq_length": "max_length",
+    "sequence_len": "max_length",
+    "output": "output_dir",
+}
+
+
+def suggest_key(key: str, valid: list[str]) -> str | None:
+    """The valid key ``key`` most likely meant: qpeft's name for another tool's key, else the
+    closest spelling."""
+    alias = KEY_ALIASES.get(key.lower())
+    if alias in valid:
+        return alias
+    close = difflib.get_close_matches(key, valid, n=1)
+    return close[0] if close else None
+
+
 def validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> ConfigError:
     """Turn pydantic's first error into a one-line ConfigError naming the key."""
     errors = exc.errors()
@@ -287,11 +382,11 @@ def validation_error(exc: ValidationError, model: type[BaseModel], prefix: str =
     if err["type"] == "extra_forbidden":
         valid = _fields_at(model, loc[:-1])
         msg = f"unknown key {str(loc[-1])!r}"
-        hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = suggest_key(str(loc[-1]), valid)
         if valid:
             msg += f"; valid keys: {', '.join(valid)}"
         if hint:
-            msg += f" (did you mean {hint[0]!r}?)"
+            msg += f" (did you mean {hint!r}?)"
         return ConfigError(key, msg)
     if err["type"] == "missing":
         return ConfigError(key, "required key is missing")
@@ -465,7 +560,7 @@ def resolve_device(cfg: ModelConfig) -> tuple[str, str]:
     torch is imported (and CUDA queried) only when the config leaves something to decide.
     """
     if cfg.device == "cpu":
-        # bf16 is ~16x slower than fp32 on AVX2 CPUs (DESIGN.md part 2)
+        # bf16 is ~16x slower than fp32 on AVX2 CPUs (docs/architecture.md, library facts)
         return "cpu", "float32" if cfg.dtype == "auto" else cfg.dtype
     import torch
 
@@ -527,6 +622,12 @@ def resolve(config: RunConfig, registry, *, device: str | None = None) -> Resolv
         gc = not blockers
         if blockers:
             notes.append(f"gradient checkpointing turned off: {blockers[0].name!r} does not support it")
+
+    if not config.data.path.startswith("embedded:") and config.generate.prompt in EMBEDDED_DATA_PROMPTS:
+        notes.append(
+            f"generate.prompt is the quickstart's ({config.generate.prompt!r}), not one like your data's: "
+            "set generate.prompt to see what the adapter learned"
+        )
 
     if config.data.packing and not peft.capabilities.packing:
         raise ConfigError("data.packing", f"peft {peft.name!r} does not work with packed rows; set data.packing to false")

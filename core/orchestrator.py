@@ -18,7 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__, capability_table
-from .adapter_source import METADATA_FILE, absolute_base, read_adapter_metadata, trusted_run_sections
+from .adapter_source import (
+    METADATA_FILE,
+    absolute_base,
+    base_fingerprint,
+    check_base_fingerprint,
+    read_adapter_metadata,
+    record_base,
+    trusted_run_sections,
+)
 from .checkpoint import find_resume_point, read_marker
 from .config import ResolvedRun, RunConfig, dump_yaml, load_config, resolve
 from .context import RunContext
@@ -28,6 +36,7 @@ from .distributed import rank as distributed_rank
 from .errors import QpeftError, TrainingDiverged
 from .integrity import check_adapter_applied, check_adapter_files, check_finite
 from .io import atomic_dir, atomic_write_json, atomic_write_text, deferred_interrupts, folder_lock
+from .model_card import model_card
 from .model_source import check_weight_files, resolve_model_path
 from .modeling import (
     StepTimer,
@@ -46,6 +55,11 @@ from .registry import Registry, load_registry
 from .tokenizer import load_tokenizer
 
 Say = Callable[[str], None]
+
+#: A validation split smaller than this (examples, or loss-target tokens) gets a note that its
+#: perplexity means little.
+TINY_VAL_EXAMPLES = 4
+TINY_VAL_TOKENS = 200
 
 
 def _quiet(msg: str) -> None:
@@ -142,6 +156,14 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
             raise QpeftError(
                 f"data.max_length: no {kind} example of {path} keeps a target token within {d.max_length} tokens; raise data.max_length"
             )
+    if cfg.evaluate and (len(val_data) < TINY_VAL_EXAMPLES or val_data.label_tokens() < TINY_VAL_TOKENS):
+        note = (
+            f"the validation split is {len(val_data)} example(s) with {val_data.label_tokens()} target tokens: a perplexity "
+            "on so few tokens means little; name a validation file (data.val_path) or hold out more (data.val_fraction, "
+            "data.max_val_examples)"
+        )
+        say(f"[yellow]{note}[/]")
+        ctx.notes.append(note)
     if ctx.resume_from:
         check_same_data((read_marker(ctx.resume_from) or {}).get("data_position"), train_data)
 
@@ -293,10 +315,15 @@ def _rebuild_trained(resolved: ResolvedRun, registry: Registry, ctx: RunContext,
 
 
 def save_adapter(model, peft, adapter_dir: Path, resolved: ResolvedRun, summary: dict) -> None:
-    """Write the adapter (PEFT format, safetensors) plus qpeft's metadata, atomically."""
+    """Write the adapter (PEFT format, safetensors) plus qpeft's metadata and a model card,
+    atomically. The base is recorded by a name another machine can resolve (the embedded name,
+    the hub id, or the local folder the user named, never qpeft's cache) in both ``qpeft.json``
+    and ``adapter_config.json``, with a fingerprint of its files in ``qpeft.json``."""
+    base = absolute_base(resolved.config.model.name_or_path)
     meta = {
         "qpeft_version": __version__,
-        "base_model": absolute_base(resolved.config.model.name_or_path),
+        "base_model": base,
+        "base_model_fingerprint": base_fingerprint(resolve_model_path(resolved.config.model.name_or_path)),
         "model": {**resolved.config.model.model_dump(mode="json"), "name_or_path": absolute_base(resolved.config.model.name_or_path)},
         "quantizer": {"name": resolved.quantizer.name, "options": resolved.quantizer_options.model_dump(mode="json")},
         "peft": {"name": resolved.peft.name, "options": resolved.peft_options.model_dump(mode="json")},
@@ -309,8 +336,10 @@ def save_adapter(model, peft, adapter_dir: Path, resolved: ResolvedRun, summary:
         if list(tmp.glob("*.bin")) or list(tmp.glob("*.pt")):
             raise QpeftError(f"{peft.name} wrote a pickle file; qpeft saves safetensors only")
         check_adapter_files(tmp, f"refusing to save a diverged adapter ({adapter_dir} is left as it was)")
+        record_base(tmp, base)
         atomic_write_json(tmp / METADATA_FILE, meta)
         atomic_write_text(tmp / "resolved_config.yaml", dump_yaml(resolved.to_dict()))
+        atomic_write_text(tmp / "README.md", model_card(resolved, summary, meta))
 
 
 def load_for_inference(
@@ -374,11 +403,23 @@ def resolve_from_adapter(adapter_dir: str | Path, registry: Registry, overrides=
     return resolved
 
 
+def _warn_other_base(adapter_dir, model_path: str, resolved: ResolvedRun, say: Say) -> None:
+    """Say so when the base resolved here is not the one the adapter was trained on."""
+    try:
+        note = check_base_fingerprint(read_adapter_metadata(adapter_dir), model_path)
+    except (QpeftError, OSError):
+        return
+    if note:
+        resolved.notes.append(note)
+        say(f"[yellow]{note}[/yellow]")
+
+
 def generate(adapter_dir: str, prompt: str, registry: Registry, overrides=(), max_new_tokens: int = 64, say: Say = _quiet) -> dict:
     """Load the base an adapter was trained on (or the one overrides ask for) and generate."""
     resolved = resolve_from_adapter(adapter_dir, registry, overrides, say=say)
     ctx = _context(resolved, registry)
     model_path = resolve_model_path(resolved.config.model.name_or_path, progress=say)
+    _warn_other_base(adapter_dir, model_path, resolved, say)
     tok, _ = load_tokenizer(model_path, trust_remote_code=resolved.config.model.trust_remote_code)
     say(f"loading {resolved.config.model.name_or_path} with {resolved.quantizer.name} + adapter {adapter_dir}")
     model = load_for_inference(Path(adapter_dir), resolved, registry, ctx)
@@ -419,6 +460,7 @@ def merge(
         rq.check(rq_options, ctx)
         rq_dir = out.with_name(f"{out.name}-{requantize}")
     model_path = resolve_model_path(resolved.config.model.name_or_path, progress=say)
+    _warn_other_base(adapter_dir, model_path, resolved, say)
     inputs = {"adapter": adapter_dir, "base model": model_path}
     for target in (out, rq_dir) if requantize else (out,):  # before any weight loads
         check_merge_output(target, force=force, inputs=inputs)

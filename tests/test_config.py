@@ -147,7 +147,11 @@ def test_cli_exits_2_fast_with_one_line(tmp_path, text, args, key):
 
 
 def test_cli_check_mode_loads_no_weights(tmp_path):
+    """--check loads no weights, but it does look for the model folder (a missing one was
+    "config ok" and failed 11 s into the run; more in tests/test_check_paths.py)."""
     proc, seconds = _cli(tmp_path, "quantizer: bnb-nf4\npeft: lora\ntrainer: hf\nmodel: /nonexistent/model\n", "--check")
+    assert proc.returncode == 2 and "error: model.name_or_path: model folder not found" in proc.stderr, proc.stderr
+    proc, seconds = _cli(tmp_path, "quantizer: bnb-nf4\npeft: lora\ntrainer: hf\n", "--check")
     assert proc.returncode == 0, proc.stderr
     assert "config ok" in proc.stdout
 
