@@ -57,6 +57,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .checkpoint import CHECKPOINTS
 from .config import (
     apply_overrides,
     load_config,
@@ -932,6 +933,7 @@ def run_cell(
         return None
     returncode, timed_out = outcome
     wall = time.monotonic() - t0
+    remove_empty_checkpoints(cell.config.get("output_dir"))
     record: dict[str, Any] = {"wall_seconds": round(wall, 1), "returncode": returncode, "log": str(log_path.relative_to(directory))}
     record.update(timeout_s=timeout.seconds(), timeout_basis=timeout.basis)
     record["isolation"] = "process" if worker is None else "worker"
@@ -948,6 +950,22 @@ def run_cell(
             error += f" ({timeout.basis}; timeout_s in the matrix sets another)"
         record.update(status="failed", error=error, oom=_is_oom(error))
     return record
+
+
+def remove_empty_checkpoints(output_dir: str | Path | None) -> bool:
+    """Remove a run's ``checkpoints/`` folder if nothing was saved in it (the HF Trainer creates
+    it as its output folder even when it saves no checkpoint); return whether it was removed.
+    A folder with anything in it stays."""
+    if not output_dir:
+        return False
+    path = Path(output_dir) / CHECKPOINTS
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        path.rmdir()  # fails, and keeps the folder, unless it is empty
+    except OSError:
+        return False
+    return True
 
 
 def _run_in_process(cell, cell_dir, log_path, python, extra_env, timeout, stop, on_event, on_process) -> tuple[int, bool] | None:

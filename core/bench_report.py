@@ -1,12 +1,15 @@
 """``qpeft bench report DIR``: the newest record of every cell in ``DIR/results.jsonl`` as a
 Markdown table (``report.md``), a CSV (``results.csv``) and two PNG plots (matplotlib):
-peak memory vs training tokens/s, and validation perplexity vs base weight memory."""
+memory vs training tokens/s (peak reserved memory on CUDA, the base model's weight memory on
+CPU, where a process's peak RSS is mostly libraries), and validation perplexity vs base weight
+memory."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +57,9 @@ METRIC_NOTES = """\
   training; on CPU, the cell process's peak RSS (loading included). In a worker (`isolation:
   worker`) it is the worker's peak RSS since the cell started, which includes what the worker
   held then (`rss_at_cell_start_gib` in the CSV: its libraries and the base it keeps, `base_cache_gib`).
+  Peak RSS counts the whole process — Python, torch and the other libraries, the data, activations,
+  the optimizer — so on a small model it hides what quantization saves (an NF4 cell can show a
+  higher peak RSS than an unquantized one): compare **weights** for that.
 * **grad ckpt**: gradient checkpointing (on unless the method or quantizer cannot use it, or the config turns it off).
 * **weights**: memory held by the loaded base model's parameters and buffers (what quantization shrinks).
 * **load s**: loading (and quantizing) the base model; "(cache)": in a worker, a copy of the
@@ -116,28 +122,68 @@ def _ppl(value: float | None) -> str:
     return f"{value:,.0f}" if value >= 1000 else f"{value:.2f}"
 
 
-def _peak(m: dict) -> float | None:
-    """Peak training memory in GiB: reserved on CUDA, RSS on CPU."""
-    for key in ("peak_reserved_gib", "peak_rss_gib", "peak_allocated_gib"):
-        if m.get(key) is not None:
-            return m[key]
-    return None
-
-
 def _tokens_per_s(m: dict) -> float | None:
     return m.get("tokens_per_s_after_warmup") if m.get("tokens_per_s_after_warmup") is not None else m.get("tokens_per_s")
 
 
-def _peak_text(m: dict) -> str:
+def _peak_text(m: dict, rss_suffix: bool = True) -> str:
     if m.get("peak_allocated_gib") is not None:
         return f"{m['peak_allocated_gib']:.2f} / {m.get('peak_reserved_gib', 0):.2f}"
     if m.get("peak_rss_gib") is not None:
-        return f"{m['peak_rss_gib']:.2f} (RSS)"
+        return f"{m['peak_rss_gib']:.2f}" + (" (RSS)" if rss_suffix else "")
     return "–"
 
 
 def _md_escape(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _on_cuda(ok: list[dict]) -> bool:
+    return any(r.get("metrics", {}).get("peak_reserved_gib") is not None for r in ok)
+
+
+def memory_axis(rows: list[dict]) -> tuple[str, str]:
+    """What the memory-vs-throughput plot puts on its x axis: (metric key, axis label)."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if _on_cuda(ok):
+        return "peak_reserved_gib", "peak reserved GPU memory during training (GiB)"
+    return "weight_memory_gib", "base model weight memory: parameters + buffers (GiB)"
+
+
+def plot_captions(rows: list[dict]) -> dict[str, str]:
+    """One sentence per plot saying exactly what it shows."""
+    key, _ = memory_axis(rows)
+    if key == "weight_memory_gib":
+        speed = (
+            "Training tokens/s after warm-up against the base model's weight memory (parameters and buffers, "
+            "the `weights GiB` column). On CPU the process's peak RSS (`peak RSS GiB`) is mostly Python, torch "
+            "and the other libraries, so it would hide what quantization saves; it is in the table, not the plot."
+        )
+    else:
+        speed = "Training tokens/s after warm-up against the peak reserved GPU memory during training (`max_memory_reserved`)."
+    quality = "Validation perplexity after training against the base model's weight memory (parameters and buffers)."
+    return {PLOT_SPEED: speed, PLOT_QUALITY: quality}
+
+
+def selection(meta: dict, rows: list[dict]) -> dict | None:
+    """When the folder holds results for only some of the matrix's cells (``--only``): how many
+    of how many, and the ``--only`` terms of the commands that produced them; else None."""
+    cells = meta.get("cells") or []
+    have = [r["cell"] for r in rows if r["cell"] in set(cells)]
+    if not cells or len(have) >= len(cells):
+        return None
+    terms: list[str] = []
+    for r in rows:
+        for command in r.get("_commands") or [r.get("command") or ""]:
+            try:
+                words = shlex.split(command)
+            except ValueError:
+                continue
+            for i, word in enumerate(words):
+                term = words[i + 1] if word == "--only" and i + 1 < len(words) else word[7:] if word.startswith("--only=") else None
+                if term and term not in terms:
+                    terms.append(term)
+    return {"cells": len(have), "of": len(cells), "only": terms}
 
 
 def markdown(meta: dict, rows: list[dict], plots: list[str], directory: Path, plot_note: str = "") -> str:
@@ -147,15 +193,32 @@ def markdown(meta: dict, rows: list[dict], plots: list[str], directory: Path, pl
     failed = [r for r in rows if r.get("status") == "failed"]
     unsupported = [r for r in rows if r.get("status") == "unsupported"]
     name = meta.get("name") or (rows[0].get("matrix") if rows else "") or directory.name
-    lines = [f"# qpeft bench: {name}", ""]
-    if meta.get("description"):
+    part = selection(meta, rows)
+    lines = [f"# qpeft bench: {name}" + (f" ({part['cells']} of {part['of']} cells)" if part else ""), ""]
+    if part:
+        how = (
+            "selected with " + " and ".join(f"`--only {shlex.quote(t)}`" for t in part["only"])
+            if part["only"]
+            else "the others were not run into this folder"
+        )
+        rest = part["of"] - part["cells"]
+        text = (
+            f"**This report covers {part['cells']} of the matrix's {part['of']} cells** ({how}); "
+            f"{'the other one has' if rest == 1 else f'the other {rest} have'} no result here."
+        )
+        if meta.get("description"):
+            lines += [text + " The matrix's own description, which speaks of all its cells:", ""]
+            lines += ["> " + " ".join(meta["description"].split()), ""]
+        else:
+            lines += [text, ""]
+    elif meta.get("description"):
         lines += [meta["description"].strip(), ""]
     commands = []
     for r in rows:
         commands += [c for c in r["_commands"] if c not in commands]
     if commands:
         lines += ["Produced by:", "", "```bash", *commands, f"qpeft bench report {directory}", "```", ""]
-    lines += [f"{len(rows)} cells: {len(ok)} ok, {len(failed)} failed, {len(unsupported)} not supported.", ""]
+    lines += [f"{len(rows)} cell{'' if len(rows) == 1 else 's'}: {len(ok)} ok, {len(failed)} failed, {len(unsupported)} not supported.", ""]
     in_workers = [r for r in ok + failed if r.get("isolation") == "worker"]
     if in_workers:
         starts = sum(1 for r in in_workers if r.get("worker_cell") == 1)
@@ -193,7 +256,7 @@ def markdown(meta: dict, rows: list[dict], plots: list[str], directory: Path, pl
 
     if ok or failed:
         on_cuda = any(r.get("metrics", {}).get("peak_allocated_gib") is not None for r in ok)
-        peak_title = "peak alloc / reserved GiB" if on_cuda else "peak GiB"
+        peak_title = "peak alloc / reserved GiB" if on_cuda else "peak RSS GiB"
         header = [
             *map(axis_title, axes),
             "status",
@@ -237,7 +300,7 @@ def markdown(meta: dict, rows: list[dict], plots: list[str], directory: Path, pl
                         "ok",
                         _fmt(_tokens_per_s(m), ".1f"),
                         _fmt(m.get("step_seconds_after_warmup"), ".3g"),
-                        _peak_text(m),
+                        _peak_text(m, rss_suffix=on_cuda),
                         _fmt(m.get("gradient_checkpointing")),
                         _fmt(m.get("weight_memory_gib"), ".3f"),
                         _fmt(m.get("load_seconds"), ".1f") + (" (cache)" if m.get("load_from_cache") else ""),
@@ -269,10 +332,13 @@ def markdown(meta: dict, rows: list[dict], plots: list[str], directory: Path, pl
         lines.append("")
     if plots or plot_note:
         lines += ["## Plots", ""]
-        lines += [f"![{p}]({p})" for p in plots]
+        captions = plot_captions(rows)
+        for p in plots:
+            lines += [f"![{p}]({p})", ""]
+            if captions.get(p):
+                lines += [captions[p], ""]
         if plot_note:
-            lines.append(plot_note)
-        lines.append("")
+            lines += [plot_note, ""]
     lines += ["## What the columns mean", "", METRIC_NOTES]
     return "\n".join(lines)
 
@@ -404,17 +470,15 @@ def plots(meta: dict, rows: list[dict], directory: Path) -> list[str]:
         plt.close(fig)
         return filename
 
-    on_cuda = any(r["metrics"].get("peak_reserved_gib") is not None for r in ok)
-    in_worker = any(r.get("isolation") == "worker" for r in ok)
-    cpu_label = "peak RSS of the worker process while the cell ran (GiB)" if in_worker else "peak RSS of the cell process (GiB)"
-    mem_label = "peak reserved GPU memory during training (GiB)" if on_cuda else cpu_label
+    mem_key, mem_label = memory_axis(rows)
+    mem_title = "weight memory" if mem_key == "weight_memory_gib" else "peak GPU memory"
     written = [
         draw(
             PLOT_SPEED,
-            lambda m: (_peak(m), _tokens_per_s(m)),
+            lambda m: (m.get(mem_key), _tokens_per_s(m)),
             mem_label,
             "training tokens/s after warm-up",
-            "memory vs training throughput (up and left is better)",
+            f"{mem_title} vs training throughput (up and left is better)",
         ),
         draw(
             PLOT_QUALITY,

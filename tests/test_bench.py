@@ -272,6 +272,33 @@ def test_run_resume_select_and_report(matrix_file, tmp_path):
         assert f"]({png})" in md
 
 
+def test_a_run_leaves_no_empty_checkpoints_folder_and_no_lock_file(random_tiny, tmp_path):
+    # The HF Trainer creates run/checkpoints/ as its output folder even when it saves nothing.
+    base = _base(random_tiny)
+    base["trainer"] = {"name": "hf", "options": {"batch_size": 2, "max_steps": 2, "lr": 1e-3}}
+    matrix = {"name": "clean", "base": base, "axes": {"peft": ["lora"]}, "merge": False, "isolation": "worker"}
+    out = tmp_path / "out"
+    counts = bench.run_matrix(_write(tmp_path / "m.yaml", matrix), out_dir=out)
+    assert counts["ok"] == 1
+    run = out / "cells" / "lora" / "run"
+    assert (run / "adapter").is_dir() and not (run / "checkpoints").exists()
+    assert not [p for p in out.rglob("*") if p.is_dir() and not any(p.iterdir())]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".lock")]  # released normally: the lock files are gone
+
+
+def test_remove_empty_checkpoints_keeps_a_folder_with_anything_in_it(tmp_path):
+    assert not bench.remove_empty_checkpoints(tmp_path) and not bench.remove_empty_checkpoints(None)  # none there
+    (tmp_path / "checkpoints").mkdir()
+    assert bench.remove_empty_checkpoints(tmp_path) and not (tmp_path / "checkpoints").exists()
+    (tmp_path / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    assert not bench.remove_empty_checkpoints(tmp_path) and (tmp_path / "checkpoints" / "checkpoint-2").is_dir()
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (tmp_path / "checkpoints").rename(tmp_path / "kept")
+    (tmp_path / "checkpoints").symlink_to(other)  # a link is not followed, nor removed
+    assert not bench.remove_empty_checkpoints(tmp_path) and other.is_dir()
+
+
 def test_timeout_kills_the_cell_and_is_recorded(random_tiny, tmp_path):
     matrix = {"name": "slow", "base": _base(random_tiny), "axes": {"peft": ["lora"]}, "timeout_s": 1}
     counts = bench.run_matrix(_write(tmp_path / "m.yaml", matrix), out_dir=tmp_path / "out")
