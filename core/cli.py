@@ -18,13 +18,51 @@ from rich.table import Table
 
 from .errors import QpeftError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune LLMs: any quantizer × any PEFT method × any trainer.")
-config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration.")
+
+def _untyped_flags(command) -> None:
+    """Help shows a flag (``--check``, ``--help``) without a ``<bool>`` type: it takes no value."""
+    for param in command.params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+
+
+class _Command(typer.core.TyperCommand):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _untyped_flags(self)
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Group(typer.core.TyperGroup):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _untyped_flags(self)
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+app = typer.Typer(
+    cls=_Group, add_completion=False, no_args_is_help=True, help="Fine-tune LLMs: any quantizer × any PEFT method × any trainer."
+)
+config_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Inspect configuration.")
 app.add_typer(config_app, name="config")
 console = Console(stderr=True)
 out = Console()
 
 SET_HELP = "Override a config key: --set trainer.options.lr=1e-4 (repeatable)."
+CHECK_HELP = (
+    "Validate the config and the files it names, then exit: the model folder's config.json, tokenizer and "
+    "safetensors headers, and the first 5,000 rows of each data file. Loads no weights, tokenizes nothing."
+)
 
 
 #: Errors reported as one line with exit status 2: qpeft's own, and the operating system's
@@ -68,15 +106,22 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         out.print_json(json.dumps(info))
         return
     for kind in ("quantizer", "peft", "trainer"):
+        # Capabilities are never cut (one a line, the column as wide as the longest); the
+        # plugin's source is shown under its name; descriptions wrap.
+        from rich.markup import escape
+
         table = Table(title=f"{kind} backends", title_justify="left")
-        for col in ("name", "description", "devices", "capabilities", "source"):
-            table.add_column(col)
+        table.add_column("name (source)", overflow="fold", ratio=1)
+        table.add_column("description", overflow="fold", ratio=2)
+        table.add_column("devices", no_wrap=True)
+        table.add_column("capabilities", no_wrap=True)
         for p in info[kind]:
             caps = p["capabilities"]
             flags = [k for k in ("trainable", "mergeable", "grad_checkpointing", "fsdp") if caps.get(k)]
             if kind == "quantizer":
-                flags.append(f"merge from: {caps['merge_source']}")
-            table.add_row(p["name"], p["description"], ",".join(caps["devices"]), "; ".join(flags), p["source"])
+                flags.append(f"merge: {caps['merge_source']}")
+            name = f"[bold]{escape(p['name'])}[/]\n[dim]{escape(p['source'])}[/]"
+            table.add_row(name, escape(p["description"]), ",".join(caps["devices"]), "\n".join(flags))
         out.print(table)
     for b in info["broken"]:
         out.print(f"[red]broken plugin[/] {b['name']} ({b['source']}): {b['reason']}")
@@ -84,9 +129,9 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
 
 @app.command()
 def run(
-    config: str = typer.Argument(..., help="YAML config file."),
-    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
-    check: bool = typer.Option(False, "--check", help="Validate the config and exit (loads no weights)."),
+    config: str = typer.Argument(..., metavar="CONFIG", help="YAML config file."),
+    set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
+    check: bool = typer.Option(False, "--check", help=CHECK_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in output_dir."),
 ):
     """Fine-tune, save, reload and generate as the config says."""
@@ -99,11 +144,17 @@ def run(
     except USER_ERRORS as exc:
         _fail(exc)
     if check:
+        from .preflight import check_files
+
+        try:
+            checked = check_files(resolved.config)
+        except USER_ERRORS as exc:
+            _fail(exc)
         out.print(
             f"config ok: quantizer {resolved.quantizer.name}, peft {resolved.peft.name}, trainer {resolved.trainer.name} on {resolved.device}"
         )
-        for note in resolved.notes:
-            out.print(f"note: {note}")
+        for note in [*checked, *resolved.notes]:
+            out.print(f"note: {note}", highlight=False, soft_wrap=True)
         return
     from . import orchestrator
 
@@ -114,7 +165,26 @@ def run(
     except USER_ERRORS as exc:
         progress.close()
         _fail(exc)
+    except KeyboardInterrupt:
+        progress.close()
+        _resume_hint(resolved.config.output_dir, config, set_ or [])
+        raise
     _print_summary(summary, resolved.config.output_dir)
+
+
+def _resume_hint(output_dir: str, config: str, overrides: list[str]) -> None:
+    """After Ctrl-C: say how to continue when a complete checkpoint was written."""
+    from .checkpoint import latest_complete
+
+    try:
+        path = latest_complete(output_dir)
+    except OSError:
+        return
+    if path is not None:
+        import shlex
+
+        command = shlex.join(["qpeft", "run", config, *(a for o in overrides for a in ("--set", o)), "--resume"])
+        console.print(f"checkpoint {path} is complete; to continue from it: {command}", highlight=False, soft_wrap=True, markup=False)
 
 
 def _print_summary(s: dict, output_dir: str) -> None:
@@ -147,10 +217,14 @@ def _print_summary(s: dict, output_dir: str) -> None:
 
 @app.command()
 def generate(
-    adapter: str = typer.Option(..., "--adapter", help="Adapter folder written by qpeft."),
-    prompt: str = typer.Option(..., "--prompt"),
+    adapter: str = typer.Option(..., "--adapter", metavar="DIR", help="Adapter folder written by qpeft."),
+    prompt: str = typer.Option(
+        ..., "--prompt", metavar="TEXT", help="Text to continue; rendered with the tokenizer's chat template when it has one (as in a run)."
+    ),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, max=8192, help="1 to 8192 (as generate.max_new_tokens)."),
-    set_: list[str] | None = typer.Option(None, "--set", help="Override the base, e.g. --set quantizer=bnb-8bit."),
+    set_: list[str] | None = typer.Option(
+        None, "--set", metavar="KEY=VALUE", help="Override the base, e.g. --set quantizer=bnb-8bit (repeatable)."
+    ),
 ):
     """Rebuild the quantized base from the adapter's metadata, load the adapter, generate."""
     from . import orchestrator
@@ -167,14 +241,16 @@ def generate(
 
 @app.command()
 def merge(
-    adapter: str = typer.Option(..., "--adapter", help="Adapter folder written by qpeft."),
-    out_dir: str = typer.Option(..., "--out", help="Folder for the merged full-precision model."),
+    adapter: str = typer.Option(..., "--adapter", metavar="DIR", help="Adapter folder written by qpeft."),
+    out_dir: str = typer.Option(..., "--out", metavar="DIR", help="Folder for the merged full-precision model."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     dtype: str = typer.Option("float32", "--dtype", help="Saved dtype: float32, bfloat16 or float16 (the merge runs in float32)."),
     requantize: str | None = typer.Option(
         None, "--requantize", help="Also save the merged model quantized with this quantizer (e.g. bnb-nf4) as OUT-NAME."
     ),
-    set_: list[str] | None = typer.Option(None, "--set"),
+    set_: list[str] | None = typer.Option(
+        None, "--set", metavar="KEY=VALUE", help="Override the base, e.g. --set model.name_or_path=/models/base (repeatable)."
+    ),
 ):
     """Merge the adapter into full-precision weights; write a plain transformers model."""
     from . import orchestrator
@@ -210,7 +286,7 @@ def _merge_out(out_dir: str) -> str:
 
 
 @config_app.command("schema")
-def config_schema(backend: str | None = typer.Argument(None, help="kind:name, e.g. quantizer:bnb-nf4")):
+def config_schema(backend: str | None = typer.Argument(None, metavar="KIND:NAME", help="kind:name, e.g. quantizer:bnb-nf4")):
     """Print the JSON schema of the run config, or of one backend's options."""
     from .config import RunConfig
 
@@ -226,10 +302,25 @@ def config_schema(backend: str | None = typer.Argument(None, help="kind:name, e.
         _fail(exc)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        out.print(f"qpeft {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print qpeft's version and exit."),
+) -> None:
+    """Fine-tune LLMs: any quantizer × any PEFT method × any trainer."""
+
+
 # ---------------------------------------------------------------------------- qpeft bench
 
 
-class _BenchGroup(typer.core.TyperGroup):
+class _BenchGroup(_Group):
     """``qpeft bench MATRIX.yaml`` is ``qpeft bench run MATRIX.yaml``; ``qpeft bench report DIR`` reports."""
 
     def parse_args(self, ctx, args):
@@ -238,9 +329,15 @@ class _BenchGroup(typer.core.TyperGroup):
         return super().parse_args(ctx, args)
 
 
-bench_app = typer.Typer(
-    cls=_BenchGroup, no_args_is_help=True, help="Benchmark matrices: quantizer × PEFT method × trainer × any config key."
+BENCH_HELP = (
+    "Benchmark matrices: quantizer × PEFT method × trainer × any config key.\n\n"
+    "qpeft bench MATRIX [OPTIONS] runs the cells of a matrix YAML file (configs/bench/) and writes the report; it is "
+    "short for qpeft bench run MATRIX [OPTIONS] (options: qpeft bench run --help).\n\n"
+    "Run the same command again to resume: finished cells are kept, the others run.\n\n"
+    "qpeft bench report DIR writes the report of a results folder again."
 )
+
+bench_app = typer.Typer(cls=_BenchGroup, no_args_is_help=True, subcommand_metavar="MATRIX | COMMAND [ARGS]...", help=BENCH_HELP)
 app.add_typer(bench_app, name="bench")
 
 
@@ -344,15 +441,19 @@ def _interrupt(signum, frame):
 
 @bench_app.command("run")
 def bench_run(
-    matrix: str = typer.Argument(..., help="Matrix YAML file (see configs/bench/)."),
-    out_dir: str | None = typer.Option(None, "--out", help="Results folder (default: the matrix's output_dir, else runs/bench/NAME)."),
+    matrix: str = typer.Argument(..., metavar="MATRIX", help="Matrix YAML file (see configs/bench/)."),
+    out_dir: str | None = typer.Option(
+        None, "--out", metavar="DIR", help="Results folder (default: the matrix's output_dir, else runs/bench/NAME)."
+    ),
     set_: list[str] | None = typer.Option(
-        None, "--set", help="Override a run-config key in every cell: --set trainer.options.max_steps=2 (repeatable)."
+        None, "--set", metavar="KEY=VALUE", help="Override a run-config key in every cell: --set trainer.options.max_steps=2 (repeatable)."
     ),
     only: list[str] | None = typer.Option(
-        None, "--only", help="Run only matching cells: 'quantizer=bnb-nf4,peft=lora' or a glob on the cell id (repeatable)."
+        None, "--only", metavar="SEL", help="Run only matching cells: 'quantizer=bnb-nf4,peft=lora' or a glob on the cell id (repeatable)."
     ),
-    rerun: list[str] | None = typer.Option(None, "--rerun", help="Run matching cells again even if finished (same syntax; '*' for all)."),
+    rerun: list[str] | None = typer.Option(
+        None, "--rerun", metavar="SEL", help="Run matching cells again even if finished (same syntax; '*' for all)."
+    ),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run the cells that failed before again."),
     list_cells: bool = typer.Option(False, "--list", help="List the cells and what a run would do; run nothing."),
     stop_after: float | None = typer.Option(None, "--stop-after", help="Start no new cell after this many seconds (run again to resume)."),
@@ -366,8 +467,7 @@ def bench_run(
         help="process: a fresh process per cell; worker: one process (per GPU) runs cell after cell. Default: the matrix's (process).",
     ),
 ):
-    """Run every cell of a matrix in its own process (or in one worker process: --isolation worker);
-    resume where an earlier run stopped."""
+    """Run every cell of a matrix, each in its own process (or --isolation worker); resume where an earlier run stopped."""
     import shlex
     import signal
 
@@ -395,6 +495,14 @@ def bench_run(
         _fail(exc)
     except KeyboardInterrupt:
         display.close()
+        if not list_cells:
+            console.print(
+                f"to resume, run the same command again: {' '.join(['qpeft', *map(shlex.quote, sys.argv[1:])])} "
+                "(finished cells are kept; the interrupted one runs again)",
+                highlight=False,
+                soft_wrap=True,
+                markup=False,
+            )
         raise
     display.close()
     if list_cells:
@@ -427,7 +535,7 @@ def _bench_report(directory: str) -> None:
 
 
 @bench_app.command("report")
-def bench_report(directory: str = typer.Argument(..., help="Results folder of a qpeft bench run.")):
+def bench_report(directory: str = typer.Argument(..., metavar="DIR", help="Results folder of a qpeft bench run.")):
     """Write report.md, results.csv and the PNG plots of a results folder."""
     _bench_report(directory)
 
@@ -477,6 +585,7 @@ def _report_interrupts(command):
 for _typer in (app, bench_app, config_app):
     for _command in _typer.registered_commands:
         _command.callback = _report_interrupts(_command.callback)
+        _command.cls = _Command
 
 
 def main() -> None:
