@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -76,6 +75,7 @@ def _fail(exc: BaseException) -> None:
 
     msg = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.strerror and exc.filename else str(exc)
     msg = " ".join(msg.split()) or type(exc).__name__
+    _close_displays()
     console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
@@ -87,12 +87,17 @@ def _registry(extra=()):
 
 
 def _say_factory():
-    start = time.perf_counter()
+    """A line printer for a command's progress (timestamped, never wrapped, a spinner between
+    lines on a terminal): :class:`qpeft.progress.Display`."""
+    from .progress import Display
 
-    def say(msg: str) -> None:
-        console.print(f"[dim]{time.perf_counter() - start:6.1f}s[/] {msg}", highlight=False)
+    return Display(console).say
 
-    return say
+
+def _close_displays() -> None:
+    """Stop the spinner and progress bars before a command prints its result or an error."""
+    if "qpeft.progress" in sys.modules:
+        sys.modules["qpeft.progress"].close_displays()
 
 
 @app.command()
@@ -159,7 +164,7 @@ def run(
     from . import orchestrator
 
     try:
-        summary = orchestrator.run(resolved, registry, say=_say_factory(), resume=resume)
+        summary = orchestrator.run(resolved, registry, say=progress.say, resume=resume)
         if "rank" in summary:  # a data-parallel worker; rank 0 prints the summary
             return
     except USER_ERRORS as exc:
@@ -169,6 +174,7 @@ def run(
         progress.close()
         _resume_hint(resolved.config.output_dir, config, set_ or [])
         raise
+    _close_displays()
     _print_summary(summary, resolved.config.output_dir)
 
 
@@ -233,6 +239,7 @@ def generate(
         result = orchestrator.generate(adapter, prompt, _registry(), set_ or [], max_new_tokens, say=_say_factory())
     except USER_ERRORS as exc:
         _fail(exc)
+    _close_displays()
     out.print(result["completion"], highlight=False)
     console.print(
         f"[dim]{result['new_tokens']} tokens, {result['tokens_per_s']:.1f} tokens/s, stopped at EOS: {result['stopped_at_eos']}[/]"
@@ -264,6 +271,7 @@ def merge(
         )
     except USER_ERRORS as exc:
         _fail(exc)
+    _close_displays()
     out.print_json(json.dumps(result))
 
 
@@ -590,6 +598,11 @@ for _typer in (app, bench_app, config_app):
 
 def main() -> None:
     """Console-script entry point."""
+    from .quiet import defer_gptqmodel, install_log_filters, set_omp_wait_policy
+
+    set_omp_wait_policy()  # before torch loads OpenMP; see qpeft.quiet
+    install_log_filters()
+    defer_gptqmodel()  # imported by the gptq quantizer only, not by peft behind its back
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

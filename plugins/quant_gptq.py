@@ -48,6 +48,7 @@ from qpeft.api import Capabilities, Options, QuantizerPlugin
 from qpeft.errors import ConfigError, QpeftError
 from qpeft.io import MetadataError, read_json_file
 from qpeft.modeling import load_causal_lm
+from qpeft.quiet import allow_gptqmodel
 
 INSTALL_HINT = "GPTQ needs gptqmodel and optimum: pip install 'qpeft[gptq]' (gptqmodel==7.6.0, optimum>=2.3)"
 CACHE_LAYOUT = 1
@@ -106,6 +107,7 @@ class GptqOptions(Options):
 
 
 def _require_gptq() -> None:
+    allow_gptqmodel()  # the command line defers gptqmodel's import until a GPTQ run needs it
     for name in ("gptqmodel", "optimum"):
         if importlib.util.find_spec(name) is None:
             raise ConfigError("quantizer.name", f"{name} is not installed. {INSTALL_HINT}")
