@@ -134,7 +134,10 @@ def check_adapter_applied(model, adapter_dir: str | Path) -> None:
             saved.extend(f.keys())
     if not saved:
         return
-    loaded = set(get_peft_model_state_dict(model, adapter_name=model.active_adapter))
+    # save_embedding_layers=False: peft's "auto" would look for the base's config.json under the
+    # adapter's base name (an embedded name or hub id: a warning, or a hub request) to decide
+    # whether embeddings were resized; the check needs only the adapter's own keys.
+    loaded = set(get_peft_model_state_dict(model, adapter_name=model.active_adapter, save_embedding_layers=False))
     if not loaded.intersection(saved):
         example = sorted(loaded)[0] if loaded else "none"
         raise QpeftError(
