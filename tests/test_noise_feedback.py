@@ -88,10 +88,12 @@ def test_piped_run_logs_steps_and_breaks_no_line(tiny_config, tmp_path):
 
 @pytest.mark.filterwarnings("ignore")
 def test_bnb_8bit_cast_notice_is_shown_once(tiny_config, tmp_path):
-    """bitsandbytes logs its float16 cast on every 8-bit matmul (10,003 lines in 5 steps)."""
+    """bitsandbytes logs its float16 cast on every 8-bit matmul of a float32 run (10,003 lines in
+    5 steps; a bfloat16 run on a GPU casts nothing and logs nothing, so this runs on the CPU)."""
     cfg = _write_config(
         tiny_config,
         tmp_path,
+        model={"name_or_path": tiny_config()["model"]["name_or_path"], "device": "cpu", "dtype": "float32"},
         quantizer={"name": "bnb-8bit"},
         trainer={"name": "hf", "options": {"batch_size": 4, "max_steps": 2, "lr": 3e-3, "scheduler": "constant"}},
         generate={"max_new_tokens": 2},

@@ -244,9 +244,13 @@ def _build(spec: StoreSpec, tok, key: str, digest: str, folder: Path, say, worke
         try:
             files["offsets.bin"].write(np.zeros(1, dtype=np.int64).tobytes())
             rows = check_rows(iter_records(spec.path, spec.key), spec.fmt, spec.source, spec.key)
-            for chunk in _encoded_chunks(rows, spec, tok, n_workers):
-                _append(files, chunk, meta, dtype)
-                progress.update(meta["records"], meta["tokens"])
+            # closing(): on an error or Ctrl-C the pool is shut down here, before the process may
+            # exit, not whenever the suspended generator is collected (workers still starting
+            # would then find their parent gone and print a traceback).
+            with contextlib.closing(_encoded_chunks(rows, spec, tok, n_workers)) as chunks:
+                for chunk in chunks:
+                    _append(files, chunk, meta, dtype)
+                    progress.update(meta["records"], meta["tokens"])
         finally:
             for f in files.values():
                 f.close()
