@@ -324,7 +324,7 @@ def test_bad_timeout_is_an_error_naming_the_key(value, message, random_tiny, tmp
         bench.load_matrix(path)
 
 
-def test_default_timeout_is_derived_from_each_cells_budget(random_tiny, tmp_path):
+def test_default_timeout_is_derived_from_each_cells_budget(random_tiny, tmp_path, monkeypatch):
     """``timeout_s`` left out: each cell's timeout comes from what it is asked to do (steps,
     tokens per step) and from what a finished similar cell measured; a number, 0 or null in the
     matrix sets or removes it; ``--list`` and the plan show it."""
@@ -385,7 +385,13 @@ def test_default_timeout_is_derived_from_each_cells_budget(random_tiny, tmp_path
         t = bench.Timeouts(m.config.timeout_s, [], []).for_cell(first)
         assert t.seconds() == seconds and basis in t.basis
 
-    # --list shows each cell's timeout.
+    # --list shows each cell's timeout. The CLI's consoles are made at import, with the width
+    # the environment had then (COLUMNS=80 if a test set it first): widen them for this check.
+    from qpeft import cli
+
+    for c in (cli.console, cli.out):
+        monkeypatch.setattr(c, "_width", 300)
+        monkeypatch.setattr(c, "_height", 25)
     result = CliRunner().invoke(app, ["bench", path, "--list", "--out", str(tmp_path / "out")], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     assert "1980 s (default: 1800 s + 3 steps × 60 s" in result.output and "3600 s (default" in result.output
