@@ -64,6 +64,7 @@ class AdaptersOptions(Options):
     placement: Literal["pfeiffer", "houlsby"] = "pfeiffer"
     #: Bottleneck width = hidden size // reduction_factor.
     reduction_factor: int = Field(16, ge=1, le=65536)
+    #: Activation between the bottleneck's down- and up-projection.
     non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
     #: Std of the normal init of the down-projection (the up-projection starts at zero, so
     #: the adapted model starts equal to the base).

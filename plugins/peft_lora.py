@@ -12,14 +12,19 @@ from qpeft.modeling import check_target_modules, find_linear_targets
 
 
 class LoraOptions(Options):
+    #: Rank of the low-rank update (A is r × in, B is out × r).
     r: int = Field(16, ge=1, le=4096)
     #: Scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).
     alpha: float = Field(32, gt=0, le=1e6)
+    #: Dropout on the adapter's input (0 trains fastest).
     dropout: float = Field(0.0, ge=0, lt=1)
     #: "all-linear" = every linear layer except the output head, found for any architecture.
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    #: Which biases train: none, all of the model's, or only those of adapted layers.
     bias: Literal["none", "all", "lora_only"] = "none"
+    #: rsLoRA: scale by alpha / sqrt(r), which keeps updates stable at high ranks.
     use_rslora: bool = False
+    #: DoRA: learn a magnitude per output and the direction by LoRA (slower per step).
     use_dora: bool = False
     #: Modules trained in full and saved with the adapter (e.g. ["lm_head"]).
     modules_to_save: list[str] | None = None

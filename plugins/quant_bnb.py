@@ -40,6 +40,7 @@ class Bnb4bitPresetOptions(_PrepareOptions):
 
 
 class Bnb4bitOptions(Bnb4bitPresetOptions):
+    #: 4-bit data type: NormalFloat4 (QLoRA's, for normally distributed weights) or float4.
     quant_type: Literal["nf4", "fp4"] = "nf4"
 
 
@@ -52,6 +53,7 @@ class Bnb8bitOptions(_PrepareOptions):
     #: stored): exact with respect to the int8 weights, several times faster to train on GPUs,
     #: same weight memory. "auto": dequantize on CUDA, int8 on CPU.
     matmul: Literal["auto", "int8", "dequantize"] = "auto"
+    #: Module names kept in full precision (default: the output head).
     skip_modules: list[str] | None = None
     #: Keep modules that do not fit on the GPU in float32 on the CPU (CUDA only).
     cpu_offload: bool = False

@@ -82,6 +82,7 @@ class GptqOptions(Options):
     #: Calibration text: "embedded" (qpeft's embedded text + instruct data) or a .jsonl
     #: (keys text, or prompt/response, or messages) / .txt (blank-line separated) file.
     calibration: str = Field("embedded", min_length=1)
+    #: Calibration samples (rows of the calibration data) GPTQ measures the layers on.
     num_calibration_samples: int = Field(64, ge=1, le=100_000)
     #: Calibration samples are cut to this many tokens.
     calibration_max_length: int = Field(512, ge=8, le=65_536)

@@ -17,6 +17,7 @@ from qpeft.modeling import release_model
 
 
 class HfTrainerOptions(TrainingOptions):
+    #: The Trainer's optimizer (its ``optim`` argument); the 8-bit ones need bitsandbytes.
     optim: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_bnb_8bit", "sgd"] = "adamw_torch"
 
 

@@ -31,6 +31,7 @@ class NativeOptions(TrainingOptions):
     #: are recomputed in the backward pass, so full-vocabulary logits never exist at once.
     #: "auto": chunked on CUDA (memory), full on CPU.
     loss: Literal["auto", "full", "chunked"] = "auto"
+    #: Tokens per chunk of the chunked cross-entropy (its peak memory is chunk × vocabulary).
     loss_chunk: int = Field(1024, ge=16)
     #: liger-kernel's fused RMSNorm, SwiGLU and rotary kernels (Triton, CUDA only) on Llama-family
     #: models. "auto": used when liger-kernel is installed, the run is on CUDA and the model's
