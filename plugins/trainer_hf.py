@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Literal
@@ -203,6 +204,8 @@ class HfTrainer(TrainerPlugin):
             out = trainer.train(resume_from_checkpoint=ctx.resume_from)
         finally:
             release_model(model)
+            with contextlib.suppress(OSError):  # the Trainer makes its output folder even when it saves nothing
+                checkpoint_root(ctx.output_dir).rmdir()  # only if empty
         seconds = time.perf_counter() - t0
         history = [h for h in trainer.state.log_history if "loss" in h]
         return TrainResult(
