@@ -25,7 +25,9 @@ def _untyped_flags(command) -> None:
             param.metavar = ""
 
 
-class _Command(typer.core.TyperCommand):
+class _UntypedFlags:
+    """Mixed into typer's command and group classes: flags and ``--help`` show no type."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _untyped_flags(self)
@@ -37,16 +39,12 @@ class _Command(typer.core.TyperCommand):
         return option
 
 
-class _Group(typer.core.TyperGroup):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        _untyped_flags(self)
+class _Command(_UntypedFlags, typer.core.TyperCommand):
+    pass
 
-    def get_help_option(self, ctx):
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
+
+class _Group(_UntypedFlags, typer.core.TyperGroup):
+    pass
 
 
 app = typer.Typer(

@@ -305,7 +305,35 @@ def _skip(reason: str):
 # ---------------------------------------------------------------------------- the checker
 
 
-class QuantizerChecker:
+class _Checker:
+    """What both checkers share: ``name``, failing with it, and running ``CHECKS`` in order."""
+
+    name: str
+    CHECKS: ClassVar[tuple[str, ...]] = ()
+
+    def fail(self, message: str):
+        """Raise a :class:`ConformanceError` prefixed with the plugin's name."""
+        raise ConformanceError(f"[{self.name}] {message}")
+
+    def expect(self, condition: bool, message: str) -> None:
+        """:meth:`fail` with ``message`` unless ``condition``."""
+        if not condition:
+            self.fail(message)
+
+    def run_all(self) -> dict:
+        """Every check in order; returns ``{check: measurements}`` with each check's seconds
+        (the first failure raises)."""
+        import time
+
+        out = {}
+        for name in self.CHECKS:
+            t0 = time.perf_counter()
+            out[name] = getattr(self, f"check_{name}")()
+            out[name]["seconds"] = round(time.perf_counter() - t0, 2)
+        return out
+
+
+class QuantizerChecker(_Checker):
     """Runs the conformance checks of one quantizer; each ``check_*`` returns what it measured
     and raises :class:`ConformanceError` when the plugin falls short.
 
@@ -344,15 +372,6 @@ class QuantizerChecker:
         self._state: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ plumbing
-
-    def fail(self, message: str):
-        """Raise a :class:`ConformanceError` prefixed with the quantizer's name."""
-        raise ConformanceError(f"[{self.name}] {message}")
-
-    def expect(self, condition: bool, message: str) -> None:
-        """:meth:`fail` with ``message`` unless ``condition``."""
-        if not condition:
-            self.fail(message)
 
     @property
     def tmp(self) -> Path:
@@ -758,18 +777,6 @@ class QuantizerChecker:
         "merge",
     )
 
-    def run_all(self) -> dict:
-        """Every check in order; returns ``{check: measurements}`` with each check's seconds
-        (the first failure raises)."""
-        import time
-
-        out = {}
-        for name in self.CHECKS:
-            t0 = time.perf_counter()
-            out[name] = getattr(self, f"check_{name}")()
-            out[name]["seconds"] = round(time.perf_counter() - t0, 2)
-        return out
-
 
 class _BaseWatch:
     """A lifecycle plugin that snapshots the base model's tensors when the quantizer loaded it."""
@@ -908,7 +915,7 @@ class _StepLosses:
             raise KeyboardInterrupt(f"conformance kit: interrupted at step {step}")
 
 
-class TrainerChecker:
+class TrainerChecker(_Checker):
     """The conformance checks of a trainer plugin, on the tiny model with ``quantizer: none`` and
     LoRA, through ``qpeft run`` (so the trainer gets the datasets, context and hooks of a real run):
 
@@ -927,13 +934,6 @@ class TrainerChecker:
         self.name, self.options = trainer, dict(options or {})
         self.model_path, self.plugins = model_path, tuple(plugins)
         self._tmp = Path(tempfile.mkdtemp(prefix=f"qpeft-trainer-kit-{trainer}-"))
-
-    def fail(self, message: str):
-        raise ConformanceError(f"[{self.name}] {message}")
-
-    def expect(self, condition: bool, message: str) -> None:
-        if not condition:
-            self.fail(message)
 
     def close(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
@@ -1027,16 +1027,6 @@ class TrainerChecker:
         return {"checkpoint": str(checkpoint) if checkpoint else None, "max_abs_diff": diff}
 
     CHECKS: ClassVar[tuple[str, ...]] = ("registration", "data_order", "trains", "resume")
-
-    def run_all(self) -> dict:
-        import time
-
-        out = {}
-        for name in self.CHECKS:
-            t0 = time.perf_counter()
-            out[name] = getattr(self, f"check_{name}")()
-            out[name]["seconds"] = round(time.perf_counter() - t0, 2)
-        return out
 
 
 def check_trainer(trainer: str, options: dict | None = None, **kwargs) -> dict:
