@@ -91,8 +91,15 @@ class Capabilities:
     incompatible: dict[str, str] = field(default_factory=dict)
     #: PEFT method / quantizer: gradient checkpointing can be used with it.
     grad_checkpointing: bool = True
-    #: Quantizer: bits per weight (for memory reporting); None for full precision.
+    #: Quantizer: bits per weight (for memory reporting); None for full precision. When the
+    #: options choose the width, override :meth:`QuantizerPlugin.bits` (this is its default).
     bits: float | None = None
+    #: Quantizer: how a loaded model is saved quantized (``qpeft merge --requantize``, the kit's
+    #: save check): "transformers" = ``save_pretrained`` writes a folder that plain
+    #: ``AutoModelForCausalLM.from_pretrained`` loads quantized (its ``quantization_config`` is in
+    #: config.json); "plugin" = the plugin's own ``save_quantized``/``load_quantized`` write and
+    #: read it; "none" = it cannot be saved quantized (``--requantize`` refuses before loading).
+    saves_quantized: Literal["transformers", "plugin", "none"] = "none"
     #: PEFT method: works with packed rows (``data.packing``), i.e. with position ids that
     #: restart per document and no padding mask.
     packing: bool = True
@@ -148,6 +155,60 @@ class QuantizerPlugin(_Plugin):
     def full_precision_model(self, model, model_path: str, options: Options, ctx: RunContext):
         """Return a full-precision model to merge adapters into (see ``merge_source``)."""
         raise NotImplementedError(f"quantizer {self.name!r} cannot provide full-precision weights")
+
+    def bits(self, options: Options) -> float | None:
+        """Bits per weight of the quantized layers with these options (None: full precision).
+
+        Default: ``capabilities.bits``. Override it when an option chooses the width (gptq's
+        ``bits``); the conformance kit checks the storage of every option set against it.
+        """
+        return self.capabilities.bits
+
+    def storage_bytes(self, model, options: Options) -> int:
+        """Bytes of weights the loaded ``model`` holds (what qpeft reports as weight memory).
+
+        Default: every storage reachable from the model's modules counted once — parameters,
+        buffers, tensors kept as module attributes or hanging off parameters (bitsandbytes'
+        ``quant_state``), tensor subclasses by their inner tensors (:mod:`qpeft.accounting`).
+        Override it only if your layers hold memory that is not reachable that way.
+        """
+        from .accounting import held_bytes
+
+        return held_bytes(model)
+
+    def count_parameters(self, model, options: Options) -> tuple[int, int]:
+        """``(trainable, total)`` parameters of ``model`` at their logical (unquantized) size.
+
+        Default (:func:`qpeft.accounting.parameter_counts`): a linear layer holding its weight
+        in another form (packed codes, scales, zero points in parameters or buffers) counts
+        ``in_features × out_features`` (+ bias) once; other parameters count their elements.
+        """
+        from .accounting import parameter_counts
+
+        return parameter_counts(model)
+
+    def save_quantized(self, model, out_dir: str, options: Options, ctx: RunContext) -> None:
+        """Write the loaded quantized ``model`` into ``out_dir`` (safetensors only).
+
+        Default for ``saves_quantized="transformers"``: ``model.save_pretrained``. A plugin
+        declaring ``"plugin"`` implements it together with :meth:`load_quantized`.
+        """
+        if self.capabilities.saves_quantized != "transformers":
+            raise NotImplementedError(f"quantizer {self.name!r} cannot save quantized models (capabilities.saves_quantized)")
+        model.save_pretrained(out_dir, safe_serialization=True)
+
+    def load_quantized(self, path: str, options: Options, ctx: RunContext, *, training: bool = False):
+        """Load a model that :meth:`save_quantized` wrote into ``path``.
+
+        Default for ``saves_quantized="transformers"``: plain ``from_pretrained`` (the folder's
+        config.json names the quantization), refusing a checkpoint that lacks weights the
+        model needs (transformers would initialise them at random).
+        """
+        if self.capabilities.saves_quantized != "transformers":
+            raise NotImplementedError(f"quantizer {self.name!r} cannot load saved quantized models (capabilities.saves_quantized)")
+        from .modeling import load_causal_lm
+
+        return load_causal_lm(path, ctx)
 
 
 class PeftPlugin(_Plugin):

@@ -1219,6 +1219,7 @@ SUMMARY_METRICS = (
     "gradient_checkpointing",
     "load_seconds",
     "weight_memory_gib",
+    "bits",
     "peak_allocated_gib",
     "peak_reserved_gib",
     "peak_rss_gib",

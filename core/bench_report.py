@@ -147,7 +147,7 @@ def memory_axis(rows: list[dict]) -> tuple[str, str]:
     ok = [r for r in rows if r.get("status") == "ok"]
     if _on_cuda(ok):
         return "peak_reserved_gib", "peak reserved GPU memory during training (GiB)"
-    return "weight_memory_gib", "base model weight memory: parameters + buffers (GiB)"
+    return "weight_memory_gib", "base model weight memory: every tensor it holds, as its quantizer counts it (GiB)"
 
 
 def plot_captions(rows: list[dict]) -> dict[str, str]:
@@ -302,7 +302,7 @@ def markdown(meta: dict, rows: list[dict], plots: list[str], directory: Path, pl
                         _fmt(m.get("step_seconds_after_warmup"), ".3g"),
                         _peak_text(m, rss_suffix=on_cuda),
                         _fmt(m.get("gradient_checkpointing")),
-                        _fmt(m.get("weight_memory_gib"), ".3f"),
+                        _fmt(m.get("weight_memory_gib"), ".3f") + (f" ({m['bits']:g}-bit)" if m.get("bits") else ""),
                         _fmt(m.get("load_seconds"), ".1f") + (" (cache)" if m.get("load_from_cache") else ""),
                         trainable_text,
                         ppl,

@@ -251,7 +251,18 @@ def merge(
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     dtype: str = typer.Option("float32", "--dtype", help="Saved dtype: float32, bfloat16 or float16 (the merge runs in float32)."),
     requantize: str | None = typer.Option(
-        None, "--requantize", help="Also save the merged model quantized with this quantizer (e.g. bnb-nf4) as OUT-NAME."
+        None,
+        "--requantize",
+        metavar="NAME|CONFIG",
+        help="Also save the merged model quantized with this quantizer (e.g. bnb-nf4), or with the quantizer section of "
+        "this YAML config, as OUT-NAME; it is loaded back from disk and verified by logits.",
+    ),
+    requantize_set: list[str] | None = typer.Option(
+        None,
+        "--requantize-set",
+        metavar="KEY=VALUE",
+        help="An option of the --requantize quantizer, e.g. --requantize-set bits=8 (repeatable; default: the config's, "
+        "or the adapter's own options when it is the quantizer the adapter was trained with).",
     ),
     set_: list[str] | None = typer.Option(
         None, "--set", metavar="KEY=VALUE", help="Override the base, e.g. --set model.name_or_path=/models/base (repeatable)."
@@ -265,7 +276,15 @@ def merge(
             raise QpeftError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
         out_dir = _merge_out(out_dir)
         result = orchestrator.merge(
-            adapter, out_dir, _registry(), force=force, overrides=set_ or [], dtype=dtype, requantize=requantize, say=_say_factory()
+            adapter,
+            out_dir,
+            _registry(),
+            force=force,
+            overrides=set_ or [],
+            dtype=dtype,
+            requantize=requantize,
+            requantize_options=requantize_set or [],
+            say=_say_factory(),
         )
     except USER_ERRORS as exc:
         _fail(exc)

@@ -222,23 +222,11 @@ def freeze(model) -> None:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts, quantized weights counted at their logical size:
-    4-bit packed parameters by their original shape, and linear layers that keep their
-    weights in buffers (GPTQ) as in_features × out_features."""
-    import torch
+    """(trainable, total) parameter counts at their logical size (:func:`qpeft.accounting.parameter_counts`;
+    a run asks its quantizer, :meth:`qpeft.api.QuantizerPlugin.count_parameters`)."""
+    from .accounting import parameter_counts
 
-    trainable = total = 0
-    for p in model.parameters():
-        state = getattr(p, "quant_state", None)
-        n = int(state.shape.numel()) if state is not None else p.numel()
-        total += n
-        if p.requires_grad:
-            trainable += n
-    for module in model.modules():
-        if _is_linear(module) and not isinstance(getattr(module, "weight", None), torch.nn.Parameter):
-            if any(b is not None for b in module.buffers(recurse=False)):
-                total += module.in_features * module.out_features
-    return trainable, total
+    return parameter_counts(model)
 
 
 def _is_linear(module) -> bool:
@@ -470,6 +458,12 @@ def _proc_status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def weight_memory_gib(model) -> float:
-    """Bytes held by parameters and buffers (what quantization shrinks)."""
-    return model.get_memory_footprint() / 2**30
+def weight_memory_gib(model, quantizer=None, options=None) -> float:
+    """GiB of weights ``model`` holds (what quantization shrinks): the quantizer's own count
+    (:meth:`qpeft.api.QuantizerPlugin.storage_bytes`) when given, else every storage reachable
+    from the model counted once (:func:`qpeft.accounting.held_bytes`)."""
+    if quantizer is not None:
+        return quantizer.storage_bytes(model, options) / 2**30
+    from .accounting import held_bytes
+
+    return held_bytes(model) / 2**30

@@ -41,7 +41,6 @@ from .model_source import check_weight_files, resolve_model_path
 from .modeling import (
     StepTimer,
     align_pad_token,
-    count_parameters,
     evaluate_perplexity,
     generate_text,
     kv_cache_off,
@@ -174,7 +173,7 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
         model.resize_token_embeddings(len(tok))
     align_pad_token(model, tok)
     registry.hooks.qpeft_on_model_loaded(model=model, ctx=ctx)
-    weight_gib = weight_memory_gib(model)
+    weight_gib = weight_memory_gib(model, quant, q_opts)
     say(f"loaded base in {load_s:.1f}s, weights {weight_gib:.3f} GiB")
 
     before = None
@@ -185,7 +184,7 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
 
     model = quant.prepare_for_training(model, q_opts, ctx, grad_checkpointing=resolved.grad_checkpointing)
     model = peft.attach(model, resolved.peft_options, ctx)
-    trainable, total = count_parameters(model)
+    trainable, total = quant.count_parameters(model, q_opts)
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
     reset_peak_memory(ctx.device)
@@ -232,6 +231,7 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
         "pad_token": {"action": pad.action, "token": pad.token, "id": pad.token_id},
         "load_seconds": round(load_s, 2),
         "weight_memory_gib": round(weight_gib, 4),
+        "bits": quant.bits(q_opts),
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": round(100 * trainable / total, 4),
@@ -435,6 +435,7 @@ def merge(
     overrides=(),
     dtype: str = "float32",
     requantize: str | None = None,
+    requantize_options: list[str] | None = None,
     say: Say = _quiet,
 ) -> dict:
     """Merge an adapter into full-precision weights and save a plain transformers model.
@@ -442,8 +443,14 @@ def merge(
     The merge itself runs in float32 (a LoRA delta added to bfloat16 weights is mostly rounded
     away); the result is saved in ``dtype``. The reference is the adapter on its quantized
     base; the merged model must reproduce its logits on a fixed prompt, and the max |Δ| is
-    reported. ``requantize`` names a quantizer to load the merged model with; that model is
-    saved beside ``out_dir`` as ``<out_dir>-<quantizer>`` and its Δ to the merged model reported.
+    reported. The saved config's pad token is the saved tokenizer's.
+
+    ``requantize`` names a quantizer (or a YAML run config whose ``quantizer`` section to use)
+    that loads the merged model quantized; it is saved beside ``out_dir`` as
+    ``<out_dir>-<quantizer>`` (:func:`requantize_merged`). Its options: the config's, else the
+    adapter's own when it is the quantizer the adapter was trained with, updated by
+    ``requantize_options`` (``key=value`` items). A quantizer that cannot save its models
+    (``capabilities.saves_quantized="none"``) is refused before any weight loads.
     """
     import torch
 
@@ -454,15 +461,14 @@ def merge(
         raise QpeftError(support.merge_reason)
     out = Path(out_dir)
     ctx = _context(resolved, registry)
+    rq = rq_options = rq_dir = None
     if requantize:
-        rq = registry.get("quantizer", requantize, key="--requantize")
-        rq_options = rq.Options()
-        rq.check(rq_options, ctx)
-        rq_dir = out.with_name(f"{out.name}-{requantize}")
+        rq, rq_options = requantize_target(requantize, requantize_options or [], resolved, registry, ctx)
+        rq_dir = out.with_name(f"{out.name}-{rq.name}")
     model_path = resolve_model_path(resolved.config.model.name_or_path, progress=say)
     _warn_other_base(adapter_dir, model_path, resolved, say)
     inputs = {"adapter": adapter_dir, "base model": model_path}
-    for target in (out, rq_dir) if requantize else (out,):  # before any weight loads
+    for target in (out, rq_dir) if rq_dir else (out,):  # before any weight loads
         check_merge_output(target, force=force, inputs=inputs)
     tok, _ = load_tokenizer(model_path)
     probe = tokenize([{"text": "The quick brown fox jumps over the lazy dog."}], "text", tok, 64)[0]
@@ -482,26 +488,10 @@ def merge(
     adapted = peft.load_adapter(full, str(adapter_dir), ctx)
     check_adapter_applied(adapted, adapter_dir)
     merged = peft.merge(adapted).to(getattr(torch, dtype))
+    align_pad_token(merged, tok)  # the saved config pads with the saved tokenizer's pad id
     check_finite(merged.state_dict().items(), f"refusing to write the merged model to {out} (non-finite merged weights)")
     merged_logits = logits_for(merged, probe, tok.pad_token_id)
     delta = float((merged_logits - reference).abs().max())
-    with atomic_dir(out, replace=True) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        atomic_write_json(
-            tmp / MERGE_MARKER,
-            {
-                "adapter": str(adapter_dir),
-                "merge_source": quant.capabilities.merge_source,
-                "dtype": dtype,
-                "max_abs_logit_diff": delta,
-                "base_path_diff": floor,
-            },
-        )
-    say(
-        f"merged model written to {out}; max |Δlogit| vs adapter on quantized base = {delta:.3e} "
-        f"(quantized vs float32 base without adapter: {floor:.3e})"
-    )
     result = {
         "out_dir": str(out),
         "merge_source": quant.capabilities.merge_source,
@@ -509,17 +499,121 @@ def merge(
         "max_abs_logit_diff": delta,
         "base_path_diff": floor,
     }
-    if requantize:
-        del merged, full, base, model
-        quantized = rq.load(str(out), rq_options, ctx, training=False)
-        rq_delta = float((logits_for(quantized, probe, tok.pad_token_id) - merged_logits).abs().max())
-        with atomic_dir(rq_dir, replace=True) as tmp:
-            quantized.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            atomic_write_json(tmp / MERGE_MARKER, {"adapter": str(adapter_dir), "merged": str(out), "requantized": requantize})
-        say(f"re-quantized with {requantize} into {rq_dir}; max |Δlogit| vs the merged model = {rq_delta:.3e}")
-        result["requantized"] = {"quantizer": requantize, "out_dir": str(rq_dir), "max_abs_logit_diff_vs_merged": rq_delta}
+    # Both folders appear together or not at all: a failed re-quantization leaves neither.
+    with atomic_dir(out, replace=True) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / MERGE_MARKER, {"adapter": str(adapter_dir), **{k: v for k, v in result.items() if k != "out_dir"}})
+        if rq is not None:
+            del merged, full, base, model, adapted
+            gc.collect()
+            result["requantized"] = requantize_merged(
+                rq, rq_options, tmp, rq_dir, tok, probe, merged_logits, ctx, marker={"adapter": str(adapter_dir), "merged": str(out)}
+            )
+    say(
+        f"merged model written to {out}; max |Δlogit| vs adapter on quantized base = {delta:.3e} "
+        f"(quantized vs float32 base without adapter: {floor:.3e})"
+    )
+    if rq is not None:
+        r = result["requantized"]
+        say(
+            f"re-quantized with {rq.name} into {rq_dir}; reloaded from disk: max |Δlogit| {r['reload_max_abs_logit_diff']:.2e} "
+            f"vs before saving, relative L2 {r['logit_rel_err_vs_merged']:.3f} vs the merged model"
+        )
     return result
+
+
+#: Re-quantized model saved and loaded again vs the same model before saving: the same kernels on
+#: the same stored values, so only float reassociation may differ (relative L2 of the logits).
+REQUANTIZE_RELOAD_TOLERANCE = 1e-3
+#: Re-quantized vs merged model (relative L2 of the logits): the quantizer's own error, bounded
+#: as the conformance kit bounds it (``logit_tolerance``); a model whose layers were initialised
+#: at random is ~1.0 or more away.
+REQUANTIZE_LOGIT_TOLERANCE = 0.5
+
+
+def requantize_target(spec: str, items: list[str], resolved: ResolvedRun, registry: Registry, ctx: RunContext):
+    """The quantizer and validated options ``qpeft merge --requantize`` will use; refuses
+    (before any weight loads) a quantizer that cannot save its models or run here."""
+    from .config import normalize_shorthands, parse_override, read_yaml, validate_options
+
+    name, options = spec, {}
+    if spec.endswith((".yaml", ".yml")) and Path(spec).is_file():
+        section = normalize_shorthands(read_yaml(spec) or {}).get("quantizer") or {}
+        if not isinstance(section, dict) or not isinstance(section.get("name"), str):
+            raise QpeftError(f"--requantize: {spec} has no quantizer section with a name")
+        name, options = section["name"], dict(section.get("options") or {})
+    rq = registry.get("quantizer", name, key="--requantize")
+    if not options and rq.name == resolved.quantizer.name:
+        options = resolved.quantizer_options.model_dump(mode="json")
+    for item in items:
+        parts, value = parse_override(item)
+        options[".".join(parts)] = value
+    how = rq.capabilities.saves_quantized
+    if how == "none":
+        raise QpeftError(
+            f"--requantize: quantizer {rq.name!r} cannot save quantized models (capabilities.saves_quantized is 'none'); "
+            "its models exist only in memory: load the merged model with it instead"
+        )
+    if ctx.device not in rq.capabilities.devices:
+        raise QpeftError(f"--requantize: quantizer {rq.name!r} runs on {', '.join(rq.capabilities.devices)}, not {ctx.device}")
+    rq_options = validate_options(rq, options, "--requantize-set")
+    rq.check(rq_options, ctx)
+    return rq, rq_options
+
+
+def requantize_merged(rq, rq_options, merged_dir: Path, rq_dir: Path, tok, probe, merged_logits, ctx: RunContext, marker: dict) -> dict:
+    """Load the merged model in ``merged_dir`` with quantizer ``rq``, save it into ``rq_dir``
+    (atomically), load the saved folder again the way a user would (``load_quantized``: plain
+    ``from_pretrained`` for ``saves_quantized="transformers"``) and verify it by logits: the
+    reloaded model must reproduce the model before saving and stay within the quantizer's error
+    of the merged model. On any failure nothing is written and the error says why."""
+    quantized = rq.load(str(merged_dir), rq_options, ctx, training=False)
+    with atomic_dir(rq_dir, replace=True) as tmp:
+        # Saved before any forward pass: some kernels repack their weights on the first one.
+        rq.save_quantized(quantized, str(tmp), rq_options, ctx)
+        align_pad_token_file(tmp, tok)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / MERGE_MARKER, {**marker, "requantized": rq.name, "options": rq_options.model_dump(mode="json")})
+        before = logits_for(quantized, probe, tok.pad_token_id)
+        del quantized
+        gc.collect()
+        try:
+            again = rq.load_quantized(str(tmp), rq_options, ctx, training=False)
+        except QpeftError as exc:
+            raise QpeftError(f"--requantize {rq.name}: the saved model does not load back ({exc}); nothing was written") from None
+        after = logits_for(again, probe, tok.pad_token_id)
+        del again
+        reload_err = float((after - before).norm() / before.norm())
+        vs_merged = float((after - merged_logits).norm() / merged_logits.norm())
+        if not bool(after.isfinite().all()) or reload_err > REQUANTIZE_RELOAD_TOLERANCE or vs_merged > REQUANTIZE_LOGIT_TOLERANCE:
+            raise QpeftError(
+                f"--requantize {rq.name}: the saved model, loaded again, gives other logits than the model it was saved from "
+                f"(relative L2 {reload_err:.2e}, tolerance {REQUANTIZE_RELOAD_TOLERANCE:g}; {vs_merged:.3f} from the merged model): "
+                f"its weights do not round-trip through capabilities.saves_quantized={rq.capabilities.saves_quantized!r}; nothing was written"
+            )
+    return {
+        "quantizer": rq.name,
+        "options": rq_options.model_dump(mode="json"),
+        "out_dir": str(rq_dir),
+        "reload_max_abs_logit_diff": float((after - before).abs().max()),
+        "logit_rel_err_vs_merged": vs_merged,
+        "max_abs_logit_diff_vs_merged": float((after - merged_logits).abs().max()),
+    }
+
+
+def align_pad_token_file(folder: Path, tok) -> None:
+    """Set ``pad_token_id`` in a saved model's config.json (and generation_config.json) to the
+    tokenizer's, as :func:`qpeft.modeling.align_pad_token` does in memory."""
+    import json
+
+    for name in ("config.json", "generation_config.json"):
+        path = Path(folder) / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and data.get("pad_token_id") != tok.pad_token_id:
+                data["pad_token_id"] = tok.pad_token_id
+                atomic_write_json(path, data)
 
 
 def _device_name(device: str) -> str:

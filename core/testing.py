@@ -45,7 +45,9 @@ This module imports neither pytest nor torch at import time; both are imported w
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -292,6 +294,65 @@ def _flat_state(model, skip=("lora_",)) -> dict:
     }
 
 
+def _required_modules(plugin_module: str) -> tuple[str, ...]:
+    """Top-level modules of the libraries the distribution holding ``plugin_module`` requires
+    (its backend libraries), less qpeft and the libraries qpeft itself requires."""
+    import importlib.metadata as md
+    import re
+
+    top = plugin_module.split(".")[0]
+    by_module = md.packages_distributions()
+    dists = by_module.get(top, [])
+    if not dists or top == "qpeft":
+        return ()
+    own = {"qpeft"} | {re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0].lower() for r in (md.requires("qpeft") or []) if "extra ==" not in r}
+    wanted = set()
+    for req in md.requires(dists[0]) or []:
+        if "extra ==" in req:
+            continue
+        name = re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0].lower().replace("_", "-")
+        if name not in own:
+            wanted.add(name)
+    return tuple(sorted(m for m, ds in by_module.items() if any(d.lower().replace("_", "-") in wanted for d in ds) and m.isidentifier()))
+
+
+class _HidingFinder:
+    """A ``sys.meta_path`` finder wrapper that finds nothing for hidden module names."""
+
+    def __init__(self, finder, names):
+        self.finder, self.names = finder, tuple(names)
+
+    def find_spec(self, fullname, path=None, target=None):
+        if any(fullname == n or fullname.startswith(n + ".") for n in self.names):
+            return None
+        return self.finder.find_spec(fullname, path, target)
+
+    def __getattr__(self, name):
+        return getattr(self.finder, name)
+
+
+@contextlib.contextmanager
+def _hidden_modules(names):
+    """Inside the block, ``import name`` (and its submodules) fails with ModuleNotFoundError and
+    ``importlib.util.find_spec(name)`` returns None, as if the libraries were not installed:
+    they leave ``sys.modules`` and every import finder skips them. Restored afterwards."""
+    import importlib
+
+    saved = {k: v for k, v in sys.modules.items() if any(k == n or k.startswith(n + ".") for n in names)}
+    finders = list(sys.meta_path)
+    for k in saved:
+        del sys.modules[k]
+    sys.meta_path[:] = [_HidingFinder(f, names) if hasattr(f, "find_spec") else f for f in finders]
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        sys.meta_path[:] = finders
+        for k in [k for k in sys.modules if any(k == n or k.startswith(n + ".") for n in names)]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
 def _skip(reason: str):
     try:
         import pytest
@@ -356,6 +417,9 @@ class QuantizerChecker(_Checker):
         reload_tolerance: float = 1e-3,
         merge_tolerance: float | None = None,
         memory_slack: float = 1.3,
+        option_grid: dict | None = None,
+        backend_modules: tuple[str, ...] | None = None,
+        inference_tolerance: float = 2e-2,
     ):
         self.name = quantizer
         self.options = dict(options or {})
@@ -368,6 +432,9 @@ class QuantizerChecker(_Checker):
         self.reload_tolerance = reload_tolerance
         self.merge_tolerance = merge_tolerance
         self.memory_slack = memory_slack
+        self.option_grid = dict(option_grid or {})
+        self.backend_modules = backend_modules
+        self.inference_tolerance = inference_tolerance
         self._tmp: Path | None = None
         self._state: dict[str, Any] = {}
 
@@ -508,6 +575,16 @@ class QuantizerChecker(_Checker):
             caps.bits is None or 0 < caps.bits <= 16, f"capabilities.bits {caps.bits!r}: bits per weight, or None for full precision"
         )
         self.expect(type(plugin).load is not QuantizerPlugin.load, "does not implement load()")
+        self.expect(
+            caps.saves_quantized in ("transformers", "plugin", "none"),
+            f"capabilities.saves_quantized {caps.saves_quantized!r}: 'transformers', 'plugin' or 'none'",
+        )
+        if caps.saves_quantized == "plugin":
+            for method in ("save_quantized", "load_quantized"):
+                self.expect(
+                    getattr(type(plugin), method) is not getattr(QuantizerPlugin, method),
+                    f"saves_quantized is 'plugin' but {method}() is not implemented",
+                )
         if caps.merge_source != "none":
             self.expect(
                 type(plugin).full_precision_model is not QuantizerPlugin.full_precision_model,
@@ -571,6 +648,7 @@ class QuantizerChecker(_Checker):
         full = self.float_model()
         batch = _batch(full.config.vocab_size, _device_of(model))
         got, want = _logits(model, batch), _logits(full, batch)
+        self._state["train_path_logits"] = got
         self.expect(got.shape == want.shape, f"logits shape {tuple(got.shape)} != {tuple(want.shape)}")
         self.expect(bool(got.isfinite().all()), "logits are not finite")
         rel = float((got - want).norm() / want.norm())
@@ -584,40 +662,60 @@ class QuantizerChecker(_Checker):
         return {"logit_rel_err_vs_fp32": rel, "targets": find_linear_targets(model)}
 
     def check_memory(self) -> dict:
-        """Bytes of the quantized linear layers vs float32, against ``capabilities.bits``."""
-        from .modeling import find_linear_targets, weight_memory_gib
+        """Storage and parameter accounting of the loaded model (:meth:`_accounting`)."""
+        return self._accounting(self.quantized_model(), self.resolved.quantizer_options)
 
-        model, full = self.quantized_model(), self.float_model()
+    def _accounting(self, model, opts) -> dict:
+        """Bytes of the quantized linear layers vs float32 against ``plugin.bits(opts)``; the
+        plugin's ``storage_bytes`` vs the bytes the model really holds (every storage reachable
+        from it, parameters and buffers or not); its ``count_parameters`` vs the float model's."""
+        from .accounting import held_bytes, parameter_counts
+        from .modeling import find_linear_targets
+
+        plugin, full = self.plugin, self.float_model()
         targets = set(find_linear_targets(full))
         q_layers = {n: m for n, m in linear_modules(model).items() if n.rsplit(".", 1)[-1] in targets}
         f_layers = {n: m for n, m in linear_modules(full).items() if n.rsplit(".", 1)[-1] in targets}
         self.expect(q_layers.keys() == f_layers.keys(), "the quantized model's linear layers are not the float model's")
-        q_bytes = sum(module_nbytes(m) for m in q_layers.values())
-        f_bytes = sum(module_nbytes(m) for m in f_layers.values())
+        q_bytes = sum(held_bytes(m) for m in q_layers.values())
+        f_bytes = sum(held_bytes(m) for m in f_layers.values())
         ratio = q_bytes / f_bytes
-        bits = self.plugin.capabilities.bits
+        bits = plugin.bits(opts)
+        self.expect(bits is None or 0 < bits <= 16, f"bits({opts!r}) is {bits!r}: bits per weight in (0, 16], or None")
         if bits is None:
-            self.expect(ratio > 0.99, f"capabilities.bits is None (full precision) but linear layers hold {ratio:.3f} of float32")
+            self.expect(ratio > 0.99, f"bits() is None (full precision) for options {opts!r} but linear layers hold {ratio:.3f} of float32")
         else:
             lo, hi = bits / 32 * 0.9, bits / 32 * self.memory_slack + 0.01
             self.expect(
                 lo <= ratio <= hi,
-                f"linear layers hold {q_bytes} B = {ratio:.3f} of float32 ({f_bytes} B); capabilities.bits={bits:g} "
-                f"expects {lo:.3f}..{hi:.3f}",
+                f"linear layers hold {q_bytes} B = {ratio:.3f} of float32 ({f_bytes} B); bits={bits:g} for options {opts!r} "
+                f"expects {lo:.3f}..{hi:.3f} (capabilities.bits is the default of QuantizerPlugin.bits(options))",
             )
-        true_total = module_nbytes(model)
-        reported = weight_memory_gib(model) * 2**30
+        held = held_bytes(model)
+        reported = int(plugin.storage_bytes(model, opts))
         self.expect(
-            abs(reported - true_total) <= 0.05 * true_total,
-            f"qpeft would report {reported / 2**20:.3f} MiB of weights (model.get_memory_footprint()) but they hold "
-            f"{true_total / 2**20:.3f} MiB; make get_memory_footprint count the quantized storage",
+            abs(reported - held) <= 0.05 * held,
+            f"storage_bytes() reports {reported / 2**20:.3f} MiB of weights but the model holds {held / 2**20:.3f} MiB "
+            "(every tensor reachable from its modules, counted once: qpeft.accounting.held_bytes); qpeft's memory report "
+            "would be wrong",
+        )
+        trainable, total = plugin.count_parameters(model, opts)
+        _, want = parameter_counts(full)
+        self.expect(
+            total == want,
+            f"count_parameters() reports {total:,} parameters, the float model has {want:,}: count a quantized linear layer "
+            "once, as in_features x out_features (docs/plugins.md, storage and parameter counts)",
         )
         return {
+            "bits": bits,
             "linear_bytes": q_bytes,
             "linear_bytes_fp32": f_bytes,
             "ratio": ratio,
-            "model_bytes": true_total,
-            "model_bytes_fp32": module_nbytes(full),
+            "model_bytes": held,
+            "storage_bytes": reported,
+            "model_bytes_fp32": held_bytes(full),
+            "parameters": total,
+            "trainable_after_load": trainable,
         }
 
     def check_lora_gradients(self) -> dict:
@@ -647,6 +745,14 @@ class QuantizerChecker(_Checker):
         pm, pr = lora.attach(model, lora_opts, ctx), lora.attach(ref, lora_opts, ctx)
         _set_lora_weights(pm)
         _set_lora_weights(pr)
+        from .accounting import parameter_counts
+
+        counted, want_counts = plugin.count_parameters(pm, opts), parameter_counts(pr)
+        self.expect(
+            tuple(counted) == want_counts,
+            f"with LoRA attached, count_parameters() reports (trainable, total) = {tuple(counted)}, the float model with the same "
+            f"LoRA has {want_counts}",
+        )
         got, want = _lora_grads(pm, batch), _lora_grads(pr, batch)
         self.expect(got.keys() == want.keys() and len(want) > 0, "LoRA was attached to other layers than on the float model")
         missing = [n for n, g in got.items() if g is None or not bool(g.abs().sum() > 0)]
@@ -671,6 +777,218 @@ class QuantizerChecker(_Checker):
         del pm, pr, po, model, ref
         torch.manual_seed(0)
         return {"grad_rel_err": errors[worst], "params": len(want), "grad_rel_err_vs_unquantized": quant_effect}
+
+    def _options(self, **changes):
+        """The resolved options with ``changes`` validated on top."""
+        from .config import validate_options
+
+        return validate_options(self.plugin, {**self.resolved.quantizer_options.model_dump(mode="json"), **changes}, "quantizer.options")
+
+    def check_missing_library(self) -> dict:
+        """With the backend library hidden (``backend_modules``, by default the libraries the
+        plugin's distribution requires), the config is refused with a clear ``ConfigError`` /
+        ``QpeftError`` before any weight loads (or ``load()`` raises one), not an ImportError."""
+        from .config import load_config, resolve
+        from .errors import QpeftError
+
+        modules = self.backend_modules if self.backend_modules is not None else _required_modules(type(self.plugin).__module__)
+        if not modules:
+            return {"backend_modules": [], "checked": False}
+        self.plugin  # noqa: B018
+        error = None
+        with _hidden_modules(modules):
+            try:
+                resolved = resolve(load_config(self.config_dict()), self.registry)
+                self.plugin.load(self.tiny_path, resolved.quantizer_options, self.context(), training=True)
+            except QpeftError as exc:
+                error = str(exc)
+            except Exception as exc:  # noqa: BLE001 - what a user would see as a traceback
+                self.fail(
+                    f"without {', '.join(modules)} the run fails with {type(exc).__name__}: {str(exc)[:200]}; check for the library "
+                    "in check() (importlib.util.find_spec) and raise qpeft.errors.ConfigError('quantizer.name', 'X is not installed: pip install ...')"
+                )
+        self.expect(error is not None, f"with {', '.join(modules)} hidden, the run was not refused (does load() really use it?)")
+        self.expect("\n" not in error.strip(), f"the missing-library error is not one line: {error!r}")
+        return {"backend_modules": list(modules), "error": error}
+
+    def check_bfloat16(self) -> dict:
+        """A bfloat16 run: ``load`` honours ``model.dtype`` (the weights it keeps in float are
+        bfloat16) and LoRA trains on it (finite loss, finite nonzero gradients), with logits
+        within ``logit_tolerance`` of the float32 model's. Skipped when ``check()`` refuses
+        bfloat16 (or the device lacks it)."""
+        import torch
+
+        from .config import load_config, resolve
+        from .context import RunContext
+        from .errors import ConfigError
+
+        self.resolved  # noqa: B018  (skips when the device is not supported)
+        cfg = self.config_dict()
+        cfg["model"] = {**cfg["model"], "dtype": "bfloat16"}
+        try:
+            r = resolve(load_config(cfg), self.registry)
+        except ConfigError as exc:
+            _skip(f"{self.name} refuses bfloat16: {exc}")
+        ctx = RunContext(config=r.config, device=r.device, dtype=r.dtype, output_dir=str(self.tmp / "bf16"), hooks=self.registry.hooks)
+        lora = self.registry.get("peft", "lora")
+        try:
+            model = self.plugin.load(self.tiny_path, r.quantizer_options, ctx, training=True)
+            embed = model.get_input_embeddings().weight
+            self.expect(
+                embed.dtype == torch.bfloat16,
+                f"model.dtype is bfloat16 but load() left the embeddings in {embed.dtype}: pass ctx.torch_dtype to from_pretrained "
+                "(qpeft.modeling.load_causal_lm does)",
+            )
+            batch = _batch(model.config.vocab_size, _device_of(model), seed=2)
+            got = _logits(model, batch)
+            model = self.plugin.prepare_for_training(model, r.quantizer_options, ctx, grad_checkpointing=False)
+            pm = lora.attach(model, lora.Options(r=4, alpha=8), ctx)
+            _set_lora_weights(pm)
+            pm.train()
+            loss = pm(**batch, labels=batch["input_ids"]).loss
+            loss.backward()
+        except ConformanceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the check reports what a bf16 run would raise
+            self.fail(f"a bfloat16 run fails: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+        grads = [p.grad for p in pm.parameters() if p.requires_grad]
+        loss = loss.detach()
+        self.expect(bool(torch.isfinite(loss)), f"bfloat16 loss is {float(loss)}")
+        self.expect(all(g is not None and bool(g.isfinite().all()) for g in grads), "bfloat16 LoRA gradients are missing or not finite")
+        self.expect(any(bool(g.abs().sum() > 0) for g in grads), "no bfloat16 LoRA gradient is nonzero")
+        want = _logits(self.float_model(), batch)
+        rel = float((got - want).norm() / want.norm())
+        self.expect(
+            rel <= self.logit_tolerance, f"bfloat16 logits are {rel:.3f} from the float32 model's (tolerance {self.logit_tolerance})"
+        )
+        del pm, model
+        return {"loss": float(loss), "logit_rel_err_vs_fp32": rel}
+
+    def check_quantized_save(self) -> dict:
+        """Where ``capabilities.saves_quantized`` says so: ``save_quantized`` writes safetensors,
+        ``load_quantized`` (plain ``from_pretrained`` for "transformers") loads it back with the
+        same storage and the same logits as the model that was saved."""
+        from .accounting import held_bytes
+        from .errors import QpeftError
+
+        how = self.plugin.capabilities.saves_quantized
+        if how == "none":
+            return {"saves_quantized": "none"}
+        opts, ctx = self.resolved.quantizer_options, self.context()
+        folder = self.tmp / "saved-quantized"
+        model = self.plugin.load(self.tiny_path, opts, ctx, training=False)
+        self.plugin.save_quantized(model, str(folder), opts, ctx)  # before any forward: kernels may repack on one
+        files = sorted(p.name for p in folder.iterdir())
+        self.expect(not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))], f"pickle files in the saved model: {files}")
+        batch = _batch(model.config.vocab_size, _device_of(model), seed=3)
+        before, size = _logits(model, batch), held_bytes(model)
+        del model
+        try:
+            again = self.plugin.load_quantized(str(folder), opts, ctx, training=False)
+        except QpeftError as exc:
+            self.fail(f"the model saved with saves_quantized={how!r} does not load back: {exc}")
+        after, size_again = _logits(again, batch), held_bytes(again)
+        rel = float((after - before).norm() / before.norm())
+        self.expect(
+            abs(size_again - size) <= 0.05 * size,
+            f"the saved model loads back holding {size_again} B, the model saved held {size} B: it was not loaded quantized",
+        )
+        self.expect(
+            rel <= 1e-3,
+            f"the saved model loads back with logits {rel:.2e} (relative L2) from the saved model's: its weights do not round-trip "
+            f"through saves_quantized={how!r}",
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+        return {"saves_quantized": how, "files": files, "logit_rel_err": rel}
+
+    def check_option_sets(self) -> dict:
+        """Every combination of ``option_grid`` (on top of ``options``): validates, resolves,
+        loads with finite logits within ``logit_tolerance``, and passes the storage and
+        parameter accounting with ``bits(options)`` (:meth:`_accounting`)."""
+        import itertools
+
+        from .config import load_config, resolve
+        from .errors import QpeftError
+
+        self.resolved  # noqa: B018
+        keys = sorted(self.option_grid)
+        out = []
+        for values in itertools.product(*(self.option_grid[k] for k in keys)):
+            changes = dict(zip(keys, values))
+            cfg = self.config_dict()
+            cfg["quantizer"] = {"name": self.name, "options": {**self.options, **changes}}
+            try:
+                r = resolve(load_config(cfg), self.registry)
+            except QpeftError as exc:
+                self.fail(f"declared option set {changes} is refused: {exc}")
+            model = self.plugin.load(self.tiny_path, r.quantizer_options, self.context(), training=True)
+            full = self.float_model()
+            batch = _batch(full.config.vocab_size, _device_of(model))
+            got, want = _logits(model, batch), _logits(full, batch)
+            rel = float((got - want).norm() / want.norm())
+            self.expect(bool(got.isfinite().all()) and rel <= self.logit_tolerance, f"options {changes}: logits {rel:.3f} from float32")
+            try:
+                measured = self._accounting(model, r.quantizer_options)
+            except ConformanceError as exc:
+                self.fail(f"options {changes}: {str(exc).split('] ', 1)[-1]}")
+            out.append({"options": changes, "bits": measured["bits"], "ratio": measured["ratio"], "logit_rel_err_vs_fp32": rel})
+            del model
+        return {"option_sets": out}
+
+    def check_hf_trainer(self) -> dict:
+        """``qpeft run`` with the ``hf`` trainer (the transformers Trainer validates the model
+        its own way): trains, and the saved adapter reloads with the trained logits."""
+        from . import orchestrator
+        from .registry import load_registry
+
+        self.resolved  # noqa: B018
+        cfg = self.config_dict(output_dir=str(self.tmp / "run-hf"), evaluate=False)
+        cfg["trainer"] = {"name": "hf", "options": {"batch_size": 4, "max_steps": 2, "lr": 1e-2, "scheduler": "constant"}}
+        cfg["generate"] = {"max_new_tokens": 1, "chat_template": False}
+        try:
+            resolved, registry = orchestrator.prepare(cfg, registry=load_registry(self.plugins))
+            s = orchestrator.run(resolved, registry)
+        except ConformanceError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self.fail(f"qpeft run with the hf trainer fails: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+        losses = [h["loss"] for h in s["loss_history"] if h.get("loss") is not None]
+        self.expect(bool(losses) and all(math.isfinite(l) for l in losses), f"hf trainer losses: {losses}")
+        self.expect(
+            s["reload_max_abs_logit_diff"] <= self.reload_tolerance,
+            f"hf trainer: the reloaded adapter's logits are {s['reload_max_abs_logit_diff']:.2e} from the trained model's",
+        )
+        return {"losses": losses, "reload_max_abs_logit_diff": s["reload_max_abs_logit_diff"]}
+
+    def check_inference(self) -> dict:
+        """The inference path (``load(training=False)``, as ``qpeft generate`` loads): finite
+        logits within ``inference_tolerance`` (relative L2) of the training path's, and
+        ``qpeft generate`` on the trained adapter produces tokens."""
+        from . import orchestrator
+
+        self.resolved  # noqa: B018
+        model = self.plugin.load(self.tiny_path, self.resolved.quantizer_options, self.context(), training=False)
+        full = self.float_model()
+        batch = _batch(full.config.vocab_size, _device_of(model))
+        got = _logits(model, batch)
+        train_path = self._state.get("train_path_logits")
+        if train_path is None:
+            train_path = _logits(self.plugin.load(self.tiny_path, self.resolved.quantizer_options, self.context(), training=True), batch)
+        del model
+        self.expect(bool(got.isfinite().all()), "load(training=False) gives non-finite logits")
+        rel = float((got - train_path).norm() / train_path.norm())
+        self.expect(
+            rel <= self.inference_tolerance,
+            f"load(training=False) gives logits {rel:.2e} (relative L2) from load(training=True)'s (tolerance "
+            f"{self.inference_tolerance:g}): the inference kernels compute something else",
+        )
+        self._run()
+        adapter = self.tmp / "run" / "adapter"
+        sample = orchestrator.generate(
+            str(adapter), "Hello", self.registry, overrides=[f"model.device={self.device}", "model.dtype=float32"], max_new_tokens=4
+        )
+        self.expect(sample["new_tokens"] > 0, "qpeft generate (inference path) produced no token")
+        return {"logit_rel_err_vs_training_path": rel, "generated_tokens": sample["new_tokens"]}
 
     def _run(self) -> dict:
         def make():
@@ -770,10 +1088,16 @@ class QuantizerChecker(_Checker):
     CHECKS: ClassVar[tuple[str, ...]] = (
         "registration",
         "options_schema",
+        "missing_library",
         "load",
         "memory",
         "lora_gradients",
+        "bfloat16",
+        "quantized_save",
+        "option_sets",
         "train_save_reload",
+        "hf_trainer",
+        "inference",
         "merge",
     )
 
@@ -835,6 +1159,14 @@ class QuantizerConformance:
     merge_tolerance: ClassVar[float | None] = None
     #: Linear-layer bytes may exceed ``bits / 32`` of float32 by this factor (scales, zero points).
     memory_slack: ClassVar[float] = 1.3
+    #: ``{option: [values]}``: every combination (on top of ``options``) is loaded and checked
+    #: (``test_option_sets``), e.g. ``{"bits": [2, 4, 8]}`` for a quantizer whose options choose the width.
+    option_grid: ClassVar[dict] = {}
+    #: Modules of the backend library hidden by ``test_missing_library`` (None: the libraries the
+    #: plugin's distribution requires; ``()`` skips the check).
+    backend_modules: ClassVar[tuple[str, ...] | None] = None
+    #: Max relative L2 distance of ``load(training=False)``'s logits from ``load(training=True)``'s.
+    inference_tolerance: ClassVar[float] = 2e-2
 
     _checkers: ClassVar[dict] = {}
 
@@ -854,6 +1186,9 @@ class QuantizerConformance:
                 reload_tolerance=cls.reload_tolerance,
                 merge_tolerance=cls.merge_tolerance,
                 memory_slack=cls.memory_slack,
+                option_grid=cls.option_grid,
+                backend_modules=cls.backend_modules,
+                inference_tolerance=cls.inference_tolerance,
             )
         return QuantizerConformance._checkers[cls]
 
@@ -894,6 +1229,30 @@ class QuantizerConformance:
     def test_merge(self):
         """qpeft merge reproduces the adapter's logits, or refuses clearly."""
         self._report("merge", self.checker().check_merge())
+
+    def test_missing_library(self):
+        """Without the backend library the config is refused in one line, not a traceback."""
+        self._report("missing library", self.checker().check_missing_library())
+
+    def test_bfloat16(self):
+        """A bfloat16 load honours model.dtype and LoRA trains on it (skipped if refused)."""
+        self._report("bfloat16", self.checker().check_bfloat16())
+
+    def test_quantized_save(self):
+        """Where saves_quantized says so, a saved quantized model loads back identical."""
+        self._report("quantized save", self.checker().check_quantized_save())
+
+    def test_option_sets(self):
+        """Every option combination of option_grid loads with the width bits(options) says."""
+        self._report("option sets", self.checker().check_option_sets())
+
+    def test_hf_trainer(self):
+        """qpeft run with the hf trainer trains and reloads."""
+        self._report("hf trainer", self.checker().check_hf_trainer())
+
+    def test_inference_path(self):
+        """load(training=False) computes what the training path does; qpeft generate works."""
+        self._report("inference", self.checker().check_inference())
 
 
 # ---------------------------------------------------------------------------- trainer plugins

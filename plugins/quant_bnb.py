@@ -116,7 +116,7 @@ class Bnb4bit(_BnbBase):
     name = "bnb-4bit"
     description = "bitsandbytes 4-bit (NF4 or FP4, double quantization): QLoRA"
     Options = Bnb4bitOptions
-    capabilities = Capabilities(merge_source="dequantize", bits=4, fsdp=True)
+    capabilities = Capabilities(merge_source="dequantize", bits=4, fsdp=True, saves_quantized="transformers")
     quant_type: str | None = None  # presets fix it
 
     def check(self, options, ctx):
@@ -187,7 +187,7 @@ class Bnb8bit(_BnbBase):
     name = "bnb-8bit"
     description = "bitsandbytes LLM.int8 with outlier decomposition"
     Options = Bnb8bitOptions
-    capabilities = Capabilities(merge_source="dequantize", bits=8)
+    capabilities = Capabilities(merge_source="dequantize", bits=8, saves_quantized="transformers")
 
     def check(self, options, ctx):
         super().check(options, ctx)

@@ -302,9 +302,21 @@ class Gptq(QuantizerPlugin):
     Options = GptqOptions
     capabilities = Capabilities(
         merge_source="original",
-        bits=4,
+        bits=4,  # the default options'; bits() reads the options
+        saves_quantized="transformers",
         incompatible={"ia3": "IA3 is not supported on GPTQ layers (docs/architecture.md, library facts)"},
     )
+
+    def bits(self, options):
+        """The ``bits`` option, or the width of the ``quantized_path`` checkpoint."""
+        try:
+            return _spec(options)["bits"]
+        except ConfigError:
+            return options.bits
+
+    def load_quantized(self, path, options, ctx, *, training=False):
+        """A GPTQ folder written by ``save_quantized``: loaded as ``quantized_path``."""
+        return self.load(path, options.model_copy(update={"quantized_path": str(path)}), ctx, training=training)
 
     # ------------------------------------------------------------------ checks
 

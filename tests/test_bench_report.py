@@ -77,7 +77,7 @@ def test_cpu_memory_plot_shows_weight_memory_not_peak_rss(tmp_path, scatter_poin
     (speed_title,) = [t for t in scatter_points if "throughput" in t]
     assert speed_title.startswith("weight memory")
     *xs, label = scatter_points[speed_title]
-    assert xs == [0.50, 0.155] and label == ("label", "base model weight memory: parameters + buffers (GiB)")
+    assert xs == [0.50, 0.155] and label == ("label", "base model weight memory: every tensor it holds, as its quantizer counts it (GiB)")
     md = (out / bench_report.REPORT_MD).read_text()
     # The report says what the plot shows, and why peak RSS is not it; the table keeps peak RSS.
     assert "against the base model's weight memory" in md and "peak RSS (`peak RSS GiB`) is mostly Python" in md

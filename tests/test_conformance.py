@@ -20,22 +20,27 @@ def _needs(module: str):
 
 class TestNone(QuantizerConformance):
     quantizer = "none"
+    backend_modules = ()  # no backend library
 
 
 @_needs("bitsandbytes")
 class TestBnbNF4(QuantizerConformance):
     quantizer = "bnb-nf4"
+    backend_modules = ("bitsandbytes",)
 
 
 @_needs("bitsandbytes")
 class TestBnbFP4(QuantizerConformance):
     quantizer = "bnb-fp4"
+    backend_modules = ("bitsandbytes",)
 
 
 @_needs("bitsandbytes")
 class TestBnb4bit(QuantizerConformance):
     quantizer = "bnb-4bit"
     options = {"quant_type": "fp4", "double_quant": False}
+    option_grid = {"quant_type": ["nf4", "fp4"], "double_quant": [True, False]}
+    backend_modules = ("bitsandbytes",)
 
 
 @_needs("bitsandbytes")
@@ -45,6 +50,8 @@ class TestBnb8bit(QuantizerConformance):
     # adapter on its quantized base differs from the float merged model by that: measured
     # 6.3e-3 here, with 1.1e-2 between the quantized and float32 bases before any merge.
     merge_tolerance = 5e-2
+    option_grid = {"matmul": ["int8", "dequantize"]}
+    backend_modules = ("bitsandbytes",)
 
 
 @_needs("gptqmodel")
@@ -53,6 +60,8 @@ class TestGptq(QuantizerConformance):
     # Kept small: GPTQ quantizes the tiny model once (cached under <qpeft cache>/gptq).
     options = {"num_calibration_samples": 8, "calibration_max_length": 64}
     # 4-bit GPTQ of random weights moves logits by ~17% (tests/test_gptq.py).
+    option_grid = {"bits": [4, 8]}  # the width is an option: bits(options) must follow it
+    backend_modules = ("gptqmodel",)
 
 
 # ---------------------------------------------------------------------------- the kit finds bugs

@@ -10,6 +10,7 @@ from qpeft.testing import QuantizerConformance, tiny_model_path
 
 class TestTorchaoInt8(QuantizerConformance):
     quantizer = "torchao-int8"
+    option_grid = {"granularity": ["per_row", "per_tensor"]}  # each loads with bits(options) = 8
 
 
 class TestTorchaoInt8PerGroup(QuantizerConformance):

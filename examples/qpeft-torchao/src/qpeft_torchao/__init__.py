@@ -123,7 +123,9 @@ class TorchaoInt8(QuantizerPlugin):
     #: The qpeft plugin API this package is written against.
     api_version = 1
     Options = TorchaoInt8Options
-    capabilities = Capabilities(devices=("cpu", "cuda"), merge_source="dequantize", bits=8)
+    # saves_quantized: transformers saves torchao's Int8Tensor weights in safetensors and
+    # from_pretrained loads them back quantized (the kit's test_quantized_save checks it).
+    capabilities = Capabilities(devices=("cpu", "cuda"), merge_source="dequantize", bits=8, saves_quantized="transformers")
 
     def check(self, options, ctx):
         """Refuse the config before loading anything if torchao is missing."""
