@@ -194,6 +194,241 @@ def test_kit_requires_the_entry_point_for_packages():
         checker.check_registration()
 
 
+# ---------------------------------------------------------------------------- a packed quantizer
+# The load-then-replace-layers pattern (docs/plugins.md) for a library without a transformers
+# integration: 4-bit codes packed two per byte in a parameter, one scale per row in a buffer.
+
+
+class PackedInt4Linear(torch.nn.Linear):
+    """A linear layer holding 4-bit codes (``qweight``, two per byte) and row scales (``scales``).
+
+    It subclasses ``torch.nn.Linear`` (its ``weight`` is None) so peft wraps it with its plain
+    LoRA layer, which calls this ``forward``."""
+
+    def __init__(self, linear: torch.nn.Linear, codes_bits: int = 4, keep_dtype: bool = True):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features, self.codes_bits, self.keep_dtype = (
+            linear.in_features,
+            linear.out_features,
+            codes_bits,
+            keep_dtype,
+        )
+        w = linear.weight.detach().float()
+        levels = 2 ** (codes_bits - 1) - 1
+        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / levels
+        codes = (torch.round(w / scale).clamp(-levels - 1, levels) + levels + 1).to(torch.uint8)
+        packed = codes[:, 0::2] | (codes[:, 1::2] << 4) if codes_bits == 4 else codes
+        self.register_parameter("weight", None)
+        self.register_parameter("bias", None)
+        self.qweight = torch.nn.Parameter(packed, requires_grad=False)
+        self.register_buffer("scales", scale.to(linear.weight.dtype))
+
+    def dequantize(self) -> torch.Tensor:
+        q = self.qweight
+        codes = torch.stack([q & 15, q >> 4], dim=-1).flatten(1) if self.codes_bits == 4 else q
+        return (codes.float() - 2 ** (self.codes_bits - 1)) * self.scales.float()
+
+    def forward(self, x):
+        w = self.dequantize()
+        return torch.nn.functional.linear(x, w.to(x.dtype) if self.keep_dtype else w)
+
+
+class PackedOptions(qpeft.api.Options):
+    codes: int = 4  # 4 (packed) or 8 bits per code
+
+
+class PackedInt4(QuantizerPlugin):
+    """A complete quantizer without a transformers integration: load in float, replace layers."""
+
+    name = "kit-packed-int4"
+    api_version = 1
+    description = "4-bit codes packed in a parameter, row scales in a buffer (test plugin)"
+    Options = PackedOptions
+    capabilities = Capabilities(merge_source="dequantize", bits=4)
+    keep_dtype = True
+
+    def bits(self, options):
+        return options.codes
+
+    def load(self, model_path, options, ctx, *, training):
+        from qpeft.modeling import load_causal_lm
+
+        model = load_causal_lm(model_path, ctx)
+        head = model.get_output_embeddings()
+        for module in list(model.modules()):
+            for child_name, child in list(module.named_children()):
+                if type(child) is torch.nn.Linear and child is not head:
+                    setattr(module, child_name, PackedInt4Linear(child, options.codes, self.keep_dtype))
+        return model
+
+    def prepare_for_training(self, model, options, ctx, *, grad_checkpointing):
+        from qpeft.modeling import enable_gradient_checkpointing, freeze
+
+        freeze(model)
+        if grad_checkpointing:
+            enable_gradient_checkpointing(model)
+        return model
+
+    def full_precision_model(self, model, model_path, options, ctx):
+        for module in list(model.modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, PackedInt4Linear):
+                    plain = torch.nn.Linear(child.in_features, child.out_features, bias=False, dtype=child.scales.dtype)
+                    plain.weight = torch.nn.Parameter(child.dequantize().to(child.scales.dtype), requires_grad=False)
+                    setattr(module, child_name, plain)
+        return model
+
+
+class TestPackedInt4(QuantizerConformance):
+    """The default storage and parameter counts are right for codes in a parameter plus scales
+    in a buffer (qpeft counted such a model's linear weights twice), and the whole kit passes."""
+
+    quantizer = "kit-packed-int4"
+    plugins = (_module("kit_packed", PackedInt4()),)
+    require_entry_point = False
+    option_grid = {"codes": [4, 8]}  # bits(options) follows the option
+    backend_modules = ()
+
+
+def _run_check(plugin, check: str, **kw):
+    checker = _checker(plugin, **kw)
+    try:
+        return getattr(checker, f"check_{check}")()
+    finally:
+        checker.close()
+
+
+def test_default_counts_packed_codes_once():
+    """Regression (issue 21): a layer with packed codes in a parameter and scales in buffers was
+    counted as packed numel + in x out; the default counts the float model's parameters."""
+    from transformers import AutoModelForCausalLM
+
+    from qpeft.accounting import held_bytes, parameter_counts
+    from qpeft.modeling import count_parameters
+    from qpeft.testing import tiny_model_path
+
+    checker = _checker(PackedInt4())
+    try:
+        model = checker.quantized_model()
+        full = AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.float32)
+        assert parameter_counts(model)[1] == count_parameters(model)[1] == sum(p.numel() for p in full.parameters())
+        layer = model.model.layers[0].mlp.down_proj
+        assert held_bytes(layer) == layer.qweight.numel() + layer.scales.numel() * 4
+    finally:
+        checker.close()
+
+
+class FootprintStorage(PackedInt4):
+    """Keeps the codes as a plain module attribute and reports transformers' get_memory_footprint,
+    which sees parameters and buffers only."""
+
+    name = "kit-footprint-storage"
+
+    def load(self, model_path, options, ctx, *, training):
+        model = super().load(model_path, options, ctx, training=training)
+        for m in model.modules():
+            if isinstance(m, PackedInt4Linear):
+                codes = m.qweight.data
+                del m._parameters["qweight"]
+                m.qweight = codes  # a plain attribute: held, but no parameter or buffer
+        return model
+
+    def storage_bytes(self, model, options):
+        return model.get_memory_footprint()
+
+
+class DoubleCounting(PackedInt4):
+    """Counts parameters the way qpeft did before issue 21: packed numel plus in x out."""
+
+    name = "kit-double-counting"
+
+    def count_parameters(self, model, options):
+        total = sum(p.numel() for p in model.parameters())
+        total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, PackedInt4Linear))
+        return 0, total
+
+
+class ConstantBits(PackedInt4):
+    """Its codes option changes the width, yet it declares 4 bits whatever the options."""
+
+    name = "kit-constant-bits"
+
+    def bits(self, options):
+        return self.capabilities.bits
+
+
+class SavesLikeTransformers(PackedInt4):
+    """Claims transformers can save it: save_pretrained writes qweight/scales that from_pretrained
+    does not know, so the reloaded model's linear layers would be random."""
+
+    name = "kit-saves-like-transformers"
+    capabilities = Capabilities(merge_source="dequantize", bits=4, saves_quantized="transformers")
+
+
+class Float32Kernel(PackedInt4):
+    """Multiplies by float32 weights whatever the activations' dtype."""
+
+    name = "kit-float32-kernel"
+    keep_dtype = False
+
+
+class MarksQuantized(NoQuantizer):
+    """Sets model.is_quantized without a transformers quantizer: the transformers Trainer's
+    validate_quantization_for_training then fails on it (qpeft's native trainer does not look)."""
+
+    name = "kit-marks-quantized"
+
+    def load(self, model_path, options, ctx, *, training):
+        model = super().load(model_path, options, ctx, training=training)
+        model.is_quantized = True
+        return model
+
+
+class BrokenInferenceKernel(NoQuantizer):
+    """Its inference path (training=False) computes something else than its training path."""
+
+    name = "kit-broken-inference"
+
+    def load(self, model_path, options, ctx, *, training):
+        model = super().load(model_path, options, ctx, training=training)
+        if not training:
+            with torch.no_grad():
+                for layer in model.model.layers:
+                    layer.mlp.down_proj.weight.mul_(0.5)
+        return model
+
+
+class UncheckedBackend(PackedInt4):
+    """Imports its backend library in load() without checking for it first."""
+
+    name = "kit-unchecked-backend"
+
+    def load(self, model_path, options, ctx, *, training):
+        import kit_no_such_backend  # noqa: F401
+
+        return super().load(model_path, options, ctx, training=training)
+
+
+@pytest.mark.parametrize(
+    ("plugin", "check", "kw", "message"),
+    [
+        (FootprintStorage(), "memory", {}, r"storage_bytes\(\) reports .* but the model holds"),
+        (DoubleCounting(), "memory", {}, r"count_parameters\(\) reports .* the float model has"),
+        (ConstantBits(), "option_sets", {"option_grid": {"codes": [4, 8]}}, r"options \{'codes': 8\}: linear layers hold .* bits=4"),
+        (SavesLikeTransformers(), "quantized_save", {}, r"does not load back: .*lacks \d+ weights"),
+        (Float32Kernel(), "bfloat16", {}, r"a bfloat16 run fails: RuntimeError"),
+        (MarksQuantized(), "hf_trainer", {}, r"hf trainer fails: AttributeError: .*hf_quantizer"),
+        (BrokenInferenceKernel(), "inference", {}, r"load\(training=False\) gives logits .* from load\(training=True\)'s"),
+        (UncheckedBackend(), "missing_library", {"backend_modules": ("kit_no_such_backend",)}, r"fails with ModuleNotFoundError"),
+    ],
+    ids=["storage", "parameters", "bits-per-option", "quantized-save", "bfloat16", "hf-trainer", "inference", "missing-library"],
+)
+def test_kit_catches_a_broken_plugin(plugin, check, kw, message):
+    """Each check added in issue 21 fails on a plugin broken in the way it exists to find."""
+    with pytest.raises(ConformanceError, match=message):
+        _run_check(plugin, check, **kw)
+
+
 def test_kit_imports_without_pytest_or_torch():
     code = (
         "import sys; sys.modules['pytest'] = None; import qpeft.testing; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
