@@ -57,6 +57,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from . import __version__
 from .checkpoint import CHECKPOINTS
 from .config import (
     apply_overrides,
@@ -689,7 +690,7 @@ def run_matrix(
                 "base": matrix.base,
             },
         )
-        commit = _git_commit(matrix.path)
+        commit = qpeft_commit()
 
         def finish(cell: Cell, outcome: dict) -> None:
             record = {**_base_record(cell, matrix, command, commit), **outcome}
@@ -843,24 +844,56 @@ def _base_record(cell: Cell, matrix: Matrix, command: str, commit: str | None) -
         "fingerprint": cell.fingerprint,
         "overrides": cell.overrides,
         "command": command,
+        "qpeft_version": __version__,
         "qpeft_commit": commit,
         "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def _git_commit(path: Path) -> str | None:
-    """The qpeft commit a record names: ``QPEFT_COMMIT`` when set (a copy whose ``.git`` lags its
-    files, such as a GPU machine's), else the matrix file's checkout HEAD, marked ``+dirty`` when
-    tracked files differ from it."""
+def qpeft_commit() -> str | None:
+    """The commit of the qpeft that runs (not of the matrix file's repository): ``QPEFT_COMMIT``
+    when set (a copy whose ``.git`` lags its files, such as a GPU machine's), else the HEAD of the
+    git checkout holding qpeft's own package files (an editable install), marked ``+dirty`` when
+    tracked files differ from it; None for an installed release (``qpeft_version`` names it)."""
     if os.environ.get("QPEFT_COMMIT"):
         return os.environ["QPEFT_COMMIT"]
-    cwd = path.resolve().parent
+    cwd = Path(__file__).resolve().parent
+
+    def git(*args, **kw):
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False, **kw)
+
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=False)
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=cwd, capture_output=True, timeout=30, check=False).returncode == 1
+        if git("ls-files", "--error-unmatch", Path(__file__).name, timeout=10).returncode != 0:
+            return None  # not a checkout of qpeft (e.g. site-packages inside some other repository)
+        out = git("rev-parse", "--short", "HEAD", timeout=10)
+        dirty = git("diff", "--quiet", "HEAD", timeout=30).returncode == 1
     except (OSError, subprocess.SubprocessError):
         return None
     return (out.stdout.strip() + ("+dirty" if dirty else "")) or None
+
+
+def plugin_packages() -> str | None:
+    """The installed packages that provide qpeft plugins (the distributions of the ``qpeft``
+    entry points, qpeft's own built-ins aside) with their versions and those of the libraries
+    they require, e.g. ``qpeft-torchao 0.1.0 (torchao 0.18.0)``; None when there are none."""
+    found = {}
+    for ep in importlib.metadata.entry_points(group="qpeft"):
+        dist = getattr(ep, "dist", None)
+        if dist is None or dist.metadata["Name"].lower() == "qpeft":
+            continue
+        libs = []
+        for req in dist.requires or []:
+            if "extra ==" in req:
+                continue
+            name = re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0]
+            if name.lower() == "qpeft":
+                continue
+            try:
+                libs.append(f"{name} {importlib.metadata.version(name)}")
+            except importlib.metadata.PackageNotFoundError:
+                libs.append(f"{name} (not installed)")
+        found[dist.metadata["Name"]] = f"{dist.metadata['Name']} {dist.version}" + (f" ({', '.join(libs)})" if libs else "")
+    return "; ".join(found[k] for k in sorted(found)) or None
 
 
 def matrix_environment(matrix: Matrix) -> dict[str, str]:
@@ -1274,6 +1307,8 @@ def environment() -> dict:
     for dist in ("qpeft", "transformers", "peft", "accelerate", "bitsandbytes", "gptqmodel", "optimum", "safetensors"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             env[dist] = importlib.metadata.version(dist)
+    if plugins := plugin_packages():
+        env["plugins"] = plugins
     threading_env = {
         k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ
     }

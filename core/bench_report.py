@@ -47,6 +47,7 @@ ENV_ROWS = (
     ("gptqmodel", "gptqmodel"),
     ("optimum", "optimum"),
     ("qpeft", "qpeft"),
+    ("plugins", "plugin packages (their libraries)"),
     ("env", "environment variables"),
 )
 

@@ -18,6 +18,7 @@ import yaml
 from conftest import REPO
 from typer.testing import CliRunner
 
+import qpeft
 from qpeft import bench, orchestrator
 from qpeft.bench_report import PLOT_QUALITY, PLOT_SPEED
 from qpeft.cli import app
@@ -212,6 +213,9 @@ def test_run_resume_select_and_report(matrix_file, tmp_path):
     assert m["generation_tokens_per_s"] > 0 and m["adapter_bytes"] > 0
     assert m["merge_max_abs_logit_diff"] < 1e-3  # full-precision base: the merge is exact to float error
     assert ok["environment"]["torch"] and ok["environment"]["peft"] and ok["environment"]["cpu_count"] >= 1
+    # qpeft's own version and commit (the matrix file lies outside any repository here).
+    assert ok["qpeft_version"] == qpeft.__version__ and ok["qpeft_commit"] == bench.qpeft_commit(), ok
+    assert m["bits"] is None  # quantizer none: full precision
     crashed = by_cell["model=broken,peft=lora"]
     assert crashed["status"] == "failed" and "model.safetensors" in crashed["error"] and crashed["returncode"] != 0
     assert (out / crashed["log"]).is_file()
@@ -398,6 +402,23 @@ def test_default_timeout_is_derived_from_each_cells_budget(random_tiny, tmp_path
 
 
 # ---------------------------------------------------------------------------- the results file
+
+
+def test_records_name_qpeft_own_commit_and_the_plugin_packages(monkeypatch):
+    """Issue 21: records named the commit of the repository holding the matrix file, and no
+    plugin package; now qpeft's own checkout and every plugin distribution with its libraries."""
+    import subprocess
+
+    monkeypatch.delenv("QPEFT_COMMIT", raising=False)
+    if not Path(qpeft.__file__).resolve().is_relative_to(REPO):
+        pytest.skip("qpeft is not imported from this checkout")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    assert bench.qpeft_commit().removesuffix("+dirty") == head
+    monkeypatch.setenv("QPEFT_COMMIT", "abc1234")
+    assert bench.qpeft_commit() == "abc1234"
+    from importlib.metadata import version
+
+    assert f"qpeft-torchao {version('qpeft-torchao')} (torchao {version('torchao')})" in bench.plugin_packages()
 
 
 def test_append_is_atomic_and_reader_skips_a_torn_line(tmp_path, monkeypatch):
