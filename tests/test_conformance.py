@@ -435,3 +435,23 @@ def test_kit_imports_without_pytest_or_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_command_line_prints_only_json_on_stdout(capfd, monkeypatch):
+    """Issue 21: a backend printing a banner to stdout (gptqmodel does) made `python -m
+    qpeft.testing NAME` print invalid JSON; what the checks print now goes to stderr."""
+    import json
+    import os
+
+    from qpeft import testing
+
+    def noisy(name, options, **kw):
+        print("GPT-QModel banner")  # Python-level
+        os.write(1, b"C-level banner\n")  # straight to file descriptor 1
+        return {"registration": {"source": name}}
+
+    monkeypatch.setattr(testing, "check_quantizer", noisy)
+    assert testing.main(["noisy"]) == 0
+    out, err = capfd.readouterr()
+    assert json.loads(out) == {"registration": {"source": "noisy"}}
+    assert "GPT-QModel banner" in err and "C-level banner" in err
