@@ -82,3 +82,28 @@ def test_gpu_gptq_inference_load_of_embedded_model(embedded_model_path, registry
     with torch.no_grad():
         logits = model(input_ids=torch.randint(3, 500, (1, 16), device="cuda")).logits
     assert torch.isfinite(logits).all()
+
+
+# The conformance kit (issue 21's checks included: bf16, hf trainer, inference path, quantized
+# save/reload, accounting) on CUDA, float32 comparisons as on the CPU.
+from qpeft.testing import QuantizerConformance  # noqa: E402
+
+
+class TestGpuKitNone(QuantizerConformance):
+    quantizer = "none"
+    device = "cuda"
+    backend_modules = ()
+
+
+class TestGpuKitNF4(QuantizerConformance):
+    quantizer = "bnb-nf4"
+    device = "cuda"
+    backend_modules = ("bitsandbytes",)
+
+
+class TestGpuKit8bit(QuantizerConformance):
+    quantizer = "bnb-8bit"
+    device = "cuda"
+    backend_modules = ("bitsandbytes",)
+    option_grid = {"matmul": ["int8", "dequantize"]}
+    merge_tolerance = 5e-2  # as on the CPU (tests/test_conformance.py): LLM.int8 quantizes activations
