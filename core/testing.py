@@ -22,8 +22,9 @@ pytest collects the inherited ``test_*`` methods; each runs one check on a tiny 
                                naming the quantizer resolves without loading a weight
 ``test_load_tiny_model``       ``load()`` gives a causal LM whose logits are finite and close to
                                the float32 model; LoRA's ``all-linear`` finds the same layers
-``test_weight_memory_saved``   bytes held by the quantized linear layers ≈ ``capabilities.bits``
-                               / 32 of float32, and qpeft's reported weight memory is true
+``test_weight_memory_saved``   bytes held by the quantized linear layers ≈ ``bits(options)`` / 32
+                               of float32; ``storage_bytes`` = the bytes really held (outside
+                               parameters and buffers too); ``count_parameters`` = float model's
 ``test_lora_gradients``        after an eval-mode forward and ``ensure_training_kernels``, LoRA
                                gradients on every layer equal those of the same LoRA on a float32
                                model holding the quantized weights (the full-precision reference)
@@ -31,6 +32,12 @@ pytest collects the inherited ``test_*`` methods; each runs one check on a tiny 
                                adapter reloads on a fresh quantized base with the same logits
 ``test_merge``                 ``qpeft merge`` reproduces the adapter's logits with a plain
                                float model, or, for ``merge_source="none"``, refuses clearly
+``test_missing_library``       without the backend library, a one-line ConfigError, no traceback
+``test_bfloat16``              a bfloat16 load honours ``model.dtype``; LoRA trains on it
+``test_quantized_save``        ``saves_quantized``: the saved model loads back with equal logits
+``test_option_sets``           every ``option_grid`` combination loads with ``bits(options)``
+``test_hf_trainer``            ``qpeft run`` with the ``hf`` trainer trains and reloads
+``test_inference_path``        ``load(training=False)`` ≈ the training path; generation works
 =============================  ===================================================================
 
 Without pytest, :func:`check_quantizer` runs the same checks and returns what they measured;
