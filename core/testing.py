@@ -1041,6 +1041,14 @@ class QuantizerChecker(_Checker):
             "the quantizer options saved in qpeft.json rebuild other options",
         )
         self.expect(s["generation"]["new_tokens"] > 0, "generation after reload produced no token")
+        from .accounting import parameter_counts
+
+        expected = parameter_counts(self.float_model())[1] + s["trainable_params"]
+        self.expect(
+            s["total_params"] == expected,
+            f"the run reported {s['total_params']:,} parameters, the float model's plus LoRA's are {expected:,} "
+            "(QuantizerPlugin.count_parameters)",
+        )
         return {
             "losses": losses,
             "reload_max_abs_logit_diff": s["reload_max_abs_logit_diff"],
