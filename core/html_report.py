@@ -115,9 +115,26 @@ def _cell_config(row: dict) -> dict | None:
         return None
 
 
+def _all_metrics(meta: dict, rows: list[dict]) -> str:
+    """Every column of ``results.csv`` that some cell has a value in, as one sortable table
+    (folded): each metric any cell recorded, whether or not the Markdown table shows it."""
+    import csv
+    import io
+
+    from .bench_report import csv_text
+
+    table = list(csv.reader(io.StringIO(csv_text(meta, rows))))
+    if len(table) < 2:
+        return ""
+    keep = [i for i in range(len(table[0])) if any(r[i] for r in table[1:] if i < len(r))]
+    header = [table[0][i] for i in keep]
+    body = [[r[i] if i < len(r) else "" for i in keep] for r in table[1:]]
+    return "<details><summary>Every recorded value (results.csv)</summary>" + _table(header, body) + "</details>"
+
+
 def bench_html(meta: dict, rows: list[dict], markdown_text: str, directory: Path) -> str:
     """The bench report page: ``report.md`` rendered, then each cell's config."""
-    parts = [markdown_html(markdown_text, directory), "<h2>Cell configs</h2>"]
+    parts = [markdown_html(markdown_text, directory), _all_metrics(meta, rows), "<h2>Cell configs</h2>"]
     for r in rows:
         config = _cell_config(r)
         shown = yaml.safe_dump(config, sort_keys=False) if config else json.dumps(r.get("overrides") or {}, indent=2)
@@ -171,7 +188,10 @@ def _loss_plot(history: list[dict]) -> str | None:
     import io
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    from matplotlib.ticker import MaxNLocator
+
     ax.plot([s for s, _ in points], [v for _, v in points], marker="o", markersize=3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_title("training loss")

@@ -74,6 +74,7 @@ def test_bench_report_html_is_self_contained(tmp_path):
     assert not re.search(r"""(src|href)=["'](?!data:)""", text), "a reference the page would fetch"
     assert "<th>tokens/s</th>" in text and "1000.2" in text  # the Markdown report's columns
     assert text.count("seed: 7") == len(SPEEDS)  # each cell's config
+    assert "<th>tokens_per_s_after_warmup</th>" in text and "<td>1000.25</td>" in text  # every recorded value
     assert not list(tmp_path.glob(".*")), "temp files left behind"
 
 
