@@ -75,6 +75,13 @@ def test_run_logged_to_tensorboard_and_mlflow(trainer, tiny_config, registry, tm
     local = client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))
     assert json.loads(open(local).read())["run_id"] == summary["run_id"]
 
+    # qpeft report RUN_DIR on this real run: its losses, perplexities and trackers are on the page.
+    from qpeft.html_report import write_run_html
+
+    page = open(write_run_html(out)).read()
+    assert f"<td>{summary['val_perplexity_after']:.6g}</td>" in page and f"<td>{losses[-1][1]:.6g}</td>" in page
+    assert str(out / "tensorboard") in page and str(out / "mlflow.db") in page
+
 
 def test_failed_run_is_marked_failed(tiny_config, registry, tmp_path):
     cfg = tiny_config(trackers=["mlflow"])
