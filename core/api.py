@@ -257,8 +257,46 @@ class TrainerPlugin(_Plugin):
         raise NotImplementedError
 
 
+class TrackerPlugin(_Plugin):
+    """Records a run in an experiment tracker (TensorBoard, MLflow, W&B), chosen by name in the
+    config's ``trackers`` list. A tracker is a lifecycle plugin that takes part only in the
+    runs that name it: :meth:`start` returns an object implementing ``qpeft_on_*`` hooks, which
+    qpeft registers for the run and unregisters after :meth:`finish`."""
+
+    #: The Python package the tracker writes with (checked before any weight loads).
+    requires: ClassVar[str] = ""
+    #: The pip extra that installs it (named in the error when it is missing).
+    extra: ClassVar[str] = ""
+
+    def check(self, options: Options, ctx: RunContext) -> None:
+        """Refuse the tracker when its package is not installed (before any weight loads)."""
+        import importlib.util
+
+        from .errors import ConfigError
+
+        if self.requires and importlib.util.find_spec(self.requires) is None:
+            raise ConfigError(
+                "trackers",
+                f"tracker {self.name!r} needs the {self.requires} package: pip install 'qpeft[{self.extra or self.requires}]'",
+            )
+
+    def start(self, options: Options, config: dict, ctx: RunContext):
+        """Open the tracker's run and record ``config`` (the resolved run config) as its
+        parameters; return the object whose ``qpeft_on_*`` hooks record the rest."""
+        raise NotImplementedError
+
+    def finish(self, session, status: str) -> None:
+        """Close the run ``start`` opened; ``status`` is "FINISHED" or "FAILED".
+
+        Default: ``session.finish(status)`` when the session has that method."""
+        close = getattr(session, "finish", None)
+        if close is not None:
+            close(status)
+
+
 PLUGIN_KINDS = {
     "quantizer": QuantizerPlugin,
     "peft": PeftPlugin,
     "trainer": TrainerPlugin,
+    "tracker": TrackerPlugin,
 }

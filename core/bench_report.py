@@ -494,7 +494,8 @@ def plots(meta: dict, rows: list[dict], directory: Path) -> list[str]:
 
 
 def write_report(directory: str | Path) -> dict:
-    """Write ``report.md``, ``results.csv`` and the PNG plots into ``directory``; return their paths."""
+    """Write ``report.md``, ``results.csv``, the PNG plots and ``report.html`` (the same report in
+    one self-contained page, :mod:`qpeft.html_report`) into ``directory``; return their paths."""
     directory = Path(directory)
     meta, rows = load(directory)
     note = ""
@@ -503,8 +504,12 @@ def write_report(directory: str | Path) -> dict:
     except ImportError:
         pngs, note = [], "(plots need matplotlib: `pip install 'qpeft[bench]'`, then run `qpeft bench report` again)"
     atomic_write_text(directory / REPORT_CSV, csv_text(meta, rows))
-    atomic_write_text(directory / REPORT_MD, markdown(meta, rows, pngs, directory, note))
+    text = markdown(meta, rows, pngs, directory, note)
+    atomic_write_text(directory / REPORT_MD, text)
+    from .html_report import write_bench_html
+
     return {
+        "html": write_bench_html(meta, rows, text, directory),
         "markdown": str(directory / REPORT_MD),
         "csv": str(directory / REPORT_CSV),
         "plots": [str(directory / p) for p in pngs],

@@ -18,7 +18,7 @@ import inspect
 import os
 import re
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -265,6 +265,9 @@ class RunConfig(_Strict):
     evaluate: bool = True
     #: The generation made after reloading the saved adapter.
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    #: Experiment trackers that record the run (none by default): names (tensorboard, mlflow,
+    #: wandb; ``qpeft plugins`` lists them) or {name, options}.
+    trackers: list[BackendRef] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -292,6 +295,10 @@ def normalize_shorthands(data: Any) -> Any:
             data[key] = {"name": data[key]}
     if isinstance(data.get("model"), str):
         data["model"] = {"name_or_path": data["model"]}
+    if isinstance(data.get("trackers"), str):  # `trackers: tensorboard`
+        data["trackers"] = [data["trackers"]]
+    if isinstance(data.get("trackers"), list):
+        data["trackers"] = [{"name": t} if isinstance(t, str) else t for t in data["trackers"]]
     return data
 
 
@@ -533,6 +540,8 @@ class ResolvedRun:
     dtype: str
     grad_checkpointing: bool
     notes: list[str]
+    #: (tracker plugin, validated options) for each entry of ``config.trackers``.
+    trackers: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """The fully resolved config, defaults filled in, as written beside every output."""
@@ -543,6 +552,7 @@ class ResolvedRun:
         d["model"]["device"] = self.device
         d["model"]["dtype"] = self.dtype
         d["gradient_checkpointing"] = self.grad_checkpointing
+        d["trackers"] = [{"name": t.name, "options": o.model_dump(mode="json")} for t, o in self.trackers]
         return d
 
 
@@ -638,8 +648,24 @@ def resolve(config: RunConfig, registry, *, device: str | None = None) -> Resolv
     quant.check(q_opts, ctx)
     peft.check(p_opts, ctx)
     trainer.check(t_opts, ctx)
+    trackers = resolve_trackers(config, registry, ctx)
     notes.extend(ctx.notes)
-    return ResolvedRun(config, quant, q_opts, peft, p_opts, trainer, t_opts, dev, dtype, gc, notes)
+    return ResolvedRun(config, quant, q_opts, peft, p_opts, trainer, t_opts, dev, dtype, gc, notes, trackers)
+
+
+def resolve_trackers(config: RunConfig, registry, ctx) -> list:
+    """``(plugin, options)`` for each tracker the config names: known names, valid options,
+    each named once, their packages installed (all before any weight loads)."""
+    trackers, seen = [], set()
+    for i, ref in enumerate(config.trackers):
+        plugin = registry.get("tracker", ref.name, key=f"trackers.{i}.name")
+        if plugin.name in seen:
+            raise ConfigError(f"trackers.{i}.name", f"tracker {plugin.name!r} is named twice; name each tracker once")
+        seen.add(plugin.name)
+        options = validate_options(plugin, ref.options, f"trackers.{i}.options")
+        plugin.check(options, ctx)
+        trackers.append((plugin, options))
+    return trackers
 
 
 def check_fsdp(ctx, plugins: dict, registry) -> None:

@@ -74,3 +74,14 @@ def qpeft_on_step_end(step, max_steps, logs, ctx):
 @hookspec
 def qpeft_on_run_end(summary, ctx):
     """Called once at the end of a successful ``qpeft run`` with the summary dict."""
+
+
+@hookspec
+def qpeft_register_trackers(register):
+    """Call ``register(plugin)`` once for each experiment tracker you provide.
+
+    ``plugin`` is an instance of a :class:`qpeft.api.TrackerPlugin` subclass, chosen by name in
+    the config's ``trackers`` list. Its :meth:`~qpeft.api.TrackerPlugin.start` returns an object
+    implementing the lifecycle hooks (``qpeft_on_step_end``, ``qpeft_on_run_end``), registered
+    only for the runs that name the tracker.
+    """

@@ -52,6 +52,7 @@ from .modeling import (
 from .outputs import MERGE_MARKER, check_merge_output, check_run_output
 from .registry import Registry, load_registry
 from .tokenizer import load_tokenizer
+from .tracking import tracking
 
 Say = Callable[[str], None]
 
@@ -102,7 +103,7 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet, *, resume:
     check_run_output(resolved.config)
     if distributed_rank() != 0:
         return _run(resolved, registry, say, resume=resume)
-    with folder_lock(resolved.config.output_dir, "qpeft run"):
+    with folder_lock(resolved.config.output_dir, "qpeft run"), tracking(resolved, registry, say):
         return _run(resolved, registry, say, resume=resume)
 
 
