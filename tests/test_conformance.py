@@ -77,6 +77,18 @@ class TestHqq(QuantizerConformance):
     backend_modules = ("hqq",)
 
 
+@_needs("torchao")
+class TestTorchaoInt8(QuantizerConformance):
+    quantizer = "torchao-int8"
+    backend_modules = ("torchao",)
+
+
+@_needs("torchao")
+class TestTorchaoFloat8(QuantizerConformance):
+    quantizer = "torchao-float8"
+    backend_modules = ("torchao",)
+
+
 # ---------------------------------------------------------------------------- the kit finds bugs
 
 
