@@ -243,6 +243,11 @@ class PeftPlugin(_Plugin):
         """Write the adapter in PEFT format (safetensors only) into ``out_dir``."""
         model.save_pretrained(out_dir, safe_serialization=True)
 
+    def unload(self, model):
+        """Return the base model of ``model`` with the adapter layers removed, not merged
+        (``qpeft merge`` takes the quantized base back this way before dequantizing it)."""
+        return model.unload() if hasattr(model, "unload") else model
+
     def merge(self, model):
         """Return the base model with the adapter merged in (only if ``mergeable``)."""
         raise NotImplementedError(f"peft method {self.name!r} cannot be merged")

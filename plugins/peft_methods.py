@@ -108,6 +108,34 @@ class IA3(_LayerMethod):
                 raise ConfigError("peft.options.feedforward_modules", f"{missing[0]!r} is not a target; targets: {', '.join(targets)}")
         return IA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=ff)
 
+    def unload(self, model):
+        # peft 0.21's IA3 refuses even a plain unload (no merge) on a model flagged
+        # is_loaded_in_8bit/4bit; removing the wrappers does not touch the quantized weights,
+        # so clear the flags for the call and restore them (dequantizing reads them).
+        base = model.get_base_model()
+        flags = {f: getattr(base, f) for f in ("is_loaded_in_8bit", "is_loaded_in_4bit") if getattr(base, f, False)}
+        for f in flags:
+            setattr(base, f, False)
+        try:
+            return model.unload()
+        finally:
+            for f, v in flags.items():
+                setattr(base, f, v)
+
+    def merge(self, model):
+        # peft 0.21 refuses an IA3 merge whenever the model says is_loaded_in_8bit/4bit, and a
+        # bitsandbytes model dequantized for qpeft merge keeps saying so. Merge only when every
+        # adapted layer really holds float weights, with the stale flags cleared.
+        base = model.get_base_model()
+        held = {type(m.get_base_layer().weight).__name__ for m in model.modules() if hasattr(m, "ia3_l")}
+        dtypes = {m.get_base_layer().weight.dtype.is_floating_point for m in model.modules() if hasattr(m, "ia3_l")}
+        if dtypes != {True} or held - {"Parameter", "Tensor"}:
+            raise NotImplementedError(f"ia3 merges into float weights only; these layers hold {sorted(held)}")
+        for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit"):
+            if getattr(base, flag, False):
+                setattr(base, flag, False)
+        return model.merge_and_unload()
+
 
 # ---------------------------------------------------------------------------- VeRA
 
