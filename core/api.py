@@ -106,6 +106,18 @@ class Capabilities:
     #: Trains under FSDP (``accelerate launch --use_fsdp --fsdp_version 2``): declared only by the
     #: backends whose FSDP run has been tested; the others are refused under FSDP before loading.
     fsdp: bool = False
+    #: Quantizer: the kind of linear layer the loaded model holds, which PEFT methods check
+    #: against their ``layer_kinds``: "float" (``torch.nn.Linear`` with float weights),
+    #: "bnb-4bit", "bnb-8bit", "gptq", "torchao" (``nn.Linear`` holding a torchao tensor), or a
+    #: new name for a new layer type. None = not declared (methods that wrap layers refuse it).
+    linear_layers: str | None = None
+    #: PEFT method: the quantizers' ``linear_layers`` kinds peft can wrap with this method, each
+    #: tested in tests/test_matrix.py; None = the method wraps no linear layer itself (prompt
+    #: learning) or accepts any kind peft dispatches (LoRA). Other kinds are refused before
+    #: loading, with ``layer_note`` as the reason.
+    layer_kinds: tuple[str, ...] | None = None
+    #: PEFT method: why kinds outside ``layer_kinds`` are refused (shown in the refusal).
+    layer_note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -230,6 +242,11 @@ class PeftPlugin(_Plugin):
     def save(self, model, out_dir: str) -> None:
         """Write the adapter in PEFT format (safetensors only) into ``out_dir``."""
         model.save_pretrained(out_dir, safe_serialization=True)
+
+    def unload(self, model):
+        """Return the base model of ``model`` with the adapter layers removed, not merged
+        (``qpeft merge`` takes the quantized base back this way before dequantizing it)."""
+        return model.unload() if hasattr(model, "unload") else model
 
     def merge(self, model):
         """Return the base model with the adapter merged in (only if ``mergeable``)."""

@@ -20,9 +20,22 @@ class Cell:
     merge_reason: str = ""
 
 
+def layer_refusal(quant, peft) -> str:
+    """Why ``peft`` cannot wrap the linear layers ``quant`` loads ("" when it can), from the
+    quantizer's declared ``linear_layers`` and the method's ``layer_kinds`` (no names of plugins)."""
+    kinds = peft.capabilities.layer_kinds
+    have = quant.capabilities.linear_layers
+    if kinds is None or have in kinds:
+        return ""
+    held = f"{have!r} layers" if have else "linear layers of an undeclared kind (capabilities.linear_layers)"
+    note = f" ({peft.capabilities.layer_note})" if peft.capabilities.layer_note else ""
+    return f"peft's {peft.name} wraps only {', '.join(kinds)} linear layers{note}; quantizer {quant.name!r} holds {held}"
+
+
 def cell(quant, peft) -> Cell:
     """Support of one (quantizer, peft) pair, with the reason when it is refused."""
     reason = peft.capabilities.incompatible.get(quant.name) or quant.capabilities.incompatible.get(peft.name)
+    reason = reason or layer_refusal(quant, peft)
     if not reason and not quant.capabilities.trainable:
         reason = f"{quant.name} cannot train adapters"
     train = not reason

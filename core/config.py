@@ -700,6 +700,11 @@ def check_combination(quant, peft, trainer) -> None:
                     f"{other_kind}.name",
                     f"{other_kind} {other.name!r} does not work with {kind} {plugin.name!r}: {reason}",
                 )
+    from .capability_table import layer_refusal
+
+    reason = layer_refusal(quant, peft)
+    if reason:
+        raise ConfigError("peft.name", f"peft {peft.name!r} does not work with quantizer {quant.name!r}: {reason}")
 
 
 def dump_yaml(data: dict) -> str:

@@ -480,7 +480,7 @@ def merge(
     reference = logits_for(model, probe, tok.pad_token_id)
     with model.disable_adapter():
         quantized_base = logits_for(model, probe, tok.pad_token_id)
-    base = model.unload() if hasattr(model, "unload") else model
+    base = peft.unload(model)
     say(f"getting full-precision weights ({quant.capabilities.merge_source}) from {quant.name}")
     full = quant.full_precision_model(base, model_path, resolved.quantizer_options, ctx).to(torch.float32)
     # The floor: how far the quantized inference path is from float32 weights before any merge

@@ -116,7 +116,7 @@ class Bnb4bit(_BnbBase):
     name = "bnb-4bit"
     description = "bitsandbytes 4-bit (NF4 or FP4, double quantization): QLoRA"
     Options = Bnb4bitOptions
-    capabilities = Capabilities(merge_source="dequantize", bits=4, fsdp=True, saves_quantized="transformers")
+    capabilities = Capabilities(merge_source="dequantize", bits=4, fsdp=True, saves_quantized="transformers", linear_layers="bnb-4bit")
     quant_type: str | None = None  # presets fix it
 
     def check(self, options, ctx):
@@ -187,7 +187,7 @@ class Bnb8bit(_BnbBase):
     name = "bnb-8bit"
     description = "bitsandbytes LLM.int8 with outlier decomposition"
     Options = Bnb8bitOptions
-    capabilities = Capabilities(merge_source="dequantize", bits=8, saves_quantized="transformers")
+    capabilities = Capabilities(merge_source="dequantize", bits=8, saves_quantized="transformers", linear_layers="bnb-8bit")
 
     def check(self, options, ctx):
         super().check(options, ctx)

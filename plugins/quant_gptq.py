@@ -304,7 +304,7 @@ class Gptq(QuantizerPlugin):
         merge_source="original",
         bits=4,  # the default options'; bits() reads the options
         saves_quantized="transformers",
-        incompatible={"ia3": "IA3 is not supported on GPTQ layers (docs/architecture.md, library facts)"},
+        linear_layers="gptq",
     )
 
     def bits(self, options):

@@ -12,7 +12,7 @@ class NoQuantizer(QuantizerPlugin):
     name = "none"
     description = "Full-precision base model (dtype from model.dtype): the reference"
     Options = NoOptions
-    capabilities = Capabilities(merge_source="self", bits=None, fsdp=True, saves_quantized="transformers")
+    capabilities = Capabilities(merge_source="self", bits=None, fsdp=True, saves_quantized="transformers", linear_layers="float")
 
     def load(self, model_path, options, ctx, *, training):
         return load_causal_lm(model_path, ctx)

@@ -23,7 +23,7 @@ def _skip_missing(quantizer):
         pytest.importorskip("bitsandbytes")
 
 
-ADAPTER_MARKERS = ("lora_", "prompt_encoder", "bottleneck_", "modules_to_save")
+ADAPTER_MARKERS = ("lora_", "prompt_encoder", "bottleneck_", "modules_to_save", "ia3_", "vera_", "hada_", "lokr_", "oft_")
 
 
 class BaseWatch:
@@ -49,7 +49,33 @@ class BaseWatch:
         return [k for k, v in after.items() if not same_tensors(v, self.before[k])]
 
 
-@pytest.mark.parametrize("cell", [c for c in CELLS if c.train], ids=lambda c: f"{c.quantizer}-{c.peft}")
+#: Methods added by issue 23 run once per layer kind (bnb-4bit, bnb-fp4 and bnb-nf4 load the same
+#: bitsandbytes Linear4bit layers peft dispatches on): test_same_kind_cells_are_represented checks
+#: that each skipped cell has a tested twin of its kind. Keeps the suite's added time small.
+ONE_PER_KIND = ("ia3", "vera", "loha", "lokr", "oft", "prompt", "ptuning")
+
+
+def _kind(quantizer: str):
+    return REGISTRY.backends["quantizer"][quantizer].capabilities.linear_layers or quantizer
+
+
+def _representative(c) -> bool:
+    if c.peft not in ONE_PER_KIND:
+        return True
+    twins = [x.quantizer for x in CELLS if x.peft == c.peft and x.train and _kind(x.quantizer) == _kind(c.quantizer)]
+    return c.quantizer == ("bnb-nf4" if "bnb-nf4" in twins else twins[0])
+
+
+def test_same_kind_cells_are_represented():
+    for c in CELLS:
+        if c.train and not _representative(c):
+            twin = [x for x in CELLS if x.peft == c.peft and x.train and _representative(x) and _kind(x.quantizer) == _kind(c.quantizer)]
+            assert len(twin) == 1 and (twin[0].merge, twin[0].reason) == (c.merge, c.reason), c
+            q, t = REGISTRY.backends["quantizer"][c.quantizer], REGISTRY.backends["quantizer"][twin[0].quantizer]
+            assert type(q).load is type(t).load and q.capabilities.merge_source == t.capabilities.merge_source, (c, twin)
+
+
+@pytest.mark.parametrize("cell", [c for c in CELLS if c.train and _representative(c)], ids=lambda c: f"{c.quantizer}-{c.peft}")
 def test_supported_cell(cell, tiny_config, tmp_path):
     _skip_missing(cell.quantizer)
     cfg = tiny_config(

@@ -125,7 +125,9 @@ class TorchaoInt8(QuantizerPlugin):
     Options = TorchaoInt8Options
     # saves_quantized: transformers saves torchao's Int8Tensor weights in safetensors and
     # from_pretrained loads them back quantized (the kit's test_quantized_save checks it).
-    capabilities = Capabilities(devices=("cpu", "cuda"), merge_source="dequantize", bits=8, saves_quantized="transformers")
+    capabilities = Capabilities(
+        devices=("cpu", "cuda"), merge_source="dequantize", bits=8, saves_quantized="transformers", linear_layers="torchao"
+    )
 
     def check(self, options, ctx):
         """Refuse the config before loading anything if torchao is missing."""
