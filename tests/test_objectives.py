@@ -239,3 +239,21 @@ def test_grpo_reward_goes_up(chat_model, tmp_path):
     m = s["objective_metrics"]
     assert m["eval_after"]["reward"] > m["eval_before"]["reward"], m  # measured 0.066 -> 0.081
     assert s["reload_max_abs_logit_diff"] <= 1e-4
+
+
+def test_bench_records_and_report_show_the_objective():
+    from qpeft.bench import cell_metrics
+    from qpeft.bench_report import objective_text
+
+    summary = {
+        "objective": "preference",
+        "objective_metrics": {
+            "eval_before": {"rewards/accuracies": 0.0, "rewards/margins": 0.0},
+            "eval_after": {"rewards/accuracies": 0.94, "rewards/margins": 1.36},
+        },
+        "train_loss": 0.3,
+    }
+    m = cell_metrics(summary, None)
+    assert m["objective"] == "preference" and m["objective_eval_after"]["rewards/accuracies"] == 0.94
+    assert objective_text(m["objective_eval_before"], m["objective_eval_after"]) == "acc 0 → 0.94, margin 0 → 1.36"
+    assert "objective" not in cell_metrics({"objective": "lm", "train_loss": 1.0}, None)

@@ -228,7 +228,7 @@ def check_objective_rows(cfg, kind: str, max_rows: int) -> list[str]:
 
     train_path, val_path, val_key = data_sources(cfg)
     notes = []
-    for path, source, key in ((train_path, cfg.path, "data.path"), (val_path, cfg.val_path, val_key)):
+    for path, source, key in ((train_path, cfg.path, "data.path"), (val_path, cfg.val_path or f"{cfg.path} (validation split)", val_key)):
         if path is None:
             continue
         check_source(path, key)
