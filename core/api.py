@@ -256,6 +256,14 @@ class PeftPlugin(_Plugin):
 class TrainerPlugin(_Plugin):
     """Runs the optimisation loop over a tokenized dataset."""
 
+    #: The data this trainer consumes (:data:`qpeft.data.objectives.DATA_KINDS`): "lm"
+    #: (language-modelling rows, tokenized into :class:`qpeft.data.TokenDataset`), "preference"
+    #: (prompt/chosen/rejected pairs), "unpaired" (prompt/completion/label) or "prompts" (prompts
+    #: for reward functions). For the kinds other than "lm", qpeft reads, checks and renders
+    #: the rows before any weight loads and ``train`` receives them as lists of dicts
+    #: (:mod:`qpeft.data.objectives`).
+    data_kind: ClassVar[str] = "lm"
+
     def train(self, model, tokenizer, train_data, eval_data, options: Options, ctx: RunContext) -> TrainResult:
         """Train the trainable parameters of ``model``; return a :class:`TrainResult`.
 
@@ -269,7 +277,13 @@ class TrainerPlugin(_Plugin):
         (``qpeft.checkpoint.mark_complete(..., data_position=...)``) and call
         ``schedule.resume(step, position)`` on ``--resume``. Batch with
         :func:`qpeft.data.collate`. Call ``ctx.hooks.qpeft_on_step_end`` after each optimizer
-        step so lifecycle plugins and the progress display see it.
+        step so lifecycle plugins and the progress display see it (``logs["metrics"]``, a dict of
+        floats, is shown beside the loss).
+
+        A trainer whose ``data_kind`` is not "lm" receives rendered rows instead
+        (:class:`qpeft.data.objectives.ObjectiveData`'s ``train``/``val`` lists) and reports its
+        objective's own measurements in ``TrainResult.metrics`` (the run summary's
+        ``objective_metrics``).
         """
         raise NotImplementedError
 

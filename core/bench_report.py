@@ -289,6 +289,8 @@ def markdown(meta: dict, rows: list[dict], plots: list[str], directory: Path, pl
             trainable = m.get("trainable_params")
             trainable_text = f"{trainable / 1e6:.2f} M ({m.get('trainable_percent', 0):.2f}%)" if trainable else "–"
             ppl = f"{_ppl(m.get('val_perplexity_before'))} → {_ppl(m.get('val_perplexity_after'))}"
+            if m.get("objective"):  # dpo, kto, grpo, ...: the objective's held-out metrics instead of a perplexity
+                ppl = objective_text(m.get("objective_eval_before") or {}, m.get("objective_eval_after") or {})
             adapter = m.get("adapter_bytes")
             merge = _fmt(m.get("merge_max_abs_logit_diff"), ".2e") if "merge_max_abs_logit_diff" in m else "n/m"
             if m.get("merge_base_path_diff"):
@@ -516,3 +518,13 @@ def write_report(directory: str | Path) -> dict:
         "cells": len(rows),
         "note": note,
     }
+
+
+#: The objective metrics a report shows (TRL's names), with their short labels.
+OBJECTIVE_SHOWN = {"rewards/accuracies": "acc", "rewards/margins": "margin", "reward": "reward"}
+
+
+def objective_text(before: dict, after: dict) -> str:
+    """A non-SFT objective's held-out metrics, before → after training (e.g. ``acc 0 → 0.94, margin 0 → 1.36``)."""
+    parts = [f"{label} {_fmt(before.get(k), '.3g')} → {_fmt(after.get(k), '.3g')}" for k, label in OBJECTIVE_SHOWN.items() if k in after]
+    return ", ".join(parts) or "–"

@@ -150,7 +150,7 @@ def run(
         from .preflight import check_files
 
         try:
-            checked = check_files(resolved.config)
+            checked = check_files(resolved.config, getattr(resolved.trainer, "data_kind", "lm"))
         except USER_ERRORS as exc:
             _fail(exc)
         out.print(

@@ -600,6 +600,7 @@ def resolve(config: RunConfig, registry, *, device: str | None = None) -> Resolv
     t_opts = validate_options(trainer, config.trainer.options, "trainer.options")
 
     check_combination(quant, peft, trainer)
+    check_data_kind(config, trainer)
 
     if device is None:
         dev, dtype = resolve_device(config.model)
@@ -685,6 +686,24 @@ def check_fsdp(ctx, plugins: dict, registry) -> None:
         if not plugin.capabilities.fsdp:
             ok = sorted(n for n, p in registry.backends[kind].items() if p.capabilities.fsdp)
             raise ConfigError(f"{kind}.name", f"{kind} {plugin.name!r} is not tested under FSDP; under FSDP use one of: {', '.join(ok)}")
+
+
+def check_data_kind(config: RunConfig, trainer) -> None:
+    """The trainer's ``data_kind`` is one qpeft reads; a trainer of another objective gets that
+    kind's embedded set when the config names no ``data.path``, and is refused packed rows."""
+    from .data.objectives import DATA_KINDS, EMBEDDED_FOR_KIND
+
+    kind = getattr(trainer, "data_kind", "lm")
+    if kind not in DATA_KINDS:
+        raise ConfigError("trainer.name", f"trainer {trainer.name!r} declares data_kind {kind!r}; valid: {', '.join(DATA_KINDS)}")
+    if kind == "lm":
+        return
+    if "path" not in config.data.model_fields_set:
+        config.data.path = EMBEDDED_FOR_KIND[kind]
+    if config.data.packing:
+        raise ConfigError(
+            "data.packing", f"trainer {trainer.name!r} trains on {DATA_KINDS[kind].split(':')[0]}, which are not packed; set it to false"
+        )
 
 
 def check_combination(quant, peft, trainer) -> None:

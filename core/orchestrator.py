@@ -31,6 +31,7 @@ from .checkpoint import find_resume_point, read_marker
 from .config import ResolvedRun, RunConfig, dump_yaml, load_config, resolve
 from .context import RunContext
 from .data import check_same_data, load_datasets, tokenize
+from .data.objectives import load_objective_data, probe_example
 from .distributed import check_shared_output_dir, fsdp_version, gather_trainable_state, local_rank, world_size
 from .distributed import rank as distributed_rank
 from .errors import QpeftError, TrainingDiverged
@@ -144,28 +145,34 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
     say(f"pad token: {pad.action} {pad.token!r} (id {pad.token_id}); eos {tok.eos_token!r} (id {tok.eos_token_id})")
 
     d = cfg.data
-    data = load_datasets(d, tok, say=say)
-    train_data, val_data = data.train, data.val
-    say(
-        f"data {d.path} ({data.format}): {train_data.n_documents} train / {len(val_data)} val examples, {train_data.n_tokens:,} training tokens"
-    )
-    if d.packing:
-        say(f"packed {train_data.n_documents} training documents into {len(train_data)} rows of up to {d.max_length} tokens")
-    for kind, rows, path in (("training", train_data, d.path), ("validation", val_data, d.val_path or d.path)):
-        if not rows:  # checked before any weight loads (training would divide by zero)
-            raise QpeftError(
-                f"data.max_length: no {kind} example of {path} keeps a target token within {d.max_length} tokens; raise data.max_length"
-            )
-    if cfg.evaluate and (len(val_data) < TINY_VAL_EXAMPLES or val_data.label_tokens() < TINY_VAL_TOKENS):
-        note = (
-            f"the validation split is {len(val_data)} example(s) with {val_data.label_tokens()} target tokens: a perplexity "
-            "on so few tokens means little; name a validation file (data.val_path) or hold out more (data.val_fraction, "
-            "data.max_val_examples)"
+    kind = getattr(trainer, "data_kind", "lm")
+    if kind != "lm":  # preference pairs, feedback or prompts: read, checked and rendered before any weight loads
+        data = load_objective_data(d, kind, tok, say=say)
+        train_data, val_data = data.train, data.val
+        say(f"data {d.path} ({kind}, {data.format} rows): {len(train_data)} train / {len(val_data)} val rows")
+    else:
+        data = load_datasets(d, tok, say=say)
+        train_data, val_data = data.train, data.val
+        say(
+            f"data {d.path} ({data.format}): {train_data.n_documents} train / {len(val_data)} val examples, {train_data.n_tokens:,} training tokens"
         )
-        say(f"[yellow]{note}[/]")
-        ctx.notes.append(note)
-    if ctx.resume_from:
-        check_same_data((read_marker(ctx.resume_from) or {}).get("data_position"), train_data)
+        if d.packing:
+            say(f"packed {train_data.n_documents} training documents into {len(train_data)} rows of up to {d.max_length} tokens")
+        for split, rows, path in (("training", train_data, d.path), ("validation", val_data, d.val_path or d.path)):
+            if not rows:  # checked before any weight loads (training would divide by zero)
+                raise QpeftError(
+                    f"data.max_length: no {split} example of {path} keeps a target token within {d.max_length} tokens; raise data.max_length"
+                )
+        if cfg.evaluate and (len(val_data) < TINY_VAL_EXAMPLES or val_data.label_tokens() < TINY_VAL_TOKENS):
+            note = (
+                f"the validation split is {len(val_data)} example(s) with {val_data.label_tokens()} target tokens: a perplexity "
+                "on so few tokens means little; name a validation file (data.val_path) or hold out more (data.val_fraction, "
+                "data.max_val_examples)"
+            )
+            say(f"[yellow]{note}[/]")
+            ctx.notes.append(note)
+        if ctx.resume_from:
+            check_same_data((read_marker(ctx.resume_from) or {}).get("data_position"), train_data)
 
     t0 = time.perf_counter()
     model = quant.load(model_path, q_opts, ctx, training=True)
@@ -178,7 +185,7 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
     say(f"loaded base in {load_s:.1f}s, weights {weight_gib:.3f} GiB")
 
     before = None
-    if cfg.evaluate:
+    if cfg.evaluate and kind == "lm":  # other objectives measure their own metrics (TrainResult.metrics)
         before = evaluate_perplexity(model, val_data, tok.pad_token_id)
         quant.ensure_training_kernels(model, q_opts)
         say(f"validation perplexity before: {before['perplexity']:.3f}")
@@ -213,10 +220,10 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
         return {"rank": rank, "train_steps": result.steps, "train_loss": result.train_loss}
 
     after = None
-    if cfg.evaluate:
+    if cfg.evaluate and kind == "lm":
         after = evaluate_perplexity(model, val_data, tok.pad_token_id)
         say(f"validation perplexity after: {after['perplexity']:.3f}")
-    probe = val_data[0]
+    probe = val_data[0] if kind == "lm" else probe_example(val_data[0], tok, d.max_length)
     trained_logits = logits_for(model, probe, tok.pad_token_id)
 
     summary = {
@@ -243,13 +250,17 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
         "tokens_per_s": round(result.tokens_per_s, 1),
         **steps.summary(),
         **memory,
-        "val_tokens": val_data.label_tokens(),
+        "val_tokens": val_data.label_tokens() if kind == "lm" else None,
         "train_data": {
             "documents": train_data.n_documents,
             "examples": len(train_data),
             "tokens": train_data.n_tokens,
             "store": str(train_data.store.folder),
-        },
+        }
+        if kind == "lm"
+        else {"rows": len(train_data), "val_rows": len(val_data), "format": data.format},
+        "objective": kind,
+        "objective_metrics": result.metrics,
         "val_perplexity_before": round(before["perplexity"], 4) if before else None,
         "val_perplexity_after": round(after["perplexity"], 4) if after else None,
         "val_loss_before": round(before["loss"], 4) if before else None,
