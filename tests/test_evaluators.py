@@ -154,3 +154,41 @@ def test_evaluator_reaching_for_network_fails_in_one_line_before_training(tiny_c
     message = str(err.value)
     assert "\n" not in message and "eval 'downloads'" in message and "offline" in message
     assert not (tmp_path / "run" / "adapter").exists()  # stopped before training
+
+
+@pytest.mark.parametrize(("name", "options"), [("perplexity", {}), ("generation", {"limit": 2, "max_new_tokens": 2})])
+def test_conformance_kit_passes_builtin_evaluators(tiny_llama_path, name, options):
+    from qpeft.testing import check_evaluator
+
+    result = check_evaluator(name, options, model_path=tiny_llama_path)
+    assert set(result) == {"registration", "options_schema", "evaluate"}
+    assert result["evaluate"]["primary"] in result["evaluate"]["metrics"]
+
+
+def test_conformance_kit_fails_an_evaluator_that_changes_the_model(tiny_llama_path):
+    from qpeft import hookimpl
+    from qpeft.api import EvalResult, EvaluatorPlugin
+    from qpeft.testing import ConformanceError, EvaluatorChecker
+
+    class Meddles(EvaluatorPlugin):
+        name = "meddles"
+        description = "adds 1 to a weight"
+
+        def evaluate(self, model, tokenizer, options, ctx, *, stage, data, out_dir):
+            import torch
+
+            with torch.no_grad():
+                next(model.parameters()).add_(1.0)
+            return EvalResult(metrics={"x": 1.0}, primary="x")
+
+    class Plugin:
+        @hookimpl
+        def qpeft_register_evaluators(self, register):
+            register(Meddles())
+
+    checker = EvaluatorChecker("meddles", model_path=tiny_llama_path, plugins=(Plugin(),))
+    try:
+        with pytest.raises(ConformanceError, match="changed the model's weights"):
+            checker.check_evaluate()
+    finally:
+        checker.close()
