@@ -192,3 +192,139 @@ def test_conformance_kit_fails_an_evaluator_that_changes_the_model(tiny_llama_pa
             checker.check_evaluate()
     finally:
         checker.close()
+
+
+# ---------------------------------------------------------------------------- lm-eval
+
+
+def _lora_model(path: str):
+    """The model qpeft evaluates after training: a base with a LoRA adapter (random, non-zero B)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def _harness_direct(model, tok, limit):
+    """The harness called directly (no qpeft) on the same model object."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from qpeft.plugins.eval_lm_eval import shipped_task
+
+    out = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tok, batch_size=8),
+        tasks=[shipped_task("python_topics_mc")],
+        task_manager=TaskManager(include_defaults=False),
+        limit=limit,
+        log_samples=False,
+        bootstrap_iters=0,
+    )
+    return out["results"]["python_topics_mc"]
+
+
+def _through_qpeft(model, tok, limit, tmp_path, registry):
+    from qpeft.config import load_config, resolve
+
+    cfg = load_config(
+        {
+            "quantizer": "none",
+            "peft": "lora",
+            "trainer": "native",
+            "model": {"device": "cpu"},
+            "output_dir": str(tmp_path / "r"),
+            "eval": [{"name": "lm-eval", "options": {"limit": limit}}],
+        }
+    )
+    resolved = resolve(cfg, registry)
+    from qpeft.context import RunContext
+    from qpeft.evaluation import run_evaluators
+
+    ctx = RunContext(config=cfg, device="cpu", dtype="float32", output_dir=str(tmp_path / "r"), tokenizer=tok)
+    return run_evaluators(resolved.evaluators, model, tok, None, ctx, "after", {}, lambda m: None)["lm-eval"]
+
+
+def test_lm_eval_equals_the_harness_called_directly_tiny(tiny_llama_path, tmp_path, registry):
+    pytest.importorskip("lm_eval")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_path)
+    model = _lora_model(tiny_llama_path)
+    entry = _through_qpeft(model, tok, 12, tmp_path, registry)
+    direct = _harness_direct(model, tok, 12)
+    after = entry["after"]
+    assert entry["primary"] == "python_topics_mc/acc" and entry["higher_is_better"]["python_topics_mc/acc"] is True
+    assert after["python_topics_mc/acc"] == direct["acc,none"] and after["python_topics_mc/acc_norm"] == direct["acc_norm,none"]
+    assert after["python_topics_mc/samples"] == 12 and 0 <= after["python_topics_mc/acc"] <= 1
+
+
+@pytest.mark.slow
+def test_lm_eval_equals_the_harness_called_directly_embedded(embedded_model_path, tmp_path, registry):
+    """SmolLM2 with a LoRA adapter on the shipped smoke task: qpeft's numbers are the harness's,
+    and the real model beats chance (0.25) by far on 40 questions."""
+    pytest.importorskip("lm_eval")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_path)
+    model = _lora_model(embedded_model_path)
+    with model.disable_adapter():
+        base = _harness_direct(model, tok, 40)
+    entry = _through_qpeft(model, tok, 40, tmp_path, registry)
+    direct = _harness_direct(model, tok, 40)
+    assert entry["after"]["python_topics_mc/acc"] == direct["acc,none"]
+    assert entry["after"]["python_topics_mc/acc_norm"] == direct["acc_norm,none"]
+    assert base["acc,none"] > 0.5, base
+
+
+@pytest.mark.slow  # an unknown name makes the harness index its own ~15k task configs (~25 s)
+def test_lm_eval_unknown_task_fails_before_loading(tiny_config, registry):
+    pytest.importorskip("lm_eval")
+    with pytest.raises(ConfigError) as err:
+        orchestrator.prepare(tiny_config(eval=[{"name": "lm-eval", "options": {"tasks": ["python_topics_mcq"]}}]), registry=registry)
+    assert err.value.key == "eval.0.options.tasks" and "python_topics_mc" in str(err.value)
+
+
+def test_lm_eval_task_whose_data_is_on_the_hub_fails_in_one_line(tiny_llama_path, tmp_path, registry):
+    """A custom task over a hub data set: evaluation is offline, so one line at once, no hang."""
+    pytest.importorskip("lm_eval")
+    from transformers import AutoTokenizer
+
+    from qpeft.config import load_config, resolve
+    from qpeft.context import RunContext
+    from qpeft.evaluation import run_evaluators
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "hub.yaml").write_text(
+        "task: qpeft_hub_probe\ndataset_path: qpeft-no-such-org/no-such-dataset\noutput_type: multiple_choice\ntest_split: test\n"
+        "doc_to_text: '{{q}}'\ndoc_to_choice: '{{c}}'\ndoc_to_target: 0\nmetric_list:\n  - metric: acc\n"
+    )
+    cfg = load_config(
+        {
+            "quantizer": "none",
+            "peft": "lora",
+            "trainer": "native",
+            "model": {"device": "cpu"},
+            "output_dir": str(tmp_path / "r"),
+            "eval": [{"name": "lm-eval", "options": {"tasks": ["qpeft_hub_probe"], "include_path": str(tasks)}}],
+        }
+    )
+    resolved = resolve(cfg, registry)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_path)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path).eval()
+    ctx = RunContext(config=cfg, device="cpu", dtype="float32", output_dir=str(tmp_path / "r"), tokenizer=tok)
+    t0 = time.perf_counter()
+    with pytest.raises(QpeftError) as err:
+        run_evaluators(resolved.evaluators, model, tok, None, ctx, "before", {}, lambda m: None)
+    assert time.perf_counter() - t0 < 60
+    assert "\n" not in str(err.value) and "eval 'lm-eval'" in str(err.value), str(err.value)
