@@ -1,7 +1,8 @@
 """What a backend plugin is: a named object with an options model and declared capabilities.
 
-Third-party packages subclass :class:`QuantizerPlugin`, :class:`PeftPlugin` or
-:class:`TrainerPlugin` and register instances through the hooks in :mod:`qpeft.hookspecs`.
+Third-party packages subclass :class:`QuantizerPlugin`, :class:`PeftPlugin`,
+:class:`TrainerPlugin` or :class:`EvaluatorPlugin` and register instances through the hooks in
+:mod:`qpeft.hookspecs`.
 Class attributes are read before any weight is loaded, so plugin modules must import only
 light things at module level (pydantic, qpeft) and their backend libraries inside methods.
 """
@@ -325,9 +326,46 @@ class TrackerPlugin(_Plugin):
             close(status)
 
 
+class EvaluatorPlugin(_Plugin):
+    """Measures the quality of a model: run before training (on the quantized base) and after
+    (on the trained model in memory: the quantized base with its adapter, not merged)."""
+
+    def evaluate(self, model, tokenizer, options: Options, ctx: RunContext, *, stage: str, data, out_dir) -> EvalResult:
+        """Evaluate ``model`` (in eval mode, the network closed) and return an :class:`EvalResult`.
+
+        ``stage`` is ``"before"`` or ``"after"`` (training); ``data`` is the run's validation
+        set (a :class:`qpeft.data.TokenDataset`), for evaluators that score it. Files the
+        evaluator writes go into ``out_dir`` (``OUTPUT_DIR/eval/<label>``, a ``Path`` that may not
+        exist yet), written atomically (:func:`qpeft.io.atomic_write_text`). Raise
+        :class:`qpeft.errors.QpeftError` with one line for what the user must fix (a task whose
+        data is not on this machine, ...). Validate what can be validated before any weight loads
+        in :meth:`check`, raising ``ConfigError(option_name, message)``: qpeft names the key as
+        ``eval.N.options.<option_name>``.
+        """
+        raise NotImplementedError
+
+
+@dataclass
+class EvalResult:
+    """What an evaluator measured: metric name -> number, and how to read them."""
+
+    #: Metric name -> value (float or int; None when the evaluator could not compute it).
+    metrics: dict[str, float | int | None]
+    #: Metric name -> True when higher is better, False when lower is (absent: neither, e.g. counts).
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
+    #: The metric that stands for quality on a plot (``qpeft bench``'s quality axis), or None.
+    primary: str | None = None
+    #: Files written (paths), for the summary.
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 PLUGIN_KINDS = {
     "quantizer": QuantizerPlugin,
     "peft": PeftPlugin,
     "trainer": TrainerPlugin,
     "tracker": TrackerPlugin,
+    "evaluator": EvaluatorPlugin,
 }

@@ -108,7 +108,7 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
     if as_json:
         out.print_json(json.dumps(info))
         return
-    for kind in ("quantizer", "peft", "trainer", "tracker"):
+    for kind in ("quantizer", "peft", "trainer", "evaluator", "tracker"):
         # Capabilities are never cut (one a line, the column as wide as the longest); the
         # plugin's source is shown under its name; descriptions wrap.
         from rich.markup import escape
@@ -120,7 +120,7 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         table.add_column("capabilities", no_wrap=True)
         for p in info[kind]:
             caps = p["capabilities"]
-            flags = [k for k in ("trainable", "mergeable", "grad_checkpointing", "fsdp") if caps.get(k)]
+            flags = [k for k in ("trainable", "mergeable", "grad_checkpointing", "fsdp") if caps.get(k) and kind != "evaluator"]
             if kind == "quantizer":
                 flags.append(f"merge: {caps['merge_source']}")
             name = f"[bold]{escape(p['name'])}[/]\n[dim]{escape(p['source'])}[/]"
@@ -320,8 +320,8 @@ def config_schema(backend: str | None = typer.Argument(None, metavar="KIND:NAME"
             out.print_json(json.dumps(RunConfig.model_json_schema()))
             return
         kind, _, name = backend.partition(":")
-        if kind not in ("quantizer", "peft", "trainer", "tracker") or not name:
-            raise QpeftError(f"expected kind:name with kind in quantizer, peft, trainer, tracker; got {backend!r}")
+        if kind not in ("quantizer", "peft", "trainer", "evaluator", "tracker") or not name:
+            raise QpeftError(f"expected kind:name with kind in quantizer, peft, trainer, evaluator, tracker; got {backend!r}")
         out.print_json(json.dumps(_registry().get(kind, name).Options.model_json_schema()))
     except USER_ERRORS as exc:
         _fail(exc)

@@ -13,7 +13,7 @@ There are two sorts of hooks:
 
 * **registration hooks** (``qpeft_register_*``) hand qpeft backend objects — subclasses of
   :class:`qpeft.api.QuantizerPlugin`, :class:`qpeft.api.PeftPlugin`,
-  :class:`qpeft.api.TrainerPlugin` — each with a ``name``, an ``Options`` model and
+  :class:`qpeft.api.TrainerPlugin`, :class:`qpeft.api.EvaluatorPlugin` — each with a ``name``, an ``Options`` model and
   ``capabilities``. The config chooses among them by name.
 * **lifecycle hooks** (``qpeft_on_*``) let cross-cutting plugins (loggers, guards, metrics)
   observe a run without the orchestrator knowing them. Every implementation is called.
@@ -52,6 +52,18 @@ def qpeft_register_trainers(register):
 
     ``plugin`` is an instance of a :class:`qpeft.api.TrainerPlugin` subclass, chosen by
     ``trainer.name`` in the config.
+    """
+
+
+@hookspec
+def qpeft_register_evaluators(register):
+    """Call ``register(plugin)`` once for each evaluator you provide.
+
+    ``plugin`` is an instance of a :class:`qpeft.api.EvaluatorPlugin` subclass, chosen by
+    ``name`` in an entry of the config's ``eval`` list (``eval: [{name: perplexity},
+    {name: lm-eval, options: {tasks: [...]}}]``). Each listed evaluator runs on the quantized
+    base before training and on the trained model (base + adapter, in memory) after it; its
+    :class:`qpeft.api.EvalResult` goes into ``summary.json`` under ``eval.<label>``.
     """
 
 

@@ -35,6 +35,7 @@ from .data.objectives import load_objective_data, probe_example
 from .distributed import check_shared_output_dir, fsdp_version, gather_trainable_state, local_rank, world_size
 from .distributed import rank as distributed_rank
 from .errors import QpeftError, TrainingDiverged
+from .evaluation import run_evaluators
 from .integrity import check_adapter_applied, check_adapter_files, check_finite
 from .io import atomic_dir, atomic_write_json, atomic_write_text, deferred_interrupts, folder_lock
 from .model_card import model_card
@@ -42,7 +43,6 @@ from .model_source import check_weight_files, resolve_model_path
 from .modeling import (
     StepTimer,
     align_pad_token,
-    evaluate_perplexity,
     generate_text,
     kv_cache_off,
     logits_for,
@@ -163,7 +163,9 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
                 raise QpeftError(
                     f"data.max_length: no {split} example of {path} keeps a target token within {d.max_length} tokens; raise data.max_length"
                 )
-        if cfg.evaluate and (len(val_data) < TINY_VAL_EXAMPLES or val_data.label_tokens() < TINY_VAL_TOKENS):
+        if any(e.plugin.name == "perplexity" for e in resolved.evaluators) and (
+            len(val_data) < TINY_VAL_EXAMPLES or val_data.label_tokens() < TINY_VAL_TOKENS
+        ):
             note = (
                 f"the validation split is {len(val_data)} example(s) with {val_data.label_tokens()} target tokens: a perplexity "
                 "on so few tokens means little; name a validation file (data.val_path) or hold out more (data.val_fraction, "
@@ -184,11 +186,14 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
     weight_gib = weight_memory_gib(model, quant, q_opts)
     say(f"loaded base in {load_s:.1f}s, weights {weight_gib:.3f} GiB")
 
-    before = None
-    if cfg.evaluate and kind == "lm":  # other objectives measure their own metrics (TrainResult.metrics)
-        before = evaluate_perplexity(model, val_data, tok.pad_token_id)
+    # Other objectives than language modelling measure their own metrics (TrainResult.metrics);
+    # the held-out perplexity needs LM rows, so it runs on "lm" trainers only.
+    evaluators = [e for e in resolved.evaluators if kind == "lm" or e.plugin.name != "perplexity"]
+    eval_data = val_data if kind == "lm" else None
+    evals: dict = {}
+    if evaluators:
+        run_evaluators(evaluators, model, tok, eval_data, ctx, "before", evals, say)
         quant.ensure_training_kernels(model, q_opts)
-        say(f"validation perplexity before: {before['perplexity']:.3f}")
 
     model = quant.prepare_for_training(model, q_opts, ctx, grad_checkpointing=resolved.grad_checkpointing)
     model = peft.attach(model, resolved.peft_options, ctx)
@@ -219,10 +224,9 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
     if rank != 0:  # data-parallel worker: rank 0 evaluates, saves, reloads and generates
         return {"rank": rank, "train_steps": result.steps, "train_loss": result.train_loss}
 
-    after = None
-    if cfg.evaluate and kind == "lm":
-        after = evaluate_perplexity(model, val_data, tok.pad_token_id)
-        say(f"validation perplexity after: {after['perplexity']:.3f}")
+    if evaluators:
+        run_evaluators(evaluators, model, tok, eval_data, ctx, "after", evals, say)
+    before, after = _perplexity(evals, "before"), _perplexity(evals, "after")
     probe = val_data[0] if kind == "lm" else probe_example(val_data[0], tok, d.max_length)
     trained_logits = logits_for(model, probe, tok.pad_token_id)
 
@@ -266,6 +270,7 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
         "val_loss_before": round(before["loss"], 4) if before else None,
         "val_loss_after": round(after["loss"], 4) if after else None,
         "loss_history": [{"step": h.get("step"), "loss": h.get("loss")} for h in result.log_history],
+        "eval": evals,
         "notes": ctx.notes,
     }
 
@@ -300,6 +305,12 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
     atomic_write_json(out / "summary.json", summary)
     registry.hooks.qpeft_on_run_end(summary=summary, ctx=ctx)
     return summary
+
+
+def _perplexity(evals: dict, stage: str) -> dict | None:
+    """The first perplexity evaluator's result at ``stage`` (the summary's ``val_perplexity_*``)."""
+    entry = next((e for e in evals.values() if e["evaluator"] == "perplexity" and e.get(stage)), None)
+    return entry[stage] if entry else None
 
 
 def _rebuild_trained(resolved: ResolvedRun, registry: Registry, ctx: RunContext, model_path: str, resize: bool, vocab: int, trained: dict):
