@@ -19,7 +19,7 @@ import inspect
 import os
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -724,7 +724,9 @@ def resolve(config: RunConfig, registry, *, device: str | None = None) -> Resolv
     evaluators = resolve_evaluators(config, registry, ctx)
     trackers = resolve_trackers(config, registry, ctx)
     notes.extend(ctx.notes)
-    return ResolvedRun(config, quant, q_opts, peft, p_opts, trainer, t_opts, dev, dtype, gc, notes, evaluators=evaluators, trackers=trackers)
+    return ResolvedRun(
+        config, quant, q_opts, peft, p_opts, trainer, t_opts, dev, dtype, gc, notes, evaluators=evaluators, trackers=trackers
+    )
 
 
 def resolve_trackers(config: RunConfig, registry, ctx) -> list:
