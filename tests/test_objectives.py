@@ -214,6 +214,15 @@ def test_dpo_on_nf4_with_prefix(chat_model, tmp_path):
     assert s["reload_max_abs_logit_diff"] <= 1e-3
 
 
+def test_dpo_on_nf4_keeps_the_adapter_in_float32(chat_model, tmp_path):
+    """TRL 1.16 casts trainable parameters to bfloat16 on 4/8-bit bases; qpeft restores them
+    (plugins/trainer_trl.py: restore_adapter_dtypes), so the reloaded adapter gives the trained
+    model's logits (on an H200 they differed by 1.9 before the guard)."""
+    s = _run(_config(chat_model, tmp_path / "nf4-lora", "dpo", quantizer="bnb-nf4"))
+    assert any("restored its float32 weights" in n for n in s["notes"]), s["notes"]
+    assert s["reload_max_abs_logit_diff"] <= 1e-4
+
+
 def letter_e(completions, **kwargs) -> list[float]:
     """A reward the tiny random model can learn within a few steps: the share of 'e' in the text."""
     from qpeft.rewards import text_of
