@@ -127,7 +127,18 @@ class TorchaoInt4(_Torchao):
     name = "torchao-int4"
     description = "torchao int4 weight-only, per-group scales (CUDA, bfloat16)"
     Options = Int4Options
-    capabilities = Capabilities(devices=("cuda",), merge_source="dequantize", bits=4, saves_quantized="transformers")
+    # transformers' Trainer refuses to train a torchao base whose type is not 8-bit
+    # (TorchAoHfQuantizer.is_trainable, transformers 5.17-5.23): seen on an H200 with trainer hf.
+    _TRAINER_REFUSAL = (
+        "transformers' Trainer trains torchao bases of 8-bit types only (TorchAoHfQuantizer.is_trainable); use trainer native"
+    )
+    capabilities = Capabilities(
+        devices=("cuda",),
+        merge_source="dequantize",
+        bits=4,
+        saves_quantized="transformers",
+        incompatible=dict.fromkeys(("hf", "dpo", "orpo", "simpo", "kto", "grpo"), _TRAINER_REFUSAL),
+    )
 
     def check(self, options, ctx):
         super().check(options, ctx)

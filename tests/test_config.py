@@ -190,3 +190,16 @@ def test_shipped_qlora_7b_config_is_valid(tiny_llama_path):
     assert raw["quantizer"]["options"] == {"double_quant": True, "compute_dtype": "bfloat16"}  # the seed's NF4 recipe
     bad = subprocess.run([sys.executable, "-m", "qpeft", "run", cfg, "--check"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "model." in (bad.stdout + bad.stderr)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("torchao") is None, reason="torchao is not installed")
+@pytest.mark.parametrize("trainer", ["hf", "dpo"])
+def test_torchao_int4_refuses_trainers_built_on_transformers_trainer(trainer):
+    """transformers' Trainer raised "QuantizationMethod.TORCHAO ... do not support training" for
+    torchao-int4 on an H200 (TorchAoHfQuantizer.is_trainable: 8-bit types only): refused from the config."""
+    registry = load_registry()
+    quant, other = registry.get("quantizer", "torchao-int4"), registry.get("trainer", trainer)
+    with pytest.raises(ConfigError) as err:
+        check_combination(quant, registry.get("peft", "lora"), other)
+    assert err.value.key == "trainer.name" and "trainer native" in str(err.value)
+    check_combination(quant, registry.get("peft", "lora"), registry.get("trainer", "native"))
