@@ -203,7 +203,15 @@ class Bnb8bit(_BnbBase):
             llm_int8_skip_modules=options.skip_modules,
             llm_int8_enable_fp32_cpu_offload=options.cpu_offload,
         )
-        model = load_causal_lm(model_path, ctx, quantization_config=cfg)
+        return self._with_matmul(load_causal_lm(model_path, ctx, quantization_config=cfg), options, ctx, training)
+
+    def load_quantized(self, path, options, ctx, *, training=False):
+        """A saved 8-bit model multiplies the same way as a freshly quantized one (``options.matmul``):
+        without this, on CUDA the reloaded model took LLM.int8's matmul where the saved one had
+        run dequantize-then-matmul, and its logits differed by 9.3e-3 (H200, the conformance kit)."""
+        return self._with_matmul(super().load_quantized(path, options, ctx, training=training), options, ctx, training)
+
+    def _with_matmul(self, model, options, ctx, training):
         matmul = options.matmul if options.matmul != "auto" else ("dequantize" if ctx.device == "cuda" else "int8")
         if matmul == "dequantize":
             n = use_dequantize_matmul(model)

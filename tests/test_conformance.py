@@ -480,3 +480,11 @@ def test_command_line_prints_only_json_on_stdout(capfd, monkeypatch):
     out, err = capfd.readouterr()
     assert json.loads(out) == {"registration": {"source": "noisy"}}
     assert "GPT-QModel banner" in err and "C-level banner" in err
+
+
+@_needs("bitsandbytes")
+def test_bnb8bit_saved_model_keeps_the_dequantize_matmul():
+    """On an H200 the kit's quantized-save check failed for bnb-8bit (logits 9.3e-3 apart): the
+    reloaded model took LLM.int8's matmul where the saved one ran dequantize-then-matmul (CUDA's
+    default). load_quantized now applies ``matmul`` as load does; checked here with it forced."""
+    QuantizerChecker("bnb-8bit", {"matmul": "dequantize"}).check_quantized_save()
