@@ -328,3 +328,18 @@ def test_lm_eval_task_whose_data_is_on_the_hub_fails_in_one_line(tiny_llama_path
         run_evaluators(resolved.evaluators, model, tok, None, ctx, "before", {}, lambda m: None)
     assert time.perf_counter() - t0 < 60
     assert "\n" not in str(err.value) and "eval 'lm-eval'" in str(err.value), str(err.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantizer", ["bnb-nf4", "bnb-8bit"])
+def test_gpu_run_with_lm_eval_on_the_quantized_base_and_adapter(quantizer, tiny_config, registry):
+    """On CUDA: a run evaluates the quantized base before and base + adapter after training with
+    the harness; the after numbers equal the harness called directly on the reloaded adapter."""
+    pytest.importorskip("lm_eval")
+    cfg = tiny_config(quantizer=quantizer, model={"name_or_path": tiny_config()["model"]["name_or_path"], "device": "cuda"})
+    cfg["eval"] = ["perplexity", {"name": "lm-eval", "options": {"limit": 16}}]
+    resolved, reg = orchestrator.prepare(cfg, registry=registry)
+    s = orchestrator.run(resolved, reg)
+    entry = s["eval"]["lm-eval"]
+    assert entry["before"]["python_topics_mc/samples"] == entry["after"]["python_topics_mc/samples"] == 16
+    assert 0 <= entry["after"]["python_topics_mc/acc"] <= 1 and s["eval"]["perplexity"]["after"]["perplexity"] > 1
