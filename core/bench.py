@@ -459,6 +459,7 @@ def cell_budget(resolved: dict, merge: bool) -> dict:
         data.get("max_val_examples"),
         data.get("packing"),
         resolved.get("evaluate"),
+        json.dumps(resolved.get("eval"), sort_keys=True, default=str),
         (resolved.get("generate") or {}).get("max_new_tokens"),
     ]
     return {
@@ -1289,6 +1290,9 @@ def cell_metrics(summary: dict, merge: dict | None) -> dict:
     gen = summary.get("generation") or {}
     metrics["generation_tokens_per_s"] = round(gen["tokens_per_s"], 2) if "tokens_per_s" in gen else None
     metrics["generation_new_tokens"] = gen.get("new_tokens")
+    from .bench_quality import cell_eval_metrics
+
+    metrics.update(cell_eval_metrics(summary))
     if merge:
         metrics["merge_max_abs_logit_diff"] = merge["max_abs_logit_diff"]
         metrics["merge_base_path_diff"] = merge.get("base_path_diff")

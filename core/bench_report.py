@@ -22,7 +22,7 @@ from .bench import (
     read_records,
 )
 from .errors import QpeftError
-from .io import atomic_write_text
+from .io import atomic_write_json, atomic_write_text
 
 REPORT_MD = "report.md"
 REPORT_CSV = "results.csv"
@@ -163,7 +163,16 @@ def plot_captions(rows: list[dict]) -> dict[str, str]:
     else:
         speed = "Training tokens/s after warm-up against the peak reserved GPU memory during training (`max_memory_reserved`)."
     quality = "Validation perplexity after training against the base model's weight memory (parameters and buffers)."
-    return {PLOT_SPEED: speed, PLOT_QUALITY: quality}
+    from .bench_quality import PLOT_PARETO_MEMORY, PLOT_PARETO_SPEED, quality_axis
+
+    axis = quality_axis(rows)
+    pareto = f"`{axis[0]}` (after training)" if axis else ""
+    return {
+        PLOT_SPEED: speed,
+        PLOT_QUALITY: quality,
+        PLOT_PARETO_MEMORY: f"{pareto} against memory; ringed and joined: the Pareto-optimal cells (no other cell has both less memory and better quality).",
+        PLOT_PARETO_SPEED: f"{pareto} against training tokens/s; ringed and joined: the Pareto-optimal cells (no other cell is both faster and better).",
+    }
 
 
 def selection(meta: dict, rows: list[dict]) -> dict | None:
@@ -333,6 +342,9 @@ def markdown(meta: dict, rows: list[dict], plots: list[str], directory: Path, pl
         lines += ["## Failed", "", "| cell | error | log |", "|---|---|---|"]
         lines += [f"| {_md_escape(r['cell'])} | {_md_escape(r.get('error', ''))} | `{r.get('log', '')}` |" for r in failed]
         lines.append("")
+    from .bench_quality import markdown as quality_markdown
+
+    lines += quality_markdown(rows, axes, axis_title)
     if plots or plot_note:
         lines += ["## Plots", ""]
         captions = plot_captions(rows)
@@ -351,7 +363,7 @@ def csv_text(meta: dict, rows: list[dict]) -> str:
     axes = _axes(meta, rows)
     metric_keys = list(SUMMARY_METRICS)
     for r in rows:
-        metric_keys += [k for k in r.get("metrics", {}) if k not in metric_keys]
+        metric_keys += [k for k in r.get("metrics", {}) if k not in metric_keys and k != "eval_meta"]
     env_keys: list[str] = []
     for r in rows:
         env_keys += [k for k in r.get("environment", {}) if k not in env_keys]
@@ -505,6 +517,12 @@ def write_report(directory: str | Path) -> dict:
         pngs = plots(meta, rows, directory)
     except ImportError:
         pngs, note = [], "(plots need matplotlib: `pip install 'qpeft[bench]'`, then run `qpeft bench report` again)"
+    from . import bench_quality
+
+    front = bench_quality.frontiers(rows)
+    if not note and front["quality_metric"]:
+        pngs += bench_quality.pareto_plots(rows, directory, meta.get("name") or directory.name)
+    atomic_write_json(directory / bench_quality.QUALITY_JSON, front)
     atomic_write_text(directory / REPORT_CSV, csv_text(meta, rows))
     text = markdown(meta, rows, pngs, directory, note)
     atomic_write_text(directory / REPORT_MD, text)

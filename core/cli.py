@@ -212,6 +212,11 @@ def _print_summary(s: dict, output_dir: str) -> None:
         ("generation", s["generation"]["completion"] + ("  [dim]<eos>[/]" if s["generation"]["stopped_at_eos"] else "")),
         ("outputs", f"{output_dir}/adapter, {output_dir}/summary.json, {output_dir}/resolved_config.yaml"),
     ]
+    for label, entry in (s.get("eval") or {}).items():
+        key = entry.get("primary")
+        if key and entry["evaluator"] != "perplexity":  # perplexity has its row above
+            values = [(entry.get(stage) or {}).get(key) for stage in ("before", "after")]
+            rows.insert(-3, (f"eval {label}", f"{key}: " + " → ".join("–" if v is None else f"{v:.4g}" for v in values)))
     for note in s["notes"]:
         rows.append(("note", note))
     for k, v in rows:
