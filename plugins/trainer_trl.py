@@ -157,6 +157,21 @@ def drop_reference_copy(model) -> bool:
     return True
 
 
+def restore_dtypes(model, dtypes: dict) -> list[str]:
+    """Put trainable tensors back in the dtype they had before the TRL trainer was built; return
+    their names. TRL 1.16's DPO/KTO/GRPO trainers cast every trainable parameter of a 4/8-bit
+    model to bfloat16 (QLoRA's recipe), whatever the run's dtype and device: on a CPU run in
+    float32 that made training ~16x slower and the reloaded (float32) adapter's logits differ by
+    ~1e-2 (docs/reliability.md)."""
+    changed = []
+    for name, param in model.named_parameters():
+        want = dtypes.get(name)
+        if want is not None and param.dtype != want:
+            param.data = param.data.to(want)
+            changed.append(name)
+    return changed
+
+
 def _picked(metrics: dict, prefix: str = "") -> dict:
     out = {}
     for key in KEPT:
@@ -245,6 +260,7 @@ class _TrlTrainer(TrainerPlugin):
         args = self._config(options, ctx, tokenizer)
         train_ds = datasets.Dataset.from_list(list(train_data))
         eval_ds = datasets.Dataset.from_list(list(eval_data)) if eval_data else None
+        dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
         with _quiet_datasets():
             trainer = trainer_cls(
                 model=model,
@@ -256,6 +272,11 @@ class _TrlTrainer(TrainerPlugin):
                 **self.trainer_kwargs(options, ctx),
             )
         trainer.remove_callback(PrinterCallback)
+        if cast := restore_dtypes(model, dtypes):
+            ctx.notes.append(
+                f"{self.name}: TRL cast {len(cast)} trainable tensors of the quantized model to bfloat16; qpeft put them back "
+                f"in {dtypes[cast[0]]} (a bfloat16 adapter on CPU is ~16x slower and its reload differs)"
+            )
         if drop_reference_copy(model):
             ctx.notes.append(f"{self.name}: reference = the base with the adapter disabled (TRL's copy of the adapter removed)")
         metrics: dict[str, Any] = {}

@@ -211,7 +211,9 @@ def test_dpo_on_nf4_with_prefix(chat_model, tmp_path):
     so the reference must be the disabled adapter (TRL's copy would not be the base)."""
     s = _run(_config(chat_model, tmp_path / "nf4", "dpo", peft="prefix", quantizer="bnb-nf4"))
     assert s["objective_metrics"]["eval_after"]["rewards/margins"] > 0
-    assert s["reload_max_abs_logit_diff"] <= 1e-3
+    # Regression: TRL casts a quantized model's trainable tensors to bfloat16; qpeft puts them back
+    assert any("cast" in n and "put them back in torch.float32" in n for n in s["notes"]), s["notes"]
+    assert s["reload_max_abs_logit_diff"] <= 1e-4
 
 
 def letter_e(completions, **kwargs) -> list[float]:
