@@ -206,7 +206,9 @@ def _print_summary(s: dict, output_dir: str) -> None:
         ),
         ("train loss", f"{s['train_loss']:.4f}"),
         ("peak memory", mem),
-        ("val perplexity", f"{s['val_perplexity_before']} → {s['val_perplexity_after']} ({s['val_tokens']} tokens)"),
+        ("val perplexity", f"{s['val_perplexity_before']} → {s['val_perplexity_after']} ({s['val_tokens']} tokens)")
+        if s.get("objective", "lm") == "lm"
+        else (f"held-out {s['objective']}", _objective_text(s.get("objective_metrics") or {})),
         ("reload check", f"max |Δlogit| = {s['reload_max_abs_logit_diff']:.2e}"),
         ("prompt", s["generation"]["prompt"]),
         ("generation", s["generation"]["completion"] + ("  [dim]<eos>[/]" if s["generation"]["stopped_at_eos"] else "")),
@@ -663,3 +665,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _objective_text(metrics: dict) -> str:
+    """A non-SFT run's held-out metrics before → after training, as the bench report shows them."""
+    from .bench_report import objective_text
+
+    return objective_text(metrics.get("eval_before") or {}, metrics.get("eval_after") or {})

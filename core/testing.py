@@ -1318,19 +1318,41 @@ class TrainerChecker(_Checker):
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def config_dict(self, out: str, trainer: str | None = None, **options) -> dict:
-        opts = {"batch_size": 1, "max_steps": 3, "lr": 1e-7, "scheduler": "constant", "logging_steps": 1, **self.options, **options}
+        opts = {"batch_size": 1, "max_steps": 3, "lr": 1e-7, "scheduler": "constant", "logging_steps": 1}
+        if trainer in (None, self.name) and self._kind() == "prompts":  # whole groups of generations per step, kept short
+            fields = self._plugin_options()
+            opts.update({k: v for k, v in {"batch_size": 4, "num_generations": 4, "max_completion_length": 8}.items() if k in fields})
+        opts.update({**self.options, **options})
         return {
             "model": {"name_or_path": self.model_path or tiny_model_path(), "device": "cpu", "dtype": "float32"},
             "quantizer": "none",
             "peft": {"name": "lora", "options": {"r": 8, "alpha": 16}},
             "trainer": {"name": trainer or self.name, "options": opts},
-            "data": {"path": "embedded:text", "max_length": 48, "max_train_examples": 8, "max_val_examples": 2},
+            "data": {"path": self._data_path(trainer), "max_length": 48, "max_train_examples": 8, "max_val_examples": 2},
             "output_dir": str(self._tmp / out),
             "seed": 0,
             "evaluate": False,
             "gradient_checkpointing": False,
             "generate": {"max_new_tokens": 2, "chat_template": False},
         }
+
+    def _plugin_options(self) -> set:
+        from .registry import load_registry
+
+        plugin = load_registry(self.plugins).backends["trainer"].get(self.name)
+        return set(plugin.Options.model_fields) if plugin else set()
+
+    def _kind(self) -> str:
+        from .registry import load_registry
+
+        plugin = load_registry(self.plugins).backends["trainer"].get(self.name)
+        return getattr(plugin, "data_kind", "lm")
+
+    def _data_path(self, trainer: str | None) -> str:
+        from .data.objectives import EMBEDDED_FOR_KIND
+
+        kind = self._kind() if trainer in (None, self.name) else "lm"
+        return "embedded:text" if kind == "lm" else EMBEDDED_FOR_KIND[kind]
 
     def _run(self, cfg: dict, watch: _StepLosses, resume: bool = False) -> dict:
         from . import orchestrator
@@ -1351,9 +1373,43 @@ class TrainerChecker(_Checker):
         )
         self.expect(isinstance(plugin, TrainerPlugin), f"{type(plugin).__name__} is not a qpeft.api.TrainerPlugin")
         self.expect(issubclass(plugin.Options, TrainingOptions), "Options should subclass qpeft.api.TrainingOptions")
-        return {"source": registry.origins[("trainer", self.name)]}
+        from .data.objectives import DATA_KINDS
+
+        kind = getattr(plugin, "data_kind", "lm")
+        self.expect(kind in DATA_KINDS, f"data_kind {kind!r} is not one of {', '.join(DATA_KINDS)}")
+        return {"source": registry.origins[("trainer", self.name)], "data_kind": kind}
+
+    def check_objective_data(self) -> dict:
+        """A trainer of another objective: its kind's embedded rows load, and a row missing a field
+        is refused (ConfigError naming the row) before any weight loads."""
+        from .data.objectives import REQUIRED
+
+        kind = self._kind()
+        if kind == "lm":
+            return {"skipped": "language-modelling data (checked by data_order)"}
+        bad = self._tmp / "bad.jsonl"
+        bad.write_text(json.dumps({"unrelated": "p"}) + "\n" + json.dumps({"unrelated": "q"}) + "\n")
+        cfg = self.config_dict("bad-data")
+        cfg["data"]["path"] = str(bad)
+        from . import orchestrator
+        from .errors import QpeftError
+        from .registry import load_registry
+
+        watch = _BaseWatch()
+        resolved, registry = orchestrator.prepare(cfg, registry=load_registry((*self.plugins, watch)))
+        try:
+            orchestrator.run(resolved, registry)
+            self.fail("a row without its fields was accepted")
+        except QpeftError as exc:
+            missing = [*REQUIRED[kind], "prompt"]
+            self.expect("row 1" in str(exc), f"the error does not name the row: {exc}")
+            self.expect(any(repr(c) in str(exc) for c in missing), f"the error does not name the missing field: {exc}")
+        self.expect(watch.model is None, "the base model was loaded before the bad row was refused")
+        return {"kind": kind}
 
     def check_data_order(self) -> dict:
+        if self._kind() != "lm":
+            return {"skipped": f"data kind {self._kind()!r}: TRL-style trainers sample their own order"}
         mine, ref = _StepLosses(), _StepLosses()
         self._run(self.config_dict("order"), mine)
         self._run(self.config_dict("order-native", trainer="native"), ref)
@@ -1371,11 +1427,15 @@ class TrainerChecker(_Checker):
 
     def check_trains(self) -> dict:
         watch = _StepLosses()
-        cfg = self.config_dict("trains", batch_size=4, max_steps=6, lr=1e-2)
+        cfg = self.config_dict("trains", batch_size=4, max_steps=6, lr=1e-2)  # (4: a multiple of grpo's groups)
         cfg["data"]["max_train_examples"] = 4  # every step sees the same four examples
+        kind = self._kind()
         summary = self._run(cfg, watch)
         losses = [l for _, l in watch.losses]
-        self.expect(len(losses) >= 2 and losses[-1] < losses[0], f"training loss did not go down: {losses}")
+        if kind == "prompts":  # a policy-gradient loss need not fall; the steps must be reported, finite
+            self.expect(len(losses) == 6 and all(math.isfinite(l) for l in losses), f"losses reported: {losses}")
+        else:
+            self.expect(len(losses) >= 2 and losses[-1] < losses[0], f"training loss did not go down: {losses}")
         self.expect(summary["reload_max_abs_logit_diff"] <= 1e-4, f"reload changed logits by {summary['reload_max_abs_logit_diff']:.2e}")
         return {"losses": losses}
 
@@ -1385,6 +1445,15 @@ class TrainerChecker(_Checker):
         from .checkpoint import latest_complete
 
         opts = {"batch_size": 2, "max_steps": 4, "lr": 1e-2, "save_steps": 2}
+        if self._kind() != "lm":
+            from .errors import QpeftError
+
+            try:
+                self._run(self.config_dict("whole", **opts), _StepLosses())
+            except QpeftError as exc:  # a trainer that writes no checkpoints refuses save_steps up front
+                self.expect("save_steps" in str(exc), f"save_steps refused without naming it: {exc}")
+                return {"skipped": f"writes no checkpoints: {exc}"}
+            self.fail("a trainer of another objective accepted save_steps; its resume is not checked by the kit yet")
         self._run(self.config_dict("whole", **opts), _StepLosses())
         cut = self.config_dict("cut", **opts)
         try:
@@ -1405,7 +1474,7 @@ class TrainerChecker(_Checker):
         )
         return {"checkpoint": str(checkpoint) if checkpoint else None, "max_abs_diff": diff}
 
-    CHECKS: ClassVar[tuple[str, ...]] = ("registration", "data_order", "trains", "resume")
+    CHECKS: ClassVar[tuple[str, ...]] = ("registration", "objective_data", "data_order", "trains", "resume")
 
 
 def check_trainer(trainer: str, options: dict | None = None, **kwargs) -> dict:

@@ -145,22 +145,6 @@ def _callback(ctx, name: str):
     return QpeftCallback()
 
 
-def restore_adapter_dtypes(model, attached: dict) -> bool:
-    """Undo TRL 1.16's in-place cast of the trainable parameters to bfloat16 on 4/8-bit bases
-    (DPO, KTO, GRPO, SFT trainers, "QLoRA recommendation"): qpeft trains the adapter in the dtype
-    it attached it with (float32, under autocast). Left cast, the trained model computes its
-    adapter in bfloat16 while the saved adapter reloads into float32 layers, and the reloaded
-    model's logits differed from the trained one's by up to 1.9 on an H200 (DPO, bnb-nf4).
-    Returns whether anything was restored."""
-    restored = False
-    for name, param in model.named_parameters():
-        dtype = attached.get(name)
-        if dtype is not None and param.dtype != dtype:
-            param.data = param.data.to(dtype)
-            restored = True
-    return restored
-
-
 def drop_reference_copy(model) -> bool:
     """Remove the "ref" adapter TRL 1.16 adds to a passed PEFT model (a frozen copy of the
     trained adapter), so that its reference passes run with the adapter disabled: the base.
@@ -171,6 +155,21 @@ def drop_reference_copy(model) -> bool:
     model.delete_adapter("ref")
     model.set_adapter("default")
     return True
+
+
+def restore_dtypes(model, dtypes: dict) -> list[str]:
+    """Put trainable tensors back in the dtype they had before the TRL trainer was built; return
+    their names. TRL 1.16's DPO/KTO/GRPO trainers cast every trainable parameter of a 4/8-bit
+    model to bfloat16 (QLoRA's recipe), whatever the run's dtype and device: on a CPU run in
+    float32 that made training ~16x slower and the reloaded (float32) adapter's logits differ by
+    ~1e-2 (docs/reliability.md)."""
+    changed = []
+    for name, param in model.named_parameters():
+        want = dtypes.get(name)
+        if want is not None and param.dtype != want:
+            param.data = param.data.to(want)
+            changed.append(name)
+    return changed
 
 
 def _picked(metrics: dict, prefix: str = "") -> dict:
@@ -259,9 +258,9 @@ class _TrlTrainer(TrainerPlugin):
         module, trainer_name, _ = self.trl_trainer
         trainer_cls = getattr(importlib.import_module(module), trainer_name)
         args = self._config(options, ctx, tokenizer)
-        attached = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
         train_ds = datasets.Dataset.from_list(list(train_data))
         eval_ds = datasets.Dataset.from_list(list(eval_data)) if eval_data else None
+        dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
         with _quiet_datasets():
             trainer = trainer_cls(
                 model=model,
@@ -273,8 +272,11 @@ class _TrlTrainer(TrainerPlugin):
                 **self.trainer_kwargs(options, ctx),
             )
         trainer.remove_callback(PrinterCallback)
-        if restore_adapter_dtypes(model, attached):
-            ctx.notes.append(f"{self.name}: TRL cast the adapter to bfloat16 on a quantized base; qpeft restored its float32 weights")
+        if cast := restore_dtypes(model, dtypes):
+            ctx.notes.append(
+                f"{self.name}: TRL cast {len(cast)} trainable tensors of the quantized model to bfloat16; qpeft put them back "
+                f"in {dtypes[cast[0]]} (a bfloat16 adapter on CPU is ~16x slower and its reload differs)"
+            )
         if drop_reference_copy(model):
             ctx.notes.append(f"{self.name}: reference = the base with the adapter disabled (TRL's copy of the adapter removed)")
         metrics: dict[str, Any] = {}

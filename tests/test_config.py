@@ -58,7 +58,7 @@ def test_resolved_config_round_trips(registry):
     [
         (BASE, ["quantizer=gptqq"], "quantizer.name", "unknown quantizer 'gptqq'"),
         (BASE, ["peft=loar"], "peft.name", "did you mean 'lora'"),
-        (BASE, ["trainer=xx"], "trainer.name", "valid: dpo, grpo, hf, kto, native"),
+        (BASE, ["trainer=xx"], "trainer.name", "valid: dpo, grpo, hf"),
         (BASE, ["quantizer.options.double_quant=maybe"], "quantizer.options.double_quant", "valid boolean"),
         (BASE, ["peft.options.r=0"], "peft.options.r", "greater than or equal to 1"),
         (BASE, ["peft.options.rank=8"], "peft.options.rank", "unknown key 'rank'"),
