@@ -16,7 +16,9 @@ def _b_after_one_step(tiny_config, tmp_path, trainer, ratio):
     options = {"batch_size": 2, "max_steps": 1, "lr": 1e-2, "scheduler": "constant", "optim": "sgd", "max_grad_norm": 0}
     if ratio:
         options["loraplus_lr_ratio"] = ratio
-    cfg = tiny_config(quantizer="none", trainer={"name": trainer, "options": options}, evaluate=False, output_dir=str(tmp_path / f"run{ratio}"))
+    cfg = tiny_config(
+        quantizer="none", trainer={"name": trainer, "options": options}, evaluate=False, output_dir=str(tmp_path / f"run{ratio}")
+    )
     cfg["data"].update(max_train_examples=2, max_length=64)
     cfg["generate"]["max_new_tokens"] = 1
     orchestrator.run(*orchestrator.prepare(cfg, registry=REGISTRY))
@@ -39,6 +41,8 @@ def test_lora_b_matrices_get_the_higher_learning_rate(trainer, tiny_config, tmp_
 
 
 def test_loraplus_without_lora_b_is_refused(tiny_config):
-    cfg = tiny_config(quantizer="none", peft={"name": "prompt"}, trainer={"name": "native", "options": {"max_steps": 1, "loraplus_lr_ratio": 8}})
+    cfg = tiny_config(
+        quantizer="none", peft={"name": "prompt"}, trainer={"name": "native", "options": {"max_steps": 1, "loraplus_lr_ratio": 8}}
+    )
     with pytest.raises(ConfigError, match="loraplus_lr_ratio"):
         orchestrator.run(*orchestrator.prepare(cfg, registry=REGISTRY))
