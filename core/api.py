@@ -1,7 +1,8 @@
 """What a backend plugin is: a named object with an options model and declared capabilities.
 
-Third-party packages subclass :class:`QuantizerPlugin`, :class:`PeftPlugin` or
-:class:`TrainerPlugin` and register instances through the hooks in :mod:`qpeft.hookspecs`.
+Third-party packages subclass :class:`QuantizerPlugin`, :class:`PeftPlugin`,
+:class:`TrainerPlugin` or :class:`EvaluatorPlugin` and register instances through the hooks in
+:mod:`qpeft.hookspecs`.
 Class attributes are read before any weight is loaded, so plugin modules must import only
 light things at module level (pydantic, qpeft) and their backend libraries inside methods.
 """
@@ -256,6 +257,14 @@ class PeftPlugin(_Plugin):
 class TrainerPlugin(_Plugin):
     """Runs the optimisation loop over a tokenized dataset."""
 
+    #: The data this trainer consumes (:data:`qpeft.data.objectives.DATA_KINDS`): "lm"
+    #: (language-modelling rows, tokenized into :class:`qpeft.data.TokenDataset`), "preference"
+    #: (prompt/chosen/rejected pairs), "unpaired" (prompt/completion/label) or "prompts" (prompts
+    #: for reward functions). For the kinds other than "lm", qpeft reads, checks and renders
+    #: the rows before any weight loads and ``train`` receives them as lists of dicts
+    #: (:mod:`qpeft.data.objectives`).
+    data_kind: ClassVar[str] = "lm"
+
     def train(self, model, tokenizer, train_data, eval_data, options: Options, ctx: RunContext) -> TrainResult:
         """Train the trainable parameters of ``model``; return a :class:`TrainResult`.
 
@@ -269,13 +278,94 @@ class TrainerPlugin(_Plugin):
         (``qpeft.checkpoint.mark_complete(..., data_position=...)``) and call
         ``schedule.resume(step, position)`` on ``--resume``. Batch with
         :func:`qpeft.data.collate`. Call ``ctx.hooks.qpeft_on_step_end`` after each optimizer
-        step so lifecycle plugins and the progress display see it.
+        step so lifecycle plugins and the progress display see it (``logs["metrics"]``, a dict of
+        floats, is shown beside the loss).
+
+        A trainer whose ``data_kind`` is not "lm" receives rendered rows instead
+        (:class:`qpeft.data.objectives.ObjectiveData`'s ``train``/``val`` lists) and reports its
+        objective's own measurements in ``TrainResult.metrics`` (the run summary's
+        ``objective_metrics``).
         """
         raise NotImplementedError
+
+
+class TrackerPlugin(_Plugin):
+    """Records a run in an experiment tracker (TensorBoard, MLflow, W&B), chosen by name in the
+    config's ``trackers`` list. A tracker is a lifecycle plugin that takes part only in the
+    runs that name it: :meth:`start` returns an object implementing ``qpeft_on_*`` hooks, which
+    qpeft registers for the run and unregisters after :meth:`finish`."""
+
+    #: The Python package the tracker writes with (checked before any weight loads).
+    requires: ClassVar[str] = ""
+    #: The pip extra that installs it (named in the error when it is missing).
+    extra: ClassVar[str] = ""
+
+    def check(self, options: Options, ctx: RunContext) -> None:
+        """Refuse the tracker when its package is not installed (before any weight loads)."""
+        import importlib.util
+
+        from .errors import ConfigError
+
+        if self.requires and importlib.util.find_spec(self.requires) is None:
+            raise ConfigError(
+                "trackers",
+                f"tracker {self.name!r} needs the {self.requires} package: pip install 'qpeft[{self.extra or self.requires}]'",
+            )
+
+    def start(self, options: Options, config: dict, ctx: RunContext):
+        """Open the tracker's run and record ``config`` (the resolved run config) as its
+        parameters; return the object whose ``qpeft_on_*`` hooks record the rest."""
+        raise NotImplementedError
+
+    def finish(self, session, status: str) -> None:
+        """Close the run ``start`` opened; ``status`` is "FINISHED" or "FAILED".
+
+        Default: ``session.finish(status)`` when the session has that method."""
+        close = getattr(session, "finish", None)
+        if close is not None:
+            close(status)
+
+
+class EvaluatorPlugin(_Plugin):
+    """Measures the quality of a model: run before training (on the quantized base) and after
+    (on the trained model in memory: the quantized base with its adapter, not merged)."""
+
+    def evaluate(self, model, tokenizer, options: Options, ctx: RunContext, *, stage: str, data, out_dir) -> EvalResult:
+        """Evaluate ``model`` (in eval mode, the network closed) and return an :class:`EvalResult`.
+
+        ``stage`` is ``"before"`` or ``"after"`` (training); ``data`` is the run's validation
+        set (a :class:`qpeft.data.TokenDataset`), for evaluators that score it. Files the
+        evaluator writes go into ``out_dir`` (``OUTPUT_DIR/eval/<label>``, a ``Path`` that may not
+        exist yet), written atomically (:func:`qpeft.io.atomic_write_text`). Raise
+        :class:`qpeft.errors.QpeftError` with one line for what the user must fix (a task whose
+        data is not on this machine, ...). Validate what can be validated before any weight loads
+        in :meth:`check`, raising ``ConfigError(option_name, message)``: qpeft names the key as
+        ``eval.N.options.<option_name>``.
+        """
+        raise NotImplementedError
+
+
+@dataclass
+class EvalResult:
+    """What an evaluator measured: metric name -> number, and how to read them."""
+
+    #: Metric name -> value (float or int; None when the evaluator could not compute it).
+    metrics: dict[str, float | int | None]
+    #: Metric name -> True when higher is better, False when lower is (absent: neither, e.g. counts).
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
+    #: The metric that stands for quality on a plot (``qpeft bench``'s quality axis), or None.
+    primary: str | None = None
+    #: Files written (paths), for the summary.
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 PLUGIN_KINDS = {
     "quantizer": QuantizerPlugin,
     "peft": PeftPlugin,
     "trainer": TrainerPlugin,
+    "tracker": TrackerPlugin,
+    "evaluator": EvaluatorPlugin,
 }

@@ -1281,6 +1281,11 @@ SUMMARY_METRICS = (
 def cell_metrics(summary: dict, merge: dict | None) -> dict:
     """The flat metrics of one cell from the run summary and the merge result."""
     metrics = {k: summary[k] for k in SUMMARY_METRICS if k in summary}
+    if summary.get("objective", "lm") != "lm":  # a trainer of another objective: its own held-out metrics
+        objective = summary.get("objective_metrics") or {}
+        metrics["objective"] = summary["objective"]
+        metrics["objective_eval_before"] = objective.get("eval_before")
+        metrics["objective_eval_after"] = objective.get("eval_after")
     gen = summary.get("generation") or {}
     metrics["generation_tokens_per_s"] = round(gen["tokens_per_s"], 2) if "tokens_per_s" in gen else None
     metrics["generation_new_tokens"] = gen.get("new_tokens")

@@ -289,6 +289,8 @@ def markdown(meta: dict, rows: list[dict], plots: list[str], directory: Path, pl
             trainable = m.get("trainable_params")
             trainable_text = f"{trainable / 1e6:.2f} M ({m.get('trainable_percent', 0):.2f}%)" if trainable else "–"
             ppl = f"{_ppl(m.get('val_perplexity_before'))} → {_ppl(m.get('val_perplexity_after'))}"
+            if m.get("objective"):  # dpo, kto, grpo, ...: the objective's held-out metrics instead of a perplexity
+                ppl = objective_text(m.get("objective_eval_before") or {}, m.get("objective_eval_after") or {})
             adapter = m.get("adapter_bytes")
             merge = _fmt(m.get("merge_max_abs_logit_diff"), ".2e") if "merge_max_abs_logit_diff" in m else "n/m"
             if m.get("merge_base_path_diff"):
@@ -494,7 +496,8 @@ def plots(meta: dict, rows: list[dict], directory: Path) -> list[str]:
 
 
 def write_report(directory: str | Path) -> dict:
-    """Write ``report.md``, ``results.csv`` and the PNG plots into ``directory``; return their paths."""
+    """Write ``report.md``, ``results.csv``, the PNG plots and ``report.html`` (the same report in
+    one self-contained page, :mod:`qpeft.html_report`) into ``directory``; return their paths."""
     directory = Path(directory)
     meta, rows = load(directory)
     note = ""
@@ -503,11 +506,25 @@ def write_report(directory: str | Path) -> dict:
     except ImportError:
         pngs, note = [], "(plots need matplotlib: `pip install 'qpeft[bench]'`, then run `qpeft bench report` again)"
     atomic_write_text(directory / REPORT_CSV, csv_text(meta, rows))
-    atomic_write_text(directory / REPORT_MD, markdown(meta, rows, pngs, directory, note))
+    text = markdown(meta, rows, pngs, directory, note)
+    atomic_write_text(directory / REPORT_MD, text)
+    from .html_report import write_bench_html
+
     return {
+        "html": write_bench_html(meta, rows, text, directory),
         "markdown": str(directory / REPORT_MD),
         "csv": str(directory / REPORT_CSV),
         "plots": [str(directory / p) for p in pngs],
         "cells": len(rows),
         "note": note,
     }
+
+
+#: The objective metrics a report shows (TRL's names), with their short labels.
+OBJECTIVE_SHOWN = {"rewards/accuracies": "acc", "rewards/margins": "margin", "reward": "reward"}
+
+
+def objective_text(before: dict, after: dict) -> str:
+    """A non-SFT objective's held-out metrics, before → after training (e.g. ``acc 0 → 0.94, margin 0 → 1.36``)."""
+    parts = [f"{label} {_fmt(before.get(k), '.3g')} → {_fmt(after.get(k), '.3g')}" for k, label in OBJECTIVE_SHOWN.items() if k in after]
+    return ", ".join(parts) or "–"

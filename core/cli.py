@@ -108,7 +108,7 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
     if as_json:
         out.print_json(json.dumps(info))
         return
-    for kind in ("quantizer", "peft", "trainer"):
+    for kind in ("quantizer", "peft", "trainer", "evaluator", "tracker"):
         # Capabilities are never cut (one a line, the column as wide as the longest); the
         # plugin's source is shown under its name; descriptions wrap.
         from rich.markup import escape
@@ -120,7 +120,7 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         table.add_column("capabilities", no_wrap=True)
         for p in info[kind]:
             caps = p["capabilities"]
-            flags = [k for k in ("trainable", "mergeable", "grad_checkpointing", "fsdp") if caps.get(k)]
+            flags = [k for k in ("trainable", "mergeable", "grad_checkpointing", "fsdp") if caps.get(k) and kind != "evaluator"]
             if kind == "quantizer":
                 flags.append(f"merge: {caps['merge_source']}")
             name = f"[bold]{escape(p['name'])}[/]\n[dim]{escape(p['source'])}[/]"
@@ -150,7 +150,7 @@ def run(
         from .preflight import check_files
 
         try:
-            checked = check_files(resolved.config)
+            checked = check_files(resolved.config, getattr(resolved.trainer, "data_kind", "lm"))
         except USER_ERRORS as exc:
             _fail(exc)
         out.print(
@@ -320,8 +320,8 @@ def config_schema(backend: str | None = typer.Argument(None, metavar="KIND:NAME"
             out.print_json(json.dumps(RunConfig.model_json_schema()))
             return
         kind, _, name = backend.partition(":")
-        if kind not in ("quantizer", "peft", "trainer") or not name:
-            raise QpeftError(f"expected kind:name with kind in quantizer, peft, trainer; got {backend!r}")
+        if kind not in ("quantizer", "peft", "trainer", "evaluator", "tracker") or not name:
+            raise QpeftError(f"expected kind:name with kind in quantizer, peft, trainer, evaluator, tracker; got {backend!r}")
         out.print_json(json.dumps(_registry().get(kind, name).Options.model_json_schema()))
     except USER_ERRORS as exc:
         _fail(exc)
@@ -554,15 +554,30 @@ def _bench_report(directory: str) -> None:
         written = write_report(directory)
     except USER_ERRORS as exc:
         _fail(exc)
-    out.print(f"report: {written['markdown']}, {written['csv']}" + "".join(f", {p}" for p in written["plots"]), highlight=False)
+    out.print(
+        f"report: {written['markdown']}, {written['csv']}" + "".join(f", {p}" for p in written["plots"]) + f", {written['html']}",
+        highlight=False,
+    )
     if written["note"]:
         console.print(written["note"], highlight=False)
 
 
 @bench_app.command("report")
 def bench_report(directory: str = typer.Argument(..., metavar="DIR", help="Results folder of a qpeft bench run.")):
-    """Write report.md, results.csv and the PNG plots of a results folder."""
+    """Write report.md, results.csv, the PNG plots and report.html of a results folder."""
     _bench_report(directory)
+
+
+@app.command("report")
+def run_report(run_dir: str = typer.Argument(..., metavar="RUN_DIR", help="Output folder of a qpeft run.")):
+    """Write RUN_DIR/report.html: loss curve, evaluation results, memory, notes, config."""
+    from .html_report import write_run_html
+
+    try:
+        path = write_run_html(run_dir)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    out.print(f"report: {path}", highlight=False)
 
 
 INTERRUPTED = "interrupted: finished outputs are intact; partial ones were not written"

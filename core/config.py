@@ -12,6 +12,7 @@ Validation happens in two stages, both raising :class:`ConfigError` naming the k
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import functools
 import inspect
@@ -241,6 +242,14 @@ class GenerateConfig(_Strict):
     chat_template: bool = True
 
 
+class EvalRef(BackendRef):
+    """An evaluator chosen by name (``qpeft plugins`` lists them), run before and after training."""
+
+    #: Where its results go: ``summary.json``'s ``eval.<label>`` and the bench report's columns
+    #: (default: the evaluator's name; set it to run one evaluator twice with other options).
+    label: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
 class RunConfig(_Strict):
     """Top level of a qpeft YAML config."""
 
@@ -261,15 +270,41 @@ class RunConfig(_Strict):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     #: true / false, or "auto": on unless the PEFT method or quantizer cannot use it.
     gradient_checkpointing: bool | Literal["auto"] = "auto"
-    #: Measure validation perplexity before and after training.
+    #: Run the evaluators (``eval``) before and after training; false turns them all off.
     evaluate: bool = True
+    #: Evaluators run before and after training: names or {name, options, label}
+    #: (perplexity, generation, lm-eval, ...); null = [perplexity] (the validation split's).
+    eval: list[EvalRef] | None = None
     #: The generation made after reloading the saved adapter.
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    #: Experiment trackers that record the run (none by default): names (tensorboard, mlflow,
+    #: wandb; ``qpeft plugins`` lists them) or {name, options}.
+    trackers: list[BackendRef] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
     def _shorthands(cls, data: Any) -> Any:
         return normalize_shorthands(data)
+
+    @field_validator("eval", mode="after")
+    @classmethod
+    def _eval_labels(cls, value: list[EvalRef] | None) -> list[EvalRef] | None:
+        seen: dict[str, int] = {}
+        for i, ref in enumerate(value or []):
+            label = ref.label or ref.name
+            if label in seen:
+                raise ValueError(
+                    f"eval.{seen[label]} and eval.{i} both store their results as {label!r}; give one a label: (a name of its own)"
+                )
+            seen[label] = i
+        return value
+
+    def eval_refs(self) -> list[EvalRef]:
+        """The evaluators this run uses: ``eval``, or the default ``[perplexity]``; none when
+        ``evaluate`` is false."""
+        if not self.evaluate:
+            return []
+        return list(self.eval) if self.eval is not None else [EvalRef(name="perplexity")]
 
     @field_validator("output_dir", mode="after")
     @classmethod
@@ -283,7 +318,8 @@ class RunConfig(_Strict):
 
 
 def normalize_shorthands(data: Any) -> Any:
-    """Expand ``quantizer: bnb-nf4`` to ``{name: bnb-nf4}`` and ``model: path`` to ``{name_or_path: path}``."""
+    """Expand ``quantizer: bnb-nf4`` to ``{name: bnb-nf4}``, ``model: path`` to ``{name_or_path: path}``
+    and ``eval: [perplexity]`` to ``[{name: perplexity}]``."""
     if not isinstance(data, dict):
         return data
     data = dict(data)
@@ -292,6 +328,14 @@ def normalize_shorthands(data: Any) -> Any:
             data[key] = {"name": data[key]}
     if isinstance(data.get("model"), str):
         data["model"] = {"name_or_path": data["model"]}
+    if isinstance(data.get("eval"), str):
+        data["eval"] = [data["eval"]]
+    if isinstance(data.get("eval"), list):
+        data["eval"] = [{"name": e} if isinstance(e, str) else e for e in data["eval"]]
+    if isinstance(data.get("trackers"), str):  # `trackers: tensorboard`
+        data["trackers"] = [data["trackers"]]
+    if isinstance(data.get("trackers"), list):
+        data["trackers"] = [{"name": t} if isinstance(t, str) else t for t in data["trackers"]]
     return data
 
 
@@ -533,6 +577,10 @@ class ResolvedRun:
     dtype: str
     grad_checkpointing: bool
     notes: list[str]
+    #: The evaluators (:class:`ResolvedEval`), in the config's order.
+    evaluators: list = dataclasses.field(default_factory=list)
+    #: (tracker plugin, validated options) for each entry of ``config.trackers``.
+    trackers: list = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         """The fully resolved config, defaults filled in, as written beside every output."""
@@ -543,7 +591,41 @@ class ResolvedRun:
         d["model"]["device"] = self.device
         d["model"]["dtype"] = self.dtype
         d["gradient_checkpointing"] = self.grad_checkpointing
+        d["eval"] = [e.to_dict() for e in self.evaluators]
+        d["trackers"] = [{"name": t.name, "options": o.model_dump(mode="json")} for t, o in self.trackers]
         return d
+
+
+@dataclass
+class ResolvedEval:
+    """One evaluator of a run: its label, plugin and validated options."""
+
+    label: str
+    plugin: Any
+    options: Any
+
+    def to_dict(self) -> dict:
+        return {"name": self.plugin.name, "options": self.options.model_dump(mode="json"), "label": self.label}
+
+
+def resolve_evaluators(config: RunConfig, registry, ctx) -> list[ResolvedEval]:
+    """Find each evaluator of ``config``, validate its options and let it check them (its
+    library installed, its files present), before any weight loads; errors name ``eval.N``."""
+    out = []
+    for i, ref in enumerate(config.eval_refs()):
+        plugin = registry.get("evaluator", ref.name, key=f"eval.{i}.name")
+        opts = validate_options(plugin, ref.options, f"eval.{i}.options")
+        if ctx.device not in plugin.capabilities.devices:
+            raise ConfigError(
+                f"eval.{i}.name",
+                f"evaluator {plugin.name!r} does not run on {ctx.device}; it supports: {', '.join(plugin.capabilities.devices)}",
+            )
+        try:
+            plugin.check(opts, ctx)
+        except ConfigError as exc:  # the plugin names its option; the user's key is eval.N.options.<option>
+            raise ConfigError(f"eval.{i}.options" + (f".{exc.key}" if exc.key else ""), exc.message) from None
+        out.append(ResolvedEval(ref.label or ref.name, plugin, opts))
+    return out
 
 
 def validate_options(plugin, options: dict, key: str):
@@ -590,6 +672,7 @@ def resolve(config: RunConfig, registry, *, device: str | None = None) -> Resolv
     t_opts = validate_options(trainer, config.trainer.options, "trainer.options")
 
     check_combination(quant, peft, trainer)
+    check_data_kind(config, trainer)
 
     if device is None:
         dev, dtype = resolve_device(config.model)
@@ -638,8 +721,27 @@ def resolve(config: RunConfig, registry, *, device: str | None = None) -> Resolv
     quant.check(q_opts, ctx)
     peft.check(p_opts, ctx)
     trainer.check(t_opts, ctx)
+    evaluators = resolve_evaluators(config, registry, ctx)
+    trackers = resolve_trackers(config, registry, ctx)
     notes.extend(ctx.notes)
-    return ResolvedRun(config, quant, q_opts, peft, p_opts, trainer, t_opts, dev, dtype, gc, notes)
+    return ResolvedRun(
+        config, quant, q_opts, peft, p_opts, trainer, t_opts, dev, dtype, gc, notes, evaluators=evaluators, trackers=trackers
+    )
+
+
+def resolve_trackers(config: RunConfig, registry, ctx) -> list:
+    """``(plugin, options)`` for each tracker the config names: known names, valid options,
+    each named once, their packages installed (all before any weight loads)."""
+    trackers, seen = [], set()
+    for i, ref in enumerate(config.trackers):
+        plugin = registry.get("tracker", ref.name, key=f"trackers.{i}.name")
+        if plugin.name in seen:
+            raise ConfigError(f"trackers.{i}.name", f"tracker {plugin.name!r} is named twice; name each tracker once")
+        seen.add(plugin.name)
+        options = validate_options(plugin, ref.options, f"trackers.{i}.options")
+        plugin.check(options, ctx)
+        trackers.append((plugin, options))
+    return trackers
 
 
 def check_fsdp(ctx, plugins: dict, registry) -> None:
@@ -659,6 +761,24 @@ def check_fsdp(ctx, plugins: dict, registry) -> None:
         if not plugin.capabilities.fsdp:
             ok = sorted(n for n, p in registry.backends[kind].items() if p.capabilities.fsdp)
             raise ConfigError(f"{kind}.name", f"{kind} {plugin.name!r} is not tested under FSDP; under FSDP use one of: {', '.join(ok)}")
+
+
+def check_data_kind(config: RunConfig, trainer) -> None:
+    """The trainer's ``data_kind`` is one qpeft reads; a trainer of another objective gets that
+    kind's embedded set when the config names no ``data.path``, and is refused packed rows."""
+    from .data.objectives import DATA_KINDS, EMBEDDED_FOR_KIND
+
+    kind = getattr(trainer, "data_kind", "lm")
+    if kind not in DATA_KINDS:
+        raise ConfigError("trainer.name", f"trainer {trainer.name!r} declares data_kind {kind!r}; valid: {', '.join(DATA_KINDS)}")
+    if kind == "lm":
+        return
+    if "path" not in config.data.model_fields_set:
+        config.data.path = EMBEDDED_FOR_KIND[kind]
+    if config.data.packing:
+        raise ConfigError(
+            "data.packing", f"trainer {trainer.name!r} trains on {DATA_KINDS[kind].split(':')[0]}, which are not packed; set it to false"
+        )
 
 
 def check_combination(quant, peft, trainer) -> None:

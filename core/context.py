@@ -46,6 +46,9 @@ class TrainResult:
     seconds: float
     #: One dict per logged step: {"step", "loss", ...}.
     log_history: list[dict] = field(default_factory=list)
+    #: The objective's own measurements (reward accuracy, margins, mean reward, ...), written
+    #: to the run summary as ``objective_metrics``.
+    metrics: dict = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:

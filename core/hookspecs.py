@@ -13,7 +13,7 @@ There are two sorts of hooks:
 
 * **registration hooks** (``qpeft_register_*``) hand qpeft backend objects — subclasses of
   :class:`qpeft.api.QuantizerPlugin`, :class:`qpeft.api.PeftPlugin`,
-  :class:`qpeft.api.TrainerPlugin` — each with a ``name``, an ``Options`` model and
+  :class:`qpeft.api.TrainerPlugin`, :class:`qpeft.api.EvaluatorPlugin` — each with a ``name``, an ``Options`` model and
   ``capabilities``. The config chooses among them by name.
 * **lifecycle hooks** (``qpeft_on_*``) let cross-cutting plugins (loggers, guards, metrics)
   observe a run without the orchestrator knowing them. Every implementation is called.
@@ -56,6 +56,18 @@ def qpeft_register_trainers(register):
 
 
 @hookspec
+def qpeft_register_evaluators(register):
+    """Call ``register(plugin)`` once for each evaluator you provide.
+
+    ``plugin`` is an instance of a :class:`qpeft.api.EvaluatorPlugin` subclass, chosen by
+    ``name`` in an entry of the config's ``eval`` list (``eval: [{name: perplexity},
+    {name: lm-eval, options: {tasks: [...]}}]``). Each listed evaluator runs on the quantized
+    base before training and on the trained model (base + adapter, in memory) after it; its
+    :class:`qpeft.api.EvalResult` goes into ``summary.json`` under ``eval.<label>``.
+    """
+
+
+@hookspec
 def qpeft_on_model_loaded(model, ctx):
     """Called after the quantizer loaded the base model and before any adapter is attached.
 
@@ -74,3 +86,14 @@ def qpeft_on_step_end(step, max_steps, logs, ctx):
 @hookspec
 def qpeft_on_run_end(summary, ctx):
     """Called once at the end of a successful ``qpeft run`` with the summary dict."""
+
+
+@hookspec
+def qpeft_register_trackers(register):
+    """Call ``register(plugin)`` once for each experiment tracker you provide.
+
+    ``plugin`` is an instance of a :class:`qpeft.api.TrackerPlugin` subclass, chosen by name in
+    the config's ``trackers`` list. Its :meth:`~qpeft.api.TrackerPlugin.start` returns an object
+    implementing the lifecycle hooks (``qpeft_on_step_end``, ``qpeft_on_run_end``), registered
+    only for the runs that name the tracker.
+    """

@@ -31,9 +31,11 @@ from .checkpoint import find_resume_point, read_marker
 from .config import ResolvedRun, RunConfig, dump_yaml, load_config, resolve
 from .context import RunContext
 from .data import check_same_data, load_datasets, tokenize
+from .data.objectives import load_objective_data, probe_example
 from .distributed import check_shared_output_dir, fsdp_version, gather_trainable_state, local_rank, world_size
 from .distributed import rank as distributed_rank
 from .errors import QpeftError, TrainingDiverged
+from .evaluation import run_evaluators
 from .integrity import check_adapter_applied, check_adapter_files, check_finite
 from .io import atomic_dir, atomic_write_json, atomic_write_text, deferred_interrupts, folder_lock
 from .model_card import model_card
@@ -41,7 +43,6 @@ from .model_source import check_weight_files, resolve_model_path
 from .modeling import (
     StepTimer,
     align_pad_token,
-    evaluate_perplexity,
     generate_text,
     kv_cache_off,
     logits_for,
@@ -52,6 +53,7 @@ from .modeling import (
 from .outputs import MERGE_MARKER, check_merge_output, check_run_output
 from .registry import Registry, load_registry
 from .tokenizer import load_tokenizer
+from .tracking import tracking
 
 Say = Callable[[str], None]
 
@@ -102,7 +104,7 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet, *, resume:
     check_run_output(resolved.config)
     if distributed_rank() != 0:
         return _run(resolved, registry, say, resume=resume)
-    with folder_lock(resolved.config.output_dir, "qpeft run"):
+    with folder_lock(resolved.config.output_dir, "qpeft run"), tracking(resolved, registry, say):
         return _run(resolved, registry, say, resume=resume)
 
 
@@ -143,28 +145,36 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
     say(f"pad token: {pad.action} {pad.token!r} (id {pad.token_id}); eos {tok.eos_token!r} (id {tok.eos_token_id})")
 
     d = cfg.data
-    data = load_datasets(d, tok, say=say)
-    train_data, val_data = data.train, data.val
-    say(
-        f"data {d.path} ({data.format}): {train_data.n_documents} train / {len(val_data)} val examples, {train_data.n_tokens:,} training tokens"
-    )
-    if d.packing:
-        say(f"packed {train_data.n_documents} training documents into {len(train_data)} rows of up to {d.max_length} tokens")
-    for kind, rows, path in (("training", train_data, d.path), ("validation", val_data, d.val_path or d.path)):
-        if not rows:  # checked before any weight loads (training would divide by zero)
-            raise QpeftError(
-                f"data.max_length: no {kind} example of {path} keeps a target token within {d.max_length} tokens; raise data.max_length"
-            )
-    if cfg.evaluate and (len(val_data) < TINY_VAL_EXAMPLES or val_data.label_tokens() < TINY_VAL_TOKENS):
-        note = (
-            f"the validation split is {len(val_data)} example(s) with {val_data.label_tokens()} target tokens: a perplexity "
-            "on so few tokens means little; name a validation file (data.val_path) or hold out more (data.val_fraction, "
-            "data.max_val_examples)"
+    kind = getattr(trainer, "data_kind", "lm")
+    if kind != "lm":  # preference pairs, feedback or prompts: read, checked and rendered before any weight loads
+        data = load_objective_data(d, kind, tok, say=say)
+        train_data, val_data = data.train, data.val
+        say(f"data {d.path} ({kind}, {data.format} rows): {len(train_data)} train / {len(val_data)} val rows")
+    else:
+        data = load_datasets(d, tok, say=say)
+        train_data, val_data = data.train, data.val
+        say(
+            f"data {d.path} ({data.format}): {train_data.n_documents} train / {len(val_data)} val examples, {train_data.n_tokens:,} training tokens"
         )
-        say(f"[yellow]{note}[/]")
-        ctx.notes.append(note)
-    if ctx.resume_from:
-        check_same_data((read_marker(ctx.resume_from) or {}).get("data_position"), train_data)
+        if d.packing:
+            say(f"packed {train_data.n_documents} training documents into {len(train_data)} rows of up to {d.max_length} tokens")
+        for split, rows, path in (("training", train_data, d.path), ("validation", val_data, d.val_path or d.path)):
+            if not rows:  # checked before any weight loads (training would divide by zero)
+                raise QpeftError(
+                    f"data.max_length: no {split} example of {path} keeps a target token within {d.max_length} tokens; raise data.max_length"
+                )
+        if any(e.plugin.name == "perplexity" for e in resolved.evaluators) and (
+            len(val_data) < TINY_VAL_EXAMPLES or val_data.label_tokens() < TINY_VAL_TOKENS
+        ):
+            note = (
+                f"the validation split is {len(val_data)} example(s) with {val_data.label_tokens()} target tokens: a perplexity "
+                "on so few tokens means little; name a validation file (data.val_path) or hold out more (data.val_fraction, "
+                "data.max_val_examples)"
+            )
+            say(f"[yellow]{note}[/]")
+            ctx.notes.append(note)
+        if ctx.resume_from:
+            check_same_data((read_marker(ctx.resume_from) or {}).get("data_position"), train_data)
 
     t0 = time.perf_counter()
     model = quant.load(model_path, q_opts, ctx, training=True)
@@ -176,11 +186,14 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
     weight_gib = weight_memory_gib(model, quant, q_opts)
     say(f"loaded base in {load_s:.1f}s, weights {weight_gib:.3f} GiB")
 
-    before = None
-    if cfg.evaluate:
-        before = evaluate_perplexity(model, val_data, tok.pad_token_id)
+    # Other objectives than language modelling measure their own metrics (TrainResult.metrics);
+    # the held-out perplexity needs LM rows, so it runs on "lm" trainers only.
+    evaluators = [e for e in resolved.evaluators if kind == "lm" or e.plugin.name != "perplexity"]
+    eval_data = val_data if kind == "lm" else None
+    evals: dict = {}
+    if evaluators:
+        run_evaluators(evaluators, model, tok, eval_data, ctx, "before", evals, say)
         quant.ensure_training_kernels(model, q_opts)
-        say(f"validation perplexity before: {before['perplexity']:.3f}")
 
     model = quant.prepare_for_training(model, q_opts, ctx, grad_checkpointing=resolved.grad_checkpointing)
     model = peft.attach(model, resolved.peft_options, ctx)
@@ -211,11 +224,10 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
     if rank != 0:  # data-parallel worker: rank 0 evaluates, saves, reloads and generates
         return {"rank": rank, "train_steps": result.steps, "train_loss": result.train_loss}
 
-    after = None
-    if cfg.evaluate:
-        after = evaluate_perplexity(model, val_data, tok.pad_token_id)
-        say(f"validation perplexity after: {after['perplexity']:.3f}")
-    probe = val_data[0]
+    if evaluators:
+        run_evaluators(evaluators, model, tok, eval_data, ctx, "after", evals, say)
+    before, after = _perplexity(evals, "before"), _perplexity(evals, "after")
+    probe = val_data[0] if kind == "lm" else probe_example(val_data[0], tok, d.max_length)
     trained_logits = logits_for(model, probe, tok.pad_token_id)
 
     summary = {
@@ -242,18 +254,23 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
         "tokens_per_s": round(result.tokens_per_s, 1),
         **steps.summary(),
         **memory,
-        "val_tokens": val_data.label_tokens(),
+        "val_tokens": val_data.label_tokens() if kind == "lm" else None,
         "train_data": {
             "documents": train_data.n_documents,
             "examples": len(train_data),
             "tokens": train_data.n_tokens,
             "store": str(train_data.store.folder),
-        },
+        }
+        if kind == "lm"
+        else {"rows": len(train_data), "val_rows": len(val_data), "format": data.format},
+        "objective": kind,
+        "objective_metrics": result.metrics,
         "val_perplexity_before": round(before["perplexity"], 4) if before else None,
         "val_perplexity_after": round(after["perplexity"], 4) if after else None,
         "val_loss_before": round(before["loss"], 4) if before else None,
         "val_loss_after": round(after["loss"], 4) if after else None,
         "loss_history": [{"step": h.get("step"), "loss": h.get("loss")} for h in result.log_history],
+        "eval": evals,
         "notes": ctx.notes,
     }
 
@@ -288,6 +305,12 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
     atomic_write_json(out / "summary.json", summary)
     registry.hooks.qpeft_on_run_end(summary=summary, ctx=ctx)
     return summary
+
+
+def _perplexity(evals: dict, stage: str) -> dict | None:
+    """The first perplexity evaluator's result at ``stage`` (the summary's ``val_perplexity_*``)."""
+    entry = next((e for e in evals.values() if e["evaluator"] == "perplexity" and e.get(stage)), None)
+    return entry[stage] if entry else None
 
 
 def _rebuild_trained(resolved: ResolvedRun, registry: Registry, ctx: RunContext, model_path: str, resize: bool, vocab: int, trained: dict):

@@ -5,7 +5,7 @@ Checked before any weight is loaded:
 * ``qpeft run``: ``output_dir`` is not ``/`` or the home folder (also refused by the config),
   does not lie inside (or equal) the model folder or a data file/folder, and no input lies
   where the run writes (``adapter/``, ``summary.json``, ``resolved_config.yaml``,
-  ``checkpoints/``). An existing ``adapter/`` without qpeft's metadata, a ``summary.json`` or
+  ``checkpoints/``, ``eval/``). An existing ``adapter/`` without qpeft's metadata, a ``summary.json`` or
   ``resolved_config.yaml`` that qpeft did not write, or anything there that is not the kind of
   file qpeft writes (a symlink, a device) is refused, naming it: qpeft replaces only its own.
 * ``qpeft merge``: ``--out`` (and ``OUT-QUANTIZER`` with ``--requantize``) does not overlap the
@@ -30,7 +30,7 @@ from .io import MetadataError, read_json_file, read_metadata_bytes
 #: What ``qpeft merge`` writes into its output folder; ``--force`` replaces only such folders.
 MERGE_MARKER = "qpeft_merge.json"
 #: What ``qpeft run`` writes into ``output_dir``.
-RUN_OUTPUTS = ("adapter", "summary.json", "resolved_config.yaml", "checkpoints")
+RUN_OUTPUTS = ("adapter", "summary.json", "resolved_config.yaml", "checkpoints", "eval")
 
 
 def _real(path: str | Path) -> Path:
@@ -121,9 +121,10 @@ def check_run_output(cfg) -> None:
         data = _read_yaml(resolved) if _regular(resolved) else None
         if not isinstance(data, dict) or not {"quantizer", "peft", "trainer", "output_dir"} <= set(data):
             raise _not_ours(resolved, "is not a qpeft run config")
-    checkpoints = out / "checkpoints"
-    if os.path.lexists(checkpoints) and (checkpoints.is_symlink() or not checkpoints.is_dir()):
-        raise _not_ours(checkpoints, "is not a folder")
+    for name in ("checkpoints", "eval"):
+        folder = out / name
+        if os.path.lexists(folder) and (folder.is_symlink() or not folder.is_dir()):
+            raise _not_ours(folder, "is not a folder")
 
 
 def _regular(path: Path) -> bool:

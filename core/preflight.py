@@ -28,11 +28,16 @@ from .errors import ConfigError
 CHECK_ROWS = 5000
 
 
-def check_files(config) -> list[str]:
-    """Validate the files ``config`` (a :class:`qpeft.config.RunConfig`) names; return notes
-    on what was checked."""
+def check_files(config, data_kind: str = "lm") -> list[str]:
+    """Validate the files ``config`` (a :class:`qpeft.config.RunConfig`) names, its data as the
+    trainer's ``data_kind``; return notes on what was checked."""
     notes = [check_model(config.model)]
-    notes.extend(check_data(config.data))
+    if data_kind == "lm":
+        notes.extend(check_data(config.data))
+    else:
+        from .data.objectives import check_objective_rows
+
+        notes.extend(check_objective_rows(config.data, data_kind, CHECK_ROWS))
     return [n for n in notes if n]
 
 

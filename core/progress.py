@@ -101,6 +101,12 @@ class Display:
         self._stop_spinner()
 
 
+def _metrics(logs: dict) -> str:
+    """A trainer's objective metrics (``logs["metrics"]``: reward accuracy, margin, reward, ...)
+    as text shown after the loss."""
+    return "".join(f" {k} {float(v):.3f}" for k, v in (logs.get("metrics") or {}).items())
+
+
 class TrainingProgress(Display):
     """:class:`Display` plus the lifecycle hooks that show training: registered in-process by
     ``qpeft run``."""
@@ -140,7 +146,7 @@ class TrainingProgress(Display):
                 TextColumn("[bold]training"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tokens]:,} tok"),
+                TextColumn("loss {task.fields[loss]:.4f}{task.fields[metrics]}  {task.fields[tokens]:,} tok"),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
                 console=self.console,
@@ -148,8 +154,8 @@ class TrainingProgress(Display):
                 redirect_stdout=False,
             )
             self.progress.start()
-            self.task = self.progress.add_task("train", total=max_steps, loss=logs["loss"], tokens=logs["tokens"])
-        self.progress.update(self.task, completed=step, loss=logs["loss"], tokens=logs["tokens"])
+            self.task = self.progress.add_task("train", total=max_steps, loss=logs["loss"], tokens=logs["tokens"], metrics="")
+        self.progress.update(self.task, completed=step, loss=logs["loss"], tokens=logs["tokens"], metrics=_metrics(logs))
 
     def _line(self, now, step, max_steps, logs) -> None:
         """A plain line at the first and last step, every tenth of the run, and every
@@ -165,7 +171,7 @@ class TrainingProgress(Display):
         if 1 < step < max_steps:  # the first step (compile, warm-up) is left out of the estimate
             eta = f", eta {_duration((now - self._train_start) / (step - 1) * (max_steps - step))}"
         self.console.print(
-            f"{self.elapsed():6.1f}s step {step}/{max_steps} loss {float(logs['loss']):.4f}{rate}{eta}",
+            f"{self.elapsed():6.1f}s step {step}/{max_steps} loss {float(logs['loss']):.4f}{_metrics(logs)}{rate}{eta}",
             highlight=False,
             soft_wrap=True,
             markup=False,

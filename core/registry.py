@@ -20,7 +20,7 @@ from typing import Any
 import pluggy
 
 from . import API_VERSION, hookspecs
-from .api import PLUGIN_KINDS, Capabilities, PeftPlugin, QuantizerPlugin, TrainerPlugin, _Plugin
+from .api import PLUGIN_KINDS, Capabilities, EvaluatorPlugin, PeftPlugin, QuantizerPlugin, TrackerPlugin, TrainerPlugin, _Plugin
 from .errors import ConfigError, PluginError
 
 ENTRY_POINT_GROUP = "qpeft"
@@ -29,6 +29,8 @@ _REGISTER_HOOKS = {
     "quantizer": "qpeft_register_quantizers",
     "peft": "qpeft_register_peft_methods",
     "trainer": "qpeft_register_trainers",
+    "evaluator": "qpeft_register_evaluators",
+    "tracker": "qpeft_register_trackers",
 }
 
 
@@ -97,7 +99,7 @@ def _dist_name(ep) -> str:
     return f"{dist.name} {dist.version}" if dist is not None else "?"
 
 
-_API_BASES = (_Plugin, QuantizerPlugin, PeftPlugin, TrainerPlugin)
+_API_BASES = (_Plugin, QuantizerPlugin, PeftPlugin, TrainerPlugin, EvaluatorPlugin, TrackerPlugin)
 
 
 def declared_api_version(backend: Any):

@@ -45,7 +45,9 @@ Without pytest, :func:`check_quantizer` runs the same checks and returns what th
 
 A trainer plugin is checked by :func:`check_trainer` (:class:`TrainerChecker`): it reads the
 lazy datasets in qpeft's order, reports every step, trains, and resumes at its checkpoint's
-data position with the uninterrupted run's adapter.
+data position with the uninterrupted run's adapter. An evaluator plugin is checked by
+:func:`check_evaluator` (:class:`EvaluatorChecker`): it resolves from a run config, evaluates
+offline, deterministically, without changing the model.
 
 This module imports neither pytest nor torch at import time; both are imported when used.
 """
@@ -1410,6 +1412,132 @@ def check_trainer(trainer: str, options: dict | None = None, **kwargs) -> dict:
     """Run every trainer conformance check (:class:`TrainerChecker`); return what they measured.
     Raises :class:`ConformanceError` at the first check that fails."""
     checker = TrainerChecker(trainer, options, **kwargs)
+    try:
+        return checker.run_all()
+    finally:
+        checker.close()
+
+
+# ---------------------------------------------------------------------------- evaluator plugins
+
+
+class EvaluatorChecker(_Checker):
+    """The conformance checks of an evaluator plugin, on the tiny model (float32, CPU):
+
+    * ``registration``: an ``EvaluatorPlugin`` with a description, whose module imports no torch;
+    * ``options_schema``: its default options validate and a run config naming it resolves
+      (``check`` included) without loading a weight; an unknown option key is refused as
+      ``eval.0.options.<key>``;
+    * ``evaluate``: with the network closed, ``evaluate`` returns an ``EvalResult`` of numbers whose
+      ``primary`` metric is among them; twice on the same model it gives the same numbers; it
+      leaves the model's weights and train/eval mode as they were; its files are under ``out_dir``.
+    """
+
+    def __init__(self, evaluator: str, options: dict | None = None, *, model_path: str | None = None, plugins: tuple = ()):
+        self.name, self.options = evaluator, dict(options or {})
+        self.model_path, self.plugins = model_path, tuple(plugins)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"qpeft-evaluator-kit-{evaluator}-"))
+
+    def close(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def config_dict(self, **options) -> dict:
+        return {
+            "model": {"name_or_path": self.model_path or tiny_model_path(), "device": "cpu", "dtype": "float32"},
+            "quantizer": "none",
+            "peft": "lora",
+            "trainer": "native",
+            "data": {"path": "embedded:text", "max_length": 48, "max_train_examples": 4, "max_val_examples": 2},
+            "output_dir": str(self._tmp / "run"),
+            "eval": [{"name": self.name, "options": {**self.options, **options}}],
+        }
+
+    def _registry(self):
+        from .registry import load_registry
+
+        return load_registry(self.plugins)
+
+    def check_registration(self) -> dict:
+        from .api import EvaluatorPlugin
+
+        registry = self._registry()
+        plugin = registry.backends["evaluator"].get(self.name)
+        self.expect(
+            plugin is not None, f"no evaluator of this name is registered; installed: {', '.join(sorted(registry.backends['evaluator']))}"
+        )
+        self.expect(isinstance(plugin, EvaluatorPlugin), f"{type(plugin).__name__} is not a qpeft.api.EvaluatorPlugin")
+        self.expect(type(plugin).evaluate is not EvaluatorPlugin.evaluate, "does not implement evaluate()")
+        self.expect(bool(str(plugin.description).strip()), "has no description (shown by `qpeft plugins`)")
+        source = registry.origins[("evaluator", self.name)]
+        module = type(plugin).__module__
+        if "(in-process)" not in source:
+            code = f"import importlib, json, sys; importlib.import_module({module!r}); print(json.dumps('torch' in sys.modules))"
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            self.expect(proc.returncode == 0, f"importing {module} failed: {proc.stderr.strip()[-400:]}")
+            self.expect(
+                not json.loads(proc.stdout.strip().splitlines()[-1]), f"importing {module} imports torch; import it inside evaluate()"
+            )
+        return {"source": source, "module": module}
+
+    def check_options_schema(self) -> dict:
+        from . import orchestrator
+        from .errors import ConfigError
+
+        resolved, _ = orchestrator.prepare(self.config_dict(), registry=self._registry())
+        self.expect([e.plugin.name for e in resolved.evaluators] == [self.name], "the run config's eval list did not resolve to it")
+        try:
+            orchestrator.prepare(self.config_dict(no_such_option_xyz=1), registry=self._registry())
+            self.fail("an unknown option key was accepted (subclass qpeft.api.Options)")
+        except ConfigError as exc:
+            self.expect(exc.key == "eval.0.options.no_such_option_xyz", f"an unknown option was reported as {exc.key!r}")
+        return {"schema": sorted(resolved.evaluators[0].plugin.Options.model_json_schema().get("properties", {}))}
+
+    def check_evaluate(self) -> dict:
+        import torch
+
+        from . import orchestrator
+        from .api import EvalResult
+        from .context import RunContext
+        from .data import load_datasets
+        from .evaluation import no_network
+        from .tokenizer import load_tokenizer
+
+        resolved, _ = orchestrator.prepare(self.config_dict(), registry=self._registry())
+        ev = resolved.evaluators[0]
+        path = resolved.config.model.name_or_path
+        tok, _ = load_tokenizer(path)
+        ctx = RunContext(config=resolved.config, device="cpu", dtype="float32", output_dir=str(self._tmp / "run"), tokenizer=tok)
+        data = load_datasets(resolved.config.data, tok).val
+        model = resolved.quantizer.load(path, resolved.quantizer_options, ctx, training=False).eval()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        out_dir = self._tmp / "run" / "eval" / ev.label
+        results = []
+        for _ in range(2):
+            with no_network():
+                r = ev.plugin.evaluate(model, tok, ev.options, ctx, stage="after", data=data, out_dir=out_dir)
+            self.expect(isinstance(r, EvalResult), f"evaluate() returned {type(r).__name__}, not a qpeft.api.EvalResult")
+            results.append(r.metrics)
+        r0, r1 = results
+        self.expect(
+            r0 and all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool) for v in r0.values()),
+            f"metrics {r0!r}: numbers",
+        )
+        self.expect(r.primary is None or r.primary in r0, f"primary metric {r.primary!r} is not among {sorted(r0)}")
+        self.expect(r0 == r1, f"two evaluations of the same model differ: {r0} vs {r1}")
+        self.expect(not model.training, "evaluate() left the model in training mode")
+        after = model.state_dict()
+        self.expect(all(torch.equal(before[k], after[k]) for k in before), "evaluate() changed the model's weights")
+        for f in r.files:
+            self.expect(Path(f).resolve().is_relative_to(out_dir.resolve()), f"wrote {f} outside out_dir {out_dir}")
+        return {"metrics": r0, "primary": r.primary}
+
+    CHECKS: ClassVar[tuple[str, ...]] = ("registration", "options_schema", "evaluate")
+
+
+def check_evaluator(evaluator: str, options: dict | None = None, **kwargs) -> dict:
+    """Run every evaluator conformance check (:class:`EvaluatorChecker`); return what they
+    measured. Raises :class:`ConformanceError` at the first check that fails."""
+    checker = EvaluatorChecker(evaluator, options, **kwargs)
     try:
         return checker.run_all()
     finally:

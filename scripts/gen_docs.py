@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def plugin_table(registry) -> str:
     rows = ["| kind | name | description | devices | capabilities |", "|---|---|---|---|---|"]
-    for kind in ("quantizer", "peft", "trainer"):
+    for kind in ("quantizer", "peft", "trainer", "tracker"):
         for name, p in sorted(registry.backends[kind].items()):
             c = p.capabilities
             flags = []
@@ -31,6 +31,8 @@ def plugin_table(registry) -> str:
                     flags.append(f"{c.bits:g}-bit")
             if kind == "peft":
                 flags.append("mergeable" if c.mergeable else "not mergeable")
+            if kind == "tracker":
+                flags.append(f"needs {p.requires} (`qpeft[{p.extra}]`)")
             if not c.grad_checkpointing:
                 flags.append("no gradient checkpointing")
             flags += [f"not with {k}: {v}" for k, v in c.incompatible.items()]

@@ -64,6 +64,31 @@ class TestGptq(QuantizerConformance):
     backend_modules = ("gptqmodel",)
 
 
+@_needs("hqq")
+class TestHqq(QuantizerConformance):
+    quantizer = "hqq"
+    # hqq keeps one scale and one zero point per group in the run's dtype: float32 here, so
+    # 64 / group_size bits per weight on top of nbits (2-bit, group 64: 3 bits = 1.5 x nbits).
+    memory_slack = 1.55
+    # 2-bit codes of random weights grouped along columns (axis 0) move the logits 0.68 (relative
+    # L2) from float32; the other option sets stay below 0.5.
+    logit_tolerance = 0.75
+    option_grid = {"nbits": [8, 3, 2], "axis": [0, 1]}
+    backend_modules = ("hqq",)
+
+
+@_needs("torchao")
+class TestTorchaoInt8(QuantizerConformance):
+    quantizer = "torchao-int8"
+    backend_modules = ("torchao",)
+
+
+@_needs("torchao")
+class TestTorchaoFloat8(QuantizerConformance):
+    quantizer = "torchao-float8"
+    backend_modules = ("torchao",)
+
+
 # ---------------------------------------------------------------------------- the kit finds bugs
 
 

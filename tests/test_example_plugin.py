@@ -20,7 +20,7 @@ from conftest import REPO
 from qpeft.testing import QuantizerConformance, tiny_model_path
 
 DIST = "qpeft-torchao"
-QUANTIZER = "torchao-int8"
+QUANTIZER = "example-torchao-int8"
 INSTALL = "pip install ./examples/qpeft-torchao (part of the README's install command)"
 
 
@@ -118,7 +118,7 @@ def test_memory_footprint_guard(tmp_path):
     fp32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).get_memory_footprint()
     assert PreTrainedModel.get_memory_footprint(model) == fp32  # the transformers bug
     guarded = weight_memory_gib(model) * 2**30
-    print(f"\n[torchao-int8] tiny model footprint: fp32 {fp32} B, int8 (guarded) {guarded:.0f} B ({guarded / fp32:.3f})")
+    print(f"\n[example-torchao-int8] tiny model footprint: fp32 {fp32} B, int8 (guarded) {guarded:.0f} B ({guarded / fp32:.3f})")
     assert guarded < 0.55 * fp32  # linear layers at ~0.26 of fp32; embeddings and head stay fp32
 
 

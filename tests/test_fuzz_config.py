@@ -519,6 +519,11 @@ def test_every_numeric_field_refuses_absurd_numbers(workdir, value):
             data = {"quantizer": "none", "peft": "lora", "trainer": "hf", "model": {"device": "cpu"}}
             set_path(data, tuple(key.split(".")), value)
             full_key = key
+        elif scope == "tracker":  # trackers are a list in the config
+            data = {"quantizer": "none", "peft": "lora", "trainer": "hf", "model": {"device": "cpu"}}
+            data["trackers"] = [{"name": name, "options": {}}]
+            set_path(data["trackers"][0]["options"], tuple(key.split(".")), value)
+            full_key = f"trackers.0.options.{key}"
         else:
             data = {"quantizer": "none", "peft": "lora", "trainer": "hf", "model": {"device": "cpu"}}
             data[scope] = {"name": name, "options": {}}

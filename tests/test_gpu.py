@@ -107,3 +107,35 @@ class TestGpuKit8bit(QuantizerConformance):
     backend_modules = ("bitsandbytes",)
     option_grid = {"matmul": ["int8", "dequantize"]}
     merge_tolerance = 5e-2  # as on the CPU (tests/test_conformance.py): LLM.int8 quantizes activations
+
+
+def _needs(module: str):
+    return pytest.mark.skipif(__import__("importlib").util.find_spec(module) is None, reason=f"{module} is not installed")
+
+
+@_needs("hqq")
+class TestGpuKitHqq(QuantizerConformance):
+    quantizer = "hqq"
+    device = "cuda"
+    backend_modules = ("hqq",)
+    memory_slack = 1.55  # as on the CPU (tests/test_conformance.py): float32 scale and zero per group
+    logit_tolerance = 0.75
+    option_grid = {"nbits": [8, 4, 2]}
+
+
+@_needs("torchao")
+class TestGpuKitTorchaoInt8(QuantizerConformance):
+    quantizer = "torchao-int8"
+    device = "cuda"
+    backend_modules = ("torchao",)
+
+
+@_needs("torchao")
+class TestGpuKitTorchaoFloat8(QuantizerConformance):
+    quantizer = "torchao-float8"
+    device = "cuda"
+    backend_modules = ("torchao",)
+
+
+# torchao-int4 needs bfloat16 (its CUDA layout); the kit compares in float32, so the int4 path is
+# covered by the quickstart on CUDA (scripts/gpu/test.sh's QUICKSTART_QUANTIZERS) instead.

@@ -22,7 +22,7 @@ from pathlib import Path
 from ..errors import ConfigError
 
 EMBEDDED_DATA = Path(__file__).parent / "embedded"
-EMBEDDED_SETS = ("instruct", "text")
+EMBEDDED_SETS = ("instruct", "text", "preference", "feedback", "prompts")
 SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".parquet")
 
 

@@ -19,8 +19,11 @@
 #                steps (default 6), OUTDIR/profile_P.txt; with THEN_PROFILE=P: the same after the paths
 #
 # Environment variables (and those of scripts/gpu/lib.sh: PYTHON, ASSETS, TOKENIZER_SOURCE, DRY_RUN):
-#   PATHS    default recipe-nf4,qpeft-nf4,recipe-int8,qpeft-int8; a qpeft path may take native
+#   PATHS    default recipe-nf4,recipe-loop-nf4,unsloth-nf4,qpeft-nf4,recipe-int8,recipe-loop-int8,qpeft-int8
+#            (recipe-*: Trainer(bf16=True), the seed's recipe; recipe-loop-*: a loop under autocast;
+#            unsloth-nf4 runs when unsloth imports, QPEFT_UNSLOTH_PATH adds its folder); a qpeft path may take native
 #            trainer options after "@", joined by "+" (a variant measured beside the defaults)
+#   BATCH, SEQ, LORA_DROPOUT   the batch shape (default 4 x 1024) and every path's LoRA dropout (default 0.05)
 #   STEPS    training steps per path (default 50), WARMUP: first steps left out of the timing (default 5)
 #   APPEND=1 keep the other paths of an earlier run's report in OUTDIR (same GPU model)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -43,7 +46,8 @@ if [ -n "${PROFILE:-}" ]; then
 fi
 
 stage seed-recipe "$PYTHON" benchmarks/seed_recipe.py --model "$MODEL_7B" --steps "${STEPS:-50}" --warmup "${WARMUP:-5}" \
-  --paths "${PATHS:-recipe-nf4,qpeft-nf4,recipe-int8,qpeft-int8}" --out "$OUTDIR" ${APPEND:+--append}
+  --paths "${PATHS:-recipe-nf4,recipe-loop-nf4,unsloth-nf4,qpeft-nf4,recipe-int8,recipe-loop-int8,qpeft-int8}" --out "$OUTDIR" \
+  ${BATCH:+--batch "$BATCH"} ${SEQ:+--seq "$SEQ"} ${LORA_DROPOUT:+--lora-dropout "$LORA_DROPOUT"} ${APPEND:+--append}
 
 if [ -n "${THEN_PROFILE:-}" ]; then
   stage profile "$PYTHON" benchmarks/seed_recipe.py --model "$MODEL_7B" --steps "${PROFILE_STEPS:-6}" --worker "$THEN_PROFILE" \

@@ -9,12 +9,12 @@ from qpeft.testing import QuantizerConformance, tiny_model_path
 
 
 class TestTorchaoInt8(QuantizerConformance):
-    quantizer = "torchao-int8"
+    quantizer = "example-torchao-int8"
     option_grid = {"granularity": ["per_row", "per_tensor"]}  # each loads with bits(options) = 8
 
 
 class TestTorchaoInt8PerGroup(QuantizerConformance):
-    quantizer = "torchao-int8"
+    quantizer = "example-torchao-int8"
     options = {"granularity": "per_group", "group_size": 32}
     # One float32 scale and an int8 zero point per 32 weights: 8 + 40/32 bits per weight,
     # 0.29 of float32 measured, within the kit's default slack (bits / 32 x 1.3 + 0.01 = 0.335).
@@ -32,7 +32,7 @@ def test_memory_footprint_guard(tmp_path):
     from qpeft.registry import load_registry
 
     path = tiny_model_path()
-    cfg = load_config({"model": path, "quantizer": "torchao-int8", "peft": "lora", "trainer": "hf"})
+    cfg = load_config({"model": path, "quantizer": "example-torchao-int8", "peft": "lora", "trainer": "hf"})
     r = resolve(cfg, load_registry(), device="cpu")
     ctx = RunContext(config=cfg, device="cpu", dtype="float32", output_dir=str(tmp_path))
     model = r.quantizer.load(path, r.quantizer_options, ctx, training=True)

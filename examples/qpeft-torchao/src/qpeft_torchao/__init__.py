@@ -1,4 +1,4 @@
-"""qpeft-torchao: the quantizer ``torchao-int8`` for qpeft, shipped as a separate package.
+"""qpeft-torchao: the quantizer ``example-torchao-int8`` for qpeft, shipped as a separate package.
 
 int8 weight-only quantization through torchao (``Int8WeightOnlyConfig``, loaded by transformers'
 ``TorchAoConfig``): every linear layer but the output head stores int8 weights with float
@@ -28,13 +28,13 @@ from qpeft.api import Capabilities, Options, QuantizerPlugin
 from qpeft.errors import ConfigError, QpeftError
 from qpeft.modeling import enable_gradient_checkpointing, freeze, load_causal_lm
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 INSTALL_HINT = "torchao is not installed: pip install 'torchao>=0.16,<0.19' (or reinstall qpeft-torchao)"
 
 
 class TorchaoInt8Options(Options):
-    """``quantizer.options`` of ``torchao-int8``."""
+    """``quantizer.options`` of ``example-torchao-int8``."""
 
     #: Scales per output row ("per_row"), per ``group_size`` input columns ("per_group"), or
     #: one for the whole weight ("per_tensor").
@@ -118,7 +118,7 @@ def _check_group_size(model_path, options, ctx) -> None:
 class TorchaoInt8(QuantizerPlugin):
     """int8 weight-only quantization through torchao."""
 
-    name = "torchao-int8"
+    name = "example-torchao-int8"
     description = "torchao int8 weight-only, per-row/group/tensor scales (external package qpeft-torchao)"
     #: The qpeft plugin API this package is written against.
     api_version = 1
@@ -147,7 +147,7 @@ class TorchaoInt8(QuantizerPlugin):
         except (AssertionError, ValueError, RuntimeError) as exc:
             if options.granularity == "per_group":
                 raise QpeftError(
-                    f"torchao-int8 could not quantize {model_path} with group_size {options.group_size} "
+                    f"example-torchao-int8 could not quantize {model_path} with group_size {options.group_size} "
                     f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                     "group_size must divide the input width of every linear layer"
                 ) from None
@@ -181,5 +181,5 @@ class TorchaoInt8(QuantizerPlugin):
 
 @hookimpl
 def qpeft_register_quantizers(register):
-    """Register ``torchao-int8``."""
+    """Register ``example-torchao-int8``."""
     register(TorchaoInt8())
