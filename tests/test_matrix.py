@@ -56,7 +56,9 @@ ONE_PER_KIND = ("ia3", "vera", "loha", "lokr", "oft", "prompt", "ptuning")
 
 
 def _kind(quantizer: str):
-    return REGISTRY.backends["quantizer"][quantizer].capabilities.linear_layers or quantizer
+    """Cells of one kind: the same declared layer kind, loaded by the same code."""
+    q = REGISTRY.backends["quantizer"][quantizer]
+    return (q.capabilities.linear_layers or quantizer, type(q).load)
 
 
 def _representative(c) -> bool:
