@@ -17,6 +17,10 @@ QUANT_OPTIONS = {"gptq": {"num_calibration_samples": 8, "calibration_max_length"
 
 
 def _skip_missing(quantizer):
+    import torch
+
+    if "cpu" not in REGISTRY.backends["quantizer"][quantizer].capabilities.devices and not torch.cuda.is_available():
+        pytest.skip(f"{quantizer} runs on {REGISTRY.backends['quantizer'][quantizer].capabilities.devices} only")
     if quantizer == "gptq":
         pytest.importorskip("gptqmodel")
     if quantizer.startswith("bnb"):
