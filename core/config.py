@@ -798,7 +798,7 @@ def check_combination(quant, peft, trainer) -> None:
 
     reason = layer_refusal(quant, peft)
     if reason:
-        raise ConfigError("peft.name", f"peft {peft.name!r} does not work with quantizer {quant.name!r}: {reason}")
+        raise ConfigError("quantizer.name", f"quantizer {quant.name!r} does not work with peft {peft.name!r}: {reason}")
 
 
 def dump_yaml(data: dict) -> str:

@@ -1660,3 +1660,123 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+# ---------------------------------------------------------------------------- peft method plugins
+
+
+def check_peft_method(name: str, options: dict | None = None, *, plugins=()) -> dict:
+    """Conformance of a PEFT method plugin, on the kit's tiny Llama in float32 on the CPU.
+
+    Checks: registered as a :class:`qpeft.api.PeftPlugin` targeting this plugin API, with a
+    description; its module imports no backend library (torch, transformers, peft); options
+    validate and survive a JSON round trip; ``capabilities.layer_kinds`` is None or a tuple of
+    names; ``attach`` gives a model whose trainable parameters all get finite, non-zero
+    gradients in total, and whose base weights do not train; the saved adapter (safetensors)
+    loads in plain ``peft.PeftModel.from_pretrained`` and through the plugin's ``load_adapter``
+    with the same logits; ``merge`` reproduces them when ``mergeable``, else raises.
+    Returns measurements; raises :class:`ConformanceError` naming what failed.
+    """
+    import tempfile
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .api import API_VERSION, Options, PeftPlugin
+    from .config import RunConfig
+    from .context import RunContext
+    from .registry import load_registry
+
+    def expect(ok, msg):
+        if not ok:
+            raise ConformanceError(f"peft method {name!r}: {msg}")
+
+    registry = load_registry(list(plugins))
+    plugin = registry.get("peft", name)
+    expect(isinstance(plugin, PeftPlugin), f"{type(plugin).__name__} is not a qpeft.api.PeftPlugin")
+    expect(plugin.api_version == API_VERSION, f"targets plugin API {plugin.api_version}, this qpeft has {API_VERSION}")
+    expect(isinstance(plugin.description, str) and plugin.description.strip(), "has no description (shown by `qpeft plugins`)")
+    expect(issubclass(plugin.Options, Options), "Options should subclass qpeft.api.Options (unknown keys are errors)")
+    kinds = plugin.capabilities.layer_kinds
+    expect(
+        kinds is None or (isinstance(kinds, tuple) and all(isinstance(k, str) for k in kinds)),
+        "layer_kinds is not None or a tuple of names",
+    )
+    module = type(plugin).__module__
+    if "(in-process)" not in registry.origins.get(("peft", name), ""):  # an in-process plugin has no entry point to import
+        code = f"import importlib, json, sys; importlib.import_module({module!r}); print(json.dumps([m for m in {list(HEAVY_MODULES)!r} if m in sys.modules]))"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        expect(
+            proc.returncode == 0 and not json.loads(proc.stdout.strip().splitlines()[-1]),
+            f"importing {module} imports a backend library or fails",
+        )
+    opts = plugin.Options(**(options or {}))
+    expect(
+        plugin.Options.model_validate(json.loads(json.dumps(opts.model_dump(mode="json")))) == opts,
+        "options do not survive a JSON round trip",
+    )
+
+    path = tiny_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    cfg = RunConfig.model_validate(
+        {
+            "model": {"name_or_path": path, "device": "cpu"},
+            "quantizer": {"name": "none"},
+            "peft": {"name": name},
+            "trainer": {"name": "hf"},
+            "data": {"path": "embedded:instruct"},
+            "output_dir": tempfile.gettempdir(),
+        }
+    )
+    ctx = RunContext(config=cfg, device="cpu", dtype="float32", output_dir=tempfile.gettempdir(), tokenizer=tok)
+    torch.manual_seed(0)
+    ids = torch.randint(3, len(tok), (2, 24))
+
+    def fresh():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model.requires_grad_(False)
+        return model
+
+    model = plugin.attach(fresh(), opts, ctx)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    expect(trainable, "attach() left no trainable parameter")
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for _, p in trainable if p.grad is not None]
+    expect(grads and all(torch.isfinite(g).all() for g in grads), "gradients are missing or not finite")
+    expect(sum(float(g.abs().sum()) for g in grads) > 0, "every gradient is zero")
+    with torch.no_grad():  # move the adapter away from its identity start, as training would
+        for _, p in trainable:
+            p.add_(torch.randn_like(p) * 0.02)
+    model.eval()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    with tempfile.TemporaryDirectory(prefix=f"qpeft-peft-kit-{name}-") as tmp:
+        plugin.save(model, tmp)
+        files = set(os.listdir(tmp))
+        expect(
+            "adapter_config.json" in files and any(f.endswith(".safetensors") for f in files), f"saved {sorted(files)}, not PEFT's format"
+        )
+        expect(not any(f.endswith((".bin", ".pt", ".pkl")) for f in files), "saved pickle files; safetensors only")
+        diffs = {}
+        for how in ("peft", "plugin"):
+            base = fresh()
+            loaded = PeftModel.from_pretrained(base, tmp) if how == "peft" else plugin.load_adapter(base, tmp, ctx)
+            loaded.eval()
+            with torch.no_grad():
+                diffs[how] = float((loaded(input_ids=ids).logits - ref).abs().max())
+            expect(diffs[how] < 1e-4, f"the adapter reloaded by {how} gives logits {diffs[how]:.3g} away from the trained model's")
+        if plugin.capabilities.mergeable:
+            merged = plugin.merge(plugin.load_adapter(fresh(), tmp, ctx))
+            with torch.no_grad():
+                diffs["merge"] = float((merged(input_ids=ids).logits - ref).abs().max())
+            expect(diffs["merge"] < 1e-3, f"the merged model's logits are {diffs['merge']:.3g} away from the adapter's")
+        else:
+            try:
+                plugin.merge(plugin.load_adapter(fresh(), tmp, ctx))
+            except NotImplementedError:
+                pass
+            else:
+                expect(False, "declares mergeable=False, yet merge() did not raise NotImplementedError")
+    return {"trainable_tensors": len(trainable), "max_abs_logit_diff": diffs}

@@ -68,6 +68,23 @@ class _LayerMethod(PeftPlugin):
         ctx.notes.append(f"{self.name} targets: {', '.join(targets)}")
         return peft_model
 
+    def unload(self, model):
+        """The base model with every adapter wrapper replaced by the layer it wraps.
+
+        Done here rather than by peft's ``unload()``, which (0.21) refuses IA3 on a model flagged
+        is_loaded_in_8bit/4bit, and for VeRA/OFT on GPTQ assigns ``weight`` to gptqmodel's
+        layer, a read-only property ("property 'weight' of 'TorchLinear' object has no setter").
+        """
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        base = model.get_base_model()
+        wrapped = [(n, m) for n, m in base.named_modules() if isinstance(m, BaseTunerLayer)]
+        for name, module in wrapped:
+            parent_name, _, child = name.rpartition(".")
+            parent = base.get_submodule(parent_name) if parent_name else base
+            setattr(parent, child, module.get_base_layer())
+        return base
+
     def merge(self, model):
         return model.merge_and_unload()
 
@@ -107,20 +124,6 @@ class IA3(_LayerMethod):
             if missing:
                 raise ConfigError("peft.options.feedforward_modules", f"{missing[0]!r} is not a target; targets: {', '.join(targets)}")
         return IA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=ff)
-
-    def unload(self, model):
-        # peft 0.21's IA3 refuses even a plain unload (no merge) on a model flagged
-        # is_loaded_in_8bit/4bit; removing the wrappers does not touch the quantized weights,
-        # so clear the flags for the call and restore them (dequantizing reads them).
-        base = model.get_base_model()
-        flags = {f: getattr(base, f) for f in ("is_loaded_in_8bit", "is_loaded_in_4bit") if getattr(base, f, False)}
-        for f in flags:
-            setattr(base, f, False)
-        try:
-            return model.unload()
-        finally:
-            for f, v in flags.items():
-                setattr(base, f, v)
 
     def merge(self, model):
         # peft 0.21 refuses an IA3 merge whenever the model says is_loaded_in_8bit/4bit, and a

@@ -106,6 +106,7 @@ class Hqq(QuantizerPlugin):
         merge_source="dequantize",
         bits=4,
         saves_quantized="plugin",
+        linear_layers="hqq",
         incompatible={
             method: f"peft 0.21 has no {label} layer for HQQ's HQQLinear (it supports only torch.nn.Linear and Conv targets)"
             for method, label in (("loha", "LoHa"), ("lokr", "LoKr"), ("ia3", "IA3"))

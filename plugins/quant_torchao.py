@@ -69,7 +69,7 @@ def _is_torchao_weight(tensor) -> bool:
 class _Torchao(QuantizerPlugin):
     # saves_quantized: transformers writes torchao's tensor subclasses into safetensors and
     # from_pretrained loads them back quantized (the kit's test_quantized_save checks it).
-    capabilities = Capabilities(merge_source="dequantize", bits=8, saves_quantized="transformers")
+    capabilities = Capabilities(merge_source="dequantize", bits=8, saves_quantized="transformers", linear_layers="torchao")
 
     def ao_config(self, options, ctx):
         raise NotImplementedError
@@ -138,6 +138,7 @@ class TorchaoInt4(_Torchao):
         bits=4,
         saves_quantized="transformers",
         incompatible=dict.fromkeys(("hf", "dpo", "orpo", "simpo", "kto", "grpo"), _TRAINER_REFUSAL),
+        linear_layers="torchao-int4",
     )
 
     def check(self, options, ctx):
@@ -156,6 +157,8 @@ class TorchaoFloat8(_Torchao):
     name = "torchao-float8"
     description = "torchao float8 (e4m3) weights, per-row scales; optional float8 dynamic activations on CUDA"
     Options = Float8Options
+    # Its own layer kind: PEFT methods are tested on torchao's int8 layers, not on float8 ones.
+    capabilities = Capabilities(merge_source="dequantize", bits=8, saves_quantized="transformers", linear_layers="torchao-float8")
 
     def check(self, options, ctx):
         super().check(options, ctx)

@@ -7,6 +7,8 @@ import math
 import time
 from typing import Literal
 
+from pydantic import Field
+
 from qpeft import hookimpl
 from qpeft.api import Capabilities, TrainerPlugin, TrainingOptions
 from qpeft.context import TrainResult
@@ -20,6 +22,38 @@ from qpeft.modeling import release_model
 class HfTrainerOptions(TrainingOptions):
     #: The Trainer's optimizer (its ``optim`` argument); the 8-bit ones need bitsandbytes.
     optim: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_bnb_8bit", "sgd"] = "adamw_torch"
+    #: LoRA+ (Hayou et al. 2024): the LoRA B matrices learn at lr × this ratio (e.g. 16), the
+    #: rest at lr. Null = off. Needs parameters named like peft's LoRA (``lora_B``).
+    loraplus_lr_ratio: float | None = Field(None, gt=0, le=1e4)
+
+
+def param_groups(named_params, lr: float, loraplus_lr_ratio: float | None):
+    """Parameters as optimizer groups: LoRA+ puts peft's ``lora_B`` / ``lora_embedding_B`` at
+    ``lr * loraplus_lr_ratio`` and the rest at ``lr``; without a ratio, one group."""
+    named = list(named_params)
+    if not loraplus_lr_ratio:
+        return [{"params": [p for _, p in named]}]
+    b = [p for n, p in named if "lora_B" in n or "lora_embedding_B" in n]
+    if not b:
+        from qpeft.errors import ConfigError
+
+        raise ConfigError("trainer.options.loraplus_lr_ratio", "LoRA+ needs LoRA B matrices (peft lora_B); this adapter has none")
+    ids = {id(p) for p in b}
+    return [{"params": [p for _, p in named if id(p) not in ids], "lr": lr}, {"params": b, "lr": lr * loraplus_lr_ratio}]
+
+
+def _loraplus_optimizer(model, args, options):
+    """With ``loraplus_lr_ratio``: the optimizer ``args.optim`` names, on LoRA+ groups (the
+    Trainer still builds the schedule, which scales every group's lr alike). Else None."""
+    if not options.loraplus_lr_ratio:
+        return None
+    from transformers import Trainer
+
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    groups = param_groups(((n, p) for n, p in model.named_parameters() if p.requires_grad), args.learning_rate, options.loraplus_lr_ratio)
+    for g in groups:
+        g["weight_decay"] = args.weight_decay
+    return cls(groups, **kwargs)
 
 
 def _qpeft_callback(ctx, guard: DivergenceGuard, schedule: DataSchedule):
@@ -195,6 +229,7 @@ class HfTrainer(TrainerPlugin):
             data_collator=lambda batch: collate(batch, pad_id),
             processing_class=tokenizer,  # lets the Trainer count non-pad tokens of packed rows
             callbacks=[_qpeft_callback(ctx, guard, schedule)],
+            optimizers=(_loraplus_optimizer(model, args, options), None),
         )
         trainer.remove_callback(PrinterCallback)  # qpeft's progress display replaces its prints
         t0 = time.perf_counter()

@@ -31,6 +31,9 @@ class NativeOptions(TrainingOptions):
     #: are recomputed in the backward pass, so full-vocabulary logits never exist at once.
     #: "auto": chunked on CUDA (memory), full on CPU.
     loss: Literal["auto", "full", "chunked"] = "auto"
+    #: LoRA+ (Hayou et al. 2024): the LoRA B matrices learn at lr × this ratio (e.g. 16), the
+    #: rest at lr. Null = off. Needs parameters named like peft's LoRA (``lora_B``).
+    loraplus_lr_ratio: float | None = Field(None, gt=0, le=1e4)
     #: Tokens per chunk of the chunked cross-entropy (its peak memory is chunk × vocabulary).
     loss_chunk: int = Field(1024, ge=16)
     #: liger-kernel's fused RMSNorm, SwiGLU and rotary kernels (Triton, CUDA only) on Llama-family
@@ -41,6 +44,21 @@ class NativeOptions(TrainingOptions):
     #: identical layers); the first steps pay the compile time. "auto": on CUDA for runs of at
     #: least 50 optimizer steps, falling back to eager execution where a backend cannot be compiled.
     compile: Literal["auto"] | bool = "auto"
+
+
+def param_groups(named_params, lr: float, loraplus_lr_ratio: float | None):
+    """Parameters as optimizer groups: LoRA+ puts peft's ``lora_B`` / ``lora_embedding_B`` at
+    ``lr * loraplus_lr_ratio`` and the rest at ``lr``; without a ratio, one group."""
+    named = list(named_params)
+    if not loraplus_lr_ratio:
+        return [{"params": [p for _, p in named]}]
+    b = [p for n, p in named if "lora_B" in n or "lora_embedding_B" in n]
+    if not b:
+        from qpeft.errors import ConfigError
+
+        raise ConfigError("trainer.options.loraplus_lr_ratio", "LoRA+ needs LoRA B matrices (peft lora_B); this adapter has none")
+    ids = {id(p) for p in b}
+    return [{"params": [p for _, p in named if id(p) not in ids], "lr": lr}, {"params": b, "lr": lr * loraplus_lr_ratio}]
 
 
 def _resolved_optim(o: NativeOptions, device: str) -> str:
@@ -354,7 +372,7 @@ class NativeTrainer(TrainerPlugin):
 
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         params = list(trainable.values())
-        optimizer = _optimizer(params, options, ctx.device)
+        optimizer = _optimizer(param_groups(trainable.items(), options.lr, options.loraplus_lr_ratio), options, ctx.device)
         if options.optim == "auto" and _resolved_optim(options, ctx.device) == "adamw_torch_fused":
             ctx.notes.append("native: fused AdamW (optim: auto on CUDA)")
         scheduler = get_scheduler(options.scheduler, optimizer, num_warmup_steps=options.warmup_steps, num_training_steps=max_steps)

@@ -17,6 +17,10 @@ QUANT_OPTIONS = {"gptq": {"num_calibration_samples": 8, "calibration_max_length"
 
 
 def _skip_missing(quantizer):
+    import torch
+
+    if "cpu" not in REGISTRY.backends["quantizer"][quantizer].capabilities.devices and not torch.cuda.is_available():
+        pytest.skip(f"{quantizer} runs on {REGISTRY.backends['quantizer'][quantizer].capabilities.devices} only")
     if quantizer == "gptq":
         pytest.importorskip("gptqmodel")
     if quantizer.startswith("bnb"):
@@ -56,7 +60,9 @@ ONE_PER_KIND = ("ia3", "vera", "loha", "lokr", "oft", "prompt", "ptuning")
 
 
 def _kind(quantizer: str):
-    return REGISTRY.backends["quantizer"][quantizer].capabilities.linear_layers or quantizer
+    """Cells of one kind: the same declared layer kind, loaded by the same code."""
+    q = REGISTRY.backends["quantizer"][quantizer]
+    return (q.capabilities.linear_layers or quantizer, type(q).load)
 
 
 def _representative(c) -> bool:
