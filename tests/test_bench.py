@@ -122,14 +122,18 @@ def test_expansion_overrides_and_capability_skips(random_tiny, tmp_path):
 
 
 def test_shipped_matrices_expand(tmp_path):
-    """configs/bench/: the CPU smoke matrix is every supported cell but gptq and bnb-4bit; the
-    H100 matrix, moved to the CPU by --set overrides, is 12 cells with checkpointing as resolved."""
-    smoke = bench.expand(bench.load_matrix(REPO / "configs/bench/cpu_smoke.yaml"), REGISTRY, tmp_path / "s")
+    """configs/bench/: the CPU smoke matrix is every supported cell of its own quantizer and
+    method axes; the H100 matrix, moved to the CPU by --set overrides, is 12 cells with
+    checkpointing as resolved."""
+    matrix = bench.load_matrix(REPO / "configs/bench/cpu_smoke.yaml")
+    smoke = bench.expand(matrix, REGISTRY, tmp_path / "s")
     from qpeft import capability_table
 
-    builtin = {q for q in REGISTRY.backends["quantizer"] if "(qpeft " in REGISTRY.origins[("quantizer", q)]}
-    supported = {(c.quantizer, c.peft) for c in capability_table.table(REGISTRY) if c.train and c.quantizer in builtin} - {
-        (q, p) for q in ("gptq", "bnb-4bit") for p in REGISTRY.backends["peft"]
+    quantizers = {c.labels["quantizer"] for c in smoke}
+    methods = {c.labels["peft"] for c in smoke}
+    assert quantizers == {"none", "bnb-8bit", "bnb-nf4", "bnb-fp4"} and methods == {"lora", "prefix", "adapters"}
+    supported = {
+        (c.quantizer, c.peft) for c in capability_table.table(REGISTRY) if c.train and c.quantizer in quantizers and c.peft in methods
     }
     assert {(c.labels["quantizer"], c.labels["peft"]) for c in smoke} == supported
     assert len(smoke) == 2 * len(supported) and all(c.status == "pending" and c.device == "cpu" for c in smoke)
