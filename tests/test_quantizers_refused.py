@@ -48,3 +48,30 @@ def test_torchao_trains_on_gpu(quantizer, dtype, tiny_config):
     losses = [h["loss"] for h in s["loss_history"]]
     assert losses[-1] < losses[0], losses
     assert s["reload_max_abs_logit_diff"] < 5e-2
+
+
+# The conformance kit on CUDA for the new quantizers that run there (float32 comparisons as on
+# the CPU; skipped without a GPU).
+from qpeft.testing import QuantizerConformance  # noqa: E402
+
+
+@pytest.mark.gpu
+class TestGpuKitHqq(QuantizerConformance):
+    quantizer = "hqq"
+    device = "cuda"
+    memory_slack = 1.55  # scales and zero points per group in float32, as on the CPU
+    backend_modules = ("hqq",)
+
+
+@pytest.mark.gpu
+class TestGpuKitTorchaoInt8(QuantizerConformance):
+    quantizer = "torchao-int8"
+    device = "cuda"
+    backend_modules = ("torchao",)
+
+
+@pytest.mark.gpu
+class TestGpuKitTorchaoFloat8(QuantizerConformance):
+    quantizer = "torchao-float8"
+    device = "cuda"
+    backend_modules = ("torchao",)
