@@ -252,6 +252,24 @@ def generate(
 
 
 @app.command()
+def quantize(
+    config: str = typer.Argument(..., metavar="CONFIG", help="Run config whose model and quantizer sections to use."),
+    out_dir: str = typer.Option(..., "--out", metavar="DIR", help="Folder for the quantized model (model.name_or_path can name it)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if qpeft wrote it."),
+    set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a config key (repeatable)."),
+):
+    """Quantize the config's base model once and save it; loaded back and verified by logits."""
+    from . import orchestrator
+
+    try:
+        result = orchestrator.quantize(config, _merge_out(out_dir), _registry(), overrides=set_ or [], force=force, say=_say_factory())
+    except USER_ERRORS as exc:
+        _fail(exc)
+    _close_displays()
+    out.print_json(json.dumps(result))
+
+
+@app.command()
 def merge(
     adapter: str = typer.Option(..., "--adapter", metavar="DIR", help="Adapter folder written by qpeft."),
     out_dir: str = typer.Option(..., "--out", metavar="DIR", help="Folder for the merged full-precision model."),

@@ -645,3 +645,41 @@ def _device_name(device: str) -> str:
 
         return torch.cuda.get_device_name()
     return platform.processor() or platform.machine()
+
+
+def quantize(config, out_dir: str, registry: Registry, *, overrides=(), force: bool = False, say: Say = _quiet) -> dict:
+    """``qpeft quantize``: load the config's base model with its quantizer, save it quantized into
+    ``out_dir`` (``save_quantized``, with the tokenizer) and verify it as ``merge --requantize``
+    does (:func:`requantize_merged`): loaded back from disk it must give the logits it was saved
+    with, and stay within the quantizer's error of the full-precision model. A quantizer that
+    cannot save its models (``saves_quantized="none"``) is refused before any weight loads."""
+    resolved, registry = prepare(config, overrides, registry=registry)
+    quant, options = resolved.quantizer, resolved.quantizer_options
+    if quant.capabilities.saves_quantized == "none":
+        raise QpeftError(
+            f"quantizer {quant.name!r} cannot save quantized models (capabilities.saves_quantized is 'none'); "
+            "its models exist only in memory: name it in the run config instead"
+        )
+    from .modeling import load_causal_lm
+
+    ctx = _context(resolved, registry)
+    model_path = resolve_model_path(resolved.config.model.name_or_path, progress=say)
+    out = Path(out_dir)
+    check_merge_output(out, force=force, inputs={"base model": model_path})
+    tok, _ = load_tokenizer(model_path)
+    probe = tokenize([{"text": "The quick brown fox jumps over the lazy dog."}], "text", tok, 64)[0]
+    full = load_causal_lm(model_path, ctx)
+    full_logits = logits_for(full, probe, tok.pad_token_id)
+    del full
+    gc.collect()
+    say(f"quantizing {model_path} with {quant.name} into {out}")
+    t0 = time.perf_counter()
+    result = requantize_merged(
+        quant, options, Path(model_path), out, tok, probe, full_logits, ctx, marker={"quantized_from": str(model_path)}
+    )
+    result["seconds"] = time.perf_counter() - t0
+    say(
+        f"quantized model written to {out}; reloaded from disk: max |Δlogit| {result['reload_max_abs_logit_diff']:.2e} vs before "
+        f"saving, relative L2 {result['logit_rel_err_vs_merged']:.3f} vs the full-precision model"
+    )
+    return result

@@ -78,3 +78,26 @@ def test_saved_model_loads_by_name_or_path_without_quantizing(tiny_config, tmp_p
     with torch.no_grad():
         got = again(input_ids=ids).logits
     assert torch.equal(got, want)
+
+
+def test_qpeft_quantize_writes_a_model_that_name_or_path_loads(tiny_config, tmp_path):
+    """``qpeft quantize`` (hqq, its own format): saved, loaded back and verified; a run naming the
+    folder as its base trains on it; a quantizer that cannot save is refused before loading."""
+    import yaml
+
+    from qpeft import orchestrator
+    from qpeft.errors import QpeftError
+
+    cfg = tiny_config(quantizer={"name": "hqq", "options": {"nbits": 4}})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = orchestrator.quantize(str(path), str(tmp_path / "q"), load_registry())
+    assert result["reload_max_abs_logit_diff"] == 0.0 and result["logit_rel_err_vs_merged"] < 0.5
+    assert (tmp_path / "q" / "qpeft-hqq.json").is_file() and (tmp_path / "q" / "tokenizer.json").is_file()
+    cfg2 = tiny_config(quantizer={"name": "hqq", "options": {"nbits": 4}}, evaluate=False, output_dir=str(tmp_path / "run2"))
+    cfg2["model"]["name_or_path"] = str(tmp_path / "q")
+    cfg2["trainer"]["options"]["max_steps"] = 2
+    s = orchestrator.run(*orchestrator.prepare(cfg2, registry=load_registry()))
+    assert s["reload_max_abs_logit_diff"] == 0.0
+    with pytest.raises(QpeftError, match="exists; pass --force"):
+        orchestrator.quantize(str(path), str(tmp_path / "q"), load_registry())

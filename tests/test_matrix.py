@@ -25,6 +25,16 @@ def _skip_missing(quantizer):
         pytest.importorskip("gptqmodel")
     if quantizer.startswith("bnb"):
         pytest.importorskip("bitsandbytes")
+    if quantizer == "hqq":
+        pytest.importorskip("hqq")
+    if quantizer.startswith("torchao"):
+        pytest.importorskip("torchao")
+    if quantizer == "fp8":
+        pytest.importorskip("kernels", reason="fp8 needs the kernels package (hub downloads at run time; quant_fp8.py)")
+    import torch
+
+    if "cpu" not in REGISTRY.backends["quantizer"][quantizer].capabilities.devices and not torch.cuda.is_available():
+        pytest.skip(f"{quantizer} runs on CUDA only")
 
 
 ADAPTER_MARKERS = ("lora_", "prompt_encoder", "bottleneck_", "modules_to_save", "ia3_", "vera_", "hada_", "lokr_", "oft_")
