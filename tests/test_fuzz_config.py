@@ -450,11 +450,21 @@ def expected_refusal(q, p, t, gc, device, packing) -> str | None:
     """The key qpeft must refuse a combination under, from declared capabilities alone."""
     import torch
 
-    quant, peft = REGISTRY.backends["quantizer"][q], REGISTRY.backends["peft"][p]
+    quant, peft, trainer = REGISTRY.backends["quantizer"][q], REGISTRY.backends["peft"][p], REGISTRY.backends["trainer"][t]
+    plugins = {"quantizer": quant, "peft": peft, "trainer": trainer}
+    for plugin in plugins.values():  # declared incompatibilities, in check_combination's order
+        for other_kind, other in plugins.items():
+            if other is not plugin and other.name in plugin.capabilities.incompatible:
+                return f"{other_kind}.name"
     if not capability_table.cell(quant, peft).train:
         return "quantizer.name"
+    if packing and getattr(trainer, "data_kind", "lm") != "lm":  # preference/feedback/prompt rows are never packed
+        return "data.packing"
     if device == "cuda" and not torch.cuda.is_available():
         return "model.device"
+    resolved = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    if resolved not in quant.capabilities.devices:
+        return "quantizer.name"
     if gc is True and not (quant.capabilities.grad_checkpointing and peft.capabilities.grad_checkpointing):
         return "gradient_checkpointing"
     if packing and not getattr(peft.capabilities, "packing", True):
@@ -519,11 +529,12 @@ def test_every_numeric_field_refuses_absurd_numbers(workdir, value):
             data = {"quantizer": "none", "peft": "lora", "trainer": "hf", "model": {"device": "cpu"}}
             set_path(data, tuple(key.split(".")), value)
             full_key = key
-        elif scope == "tracker":  # trackers are a list in the config
+        elif scope in ("tracker", "evaluator"):  # lists in the config: trackers, eval
+            section = {"tracker": "trackers", "evaluator": "eval"}[scope]
             data = {"quantizer": "none", "peft": "lora", "trainer": "hf", "model": {"device": "cpu"}}
-            data["trackers"] = [{"name": name, "options": {}}]
-            set_path(data["trackers"][0]["options"], tuple(key.split(".")), value)
-            full_key = f"trackers.0.options.{key}"
+            data[section] = [{"name": name, "options": {}}]
+            set_path(data[section][0]["options"], tuple(key.split(".")), value)
+            full_key = f"{section}.0.options.{key}"
         else:
             data = {"quantizer": "none", "peft": "lora", "trainer": "hf", "model": {"device": "cpu"}}
             data[scope] = {"name": name, "options": {}}
