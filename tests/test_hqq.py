@@ -40,7 +40,7 @@ def test_methods_peft_cannot_put_on_hqq_layers_are_refused_before_loading(tiny_c
     from qpeft import orchestrator
 
     watch = __import__("conftest").WeightWatch()
-    registry = load_registry([_Stubs(), watch])
+    registry = load_registry([watch])  # ia3 is a built-in since issue 23
     with pytest.raises(
         ConfigError, match=r"peft.name: peft 'ia3' does not work with quantizer 'hqq': peft 0.21 has no IA3 layer for HQQ's HQQLinear"
     ):
