@@ -69,12 +69,14 @@ USER_ERRORS = (QpeftError, OSError)
 
 def _fail(exc: BaseException) -> None:
     """Print ``exc`` as one line on stderr (its text is never read as markup) and exit 2."""
-    from rich.markup import escape
+    from rich.text import Text
 
     msg = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.strerror and exc.filename else str(exc)
     msg = " ".join(msg.split()) or type(exc).__name__
     _close_displays()
-    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+    # a Text, not markup: rich.markup.escape leaves a backslash before "[" alone, and markup then
+    # ate it (a config key "\[" was named as "[", found by tests/test_fuzz_config.py)
+    console.print(Text.assemble(("error:", "bold red"), " ", msg), highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

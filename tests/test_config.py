@@ -203,3 +203,12 @@ def test_torchao_int4_refuses_trainers_built_on_transformers_trainer(trainer):
         check_combination(quant, registry.get("peft", "lora"), other)
     assert err.value.key == "trainer.name" and "trainer native" in str(err.value)
     check_combination(quant, registry.get("peft", "lora"), registry.get("trainer", "native"))
+
+
+def test_error_line_keeps_a_backslash_before_a_bracket(tmp_path):
+    """rich.markup.escape leaves "\\[" alone and markup then printed it as "[": a config key
+    "\\[" was named "[" (found by tests/test_fuzz_config.py). Errors are printed as plain Text."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text('quantizer: none\npeft: lora\ntrainer: hf\n"\\\\[": 1\n')
+    proc = subprocess.run([sys.executable, "-m", "qpeft", "run", str(cfg), "--check"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: \\[: unknown key"), proc.stderr
