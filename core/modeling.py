@@ -467,3 +467,18 @@ def weight_memory_gib(model, quantizer=None, options=None) -> float:
     from .accounting import held_bytes
 
     return held_bytes(model) / 2**30
+
+
+def param_groups(named_params, lr: float, loraplus_lr_ratio: float | None):
+    """Parameters as optimizer groups: LoRA+ puts peft's ``lora_B`` / ``lora_embedding_B`` at
+    ``lr * loraplus_lr_ratio`` and the rest at ``lr``; without a ratio, one group."""
+    named = list(named_params)
+    if not loraplus_lr_ratio:
+        return [{"params": [p for _, p in named]}]
+    b = [p for n, p in named if "lora_B" in n or "lora_embedding_B" in n]
+    if not b:
+        from qpeft.errors import ConfigError
+
+        raise ConfigError("trainer.options.loraplus_lr_ratio", "LoRA+ needs LoRA B matrices (peft lora_B); this adapter has none")
+    ids = {id(p) for p in b}
+    return [{"params": [p for _, p in named if id(p) not in ids], "lr": lr}, {"params": b, "lr": lr * loraplus_lr_ratio}]

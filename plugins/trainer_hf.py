@@ -16,7 +16,7 @@ from qpeft.data import DataSchedule, collate
 from qpeft.distributed import world_size
 from qpeft.errors import ConfigError
 from qpeft.integrity import DivergenceGuard, first_non_finite
-from qpeft.modeling import release_model
+from qpeft.modeling import param_groups, release_model
 
 
 class HfTrainerOptions(TrainingOptions):
@@ -25,21 +25,6 @@ class HfTrainerOptions(TrainingOptions):
     #: LoRA+ (Hayou et al. 2024): the LoRA B matrices learn at lr × this ratio (e.g. 16), the
     #: rest at lr. Null = off. Needs parameters named like peft's LoRA (``lora_B``).
     loraplus_lr_ratio: float | None = Field(None, gt=0, le=1e4)
-
-
-def param_groups(named_params, lr: float, loraplus_lr_ratio: float | None):
-    """Parameters as optimizer groups: LoRA+ puts peft's ``lora_B`` / ``lora_embedding_B`` at
-    ``lr * loraplus_lr_ratio`` and the rest at ``lr``; without a ratio, one group."""
-    named = list(named_params)
-    if not loraplus_lr_ratio:
-        return [{"params": [p for _, p in named]}]
-    b = [p for n, p in named if "lora_B" in n or "lora_embedding_B" in n]
-    if not b:
-        from qpeft.errors import ConfigError
-
-        raise ConfigError("trainer.options.loraplus_lr_ratio", "LoRA+ needs LoRA B matrices (peft lora_B); this adapter has none")
-    ids = {id(p) for p in b}
-    return [{"params": [p for _, p in named if id(p) not in ids], "lr": lr}, {"params": b, "lr": lr * loraplus_lr_ratio}]
 
 
 def _loraplus_optimizer(model, args, options):

@@ -19,7 +19,7 @@ from qpeft.data import IGNORE, DataSchedule, collate, count_example_tokens
 from qpeft.distributed import gather_trainable_state, world_size
 from qpeft.errors import ConfigError
 from qpeft.integrity import DivergenceGuard, check_finite
-from qpeft.modeling import release_model
+from qpeft.modeling import param_groups, release_model
 
 
 class NativeOptions(TrainingOptions):
@@ -44,21 +44,6 @@ class NativeOptions(TrainingOptions):
     #: identical layers); the first steps pay the compile time. "auto": on CUDA for runs of at
     #: least 50 optimizer steps, falling back to eager execution where a backend cannot be compiled.
     compile: Literal["auto"] | bool = "auto"
-
-
-def param_groups(named_params, lr: float, loraplus_lr_ratio: float | None):
-    """Parameters as optimizer groups: LoRA+ puts peft's ``lora_B`` / ``lora_embedding_B`` at
-    ``lr * loraplus_lr_ratio`` and the rest at ``lr``; without a ratio, one group."""
-    named = list(named_params)
-    if not loraplus_lr_ratio:
-        return [{"params": [p for _, p in named]}]
-    b = [p for n, p in named if "lora_B" in n or "lora_embedding_B" in n]
-    if not b:
-        from qpeft.errors import ConfigError
-
-        raise ConfigError("trainer.options.loraplus_lr_ratio", "LoRA+ needs LoRA B matrices (peft lora_B); this adapter has none")
-    ids = {id(p) for p in b}
-    return [{"params": [p for _, p in named if id(p) not in ids], "lr": lr}, {"params": b, "lr": lr * loraplus_lr_ratio}]
 
 
 def _resolved_optim(o: NativeOptions, device: str) -> str:
