@@ -69,7 +69,15 @@ def run_qpeft(a: dict) -> dict:
         s = orchestrator.run(resolved, registry)
     # The peak of the training phase (qpeft resets it after loading), as the TRL path measures it.
     peak = {k: round(s[k], 3) for k in ("peak_allocated_gib", "peak_reserved_gib", "peak_rss_gib") if s.get(k) is not None}
-    return {"train_seconds": s["train_seconds"], "tokens": s["train_tokens"], "loss": s["train_loss"], **_peak(), **peak}
+    return {
+        "train_seconds": s["train_seconds"],
+        "tokens": s["train_tokens"],
+        "loss": s["train_loss"],
+        "metrics": s.get("objective_metrics"),
+        "reload_max_abs_logit_diff": s.get("reload_max_abs_logit_diff"),
+        **_peak(),
+        **peak,
+    }
 
 
 def run_trl(a: dict) -> dict:
@@ -197,7 +205,18 @@ def main() -> None:
         name,
         payload,
         rows,
-        ["path", "repeat", "train_seconds", "tokens", "tokens_per_s", "loss", "peak_rss_gib", "peak_allocated_gib", "peak_reserved_gib"],
+        [
+            "path",
+            "repeat",
+            "train_seconds",
+            "tokens",
+            "tokens_per_s",
+            "loss",
+            "peak_rss_gib",
+            "peak_allocated_gib",
+            "peak_reserved_gib",
+            "reload_max_abs_logit_diff",
+        ],
         Path(args.out) if args.out else None,
     )
     print(
