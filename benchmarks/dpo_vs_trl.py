@@ -187,42 +187,42 @@ def main() -> None:
             r.update(path=path, repeat=rep, tokens_per_s=round(r["tokens"] / r["train_seconds"], 1) if r["train_seconds"] else None)
             print(json.dumps(r), flush=True)
             rows.append(r)
-    best = {p: max(r["tokens_per_s"] for r in rows if r["path"] == p) for p in ("trl", "qpeft")}
+            out, payload = _write(args, base, device, rows)  # after every run: a stopped benchmark keeps what it measured
+    print(
+        f"wrote {out}; qpeft overhead {payload['qpeft_overhead_percent']}% in tokens/s, "
+        f"{payload['qpeft_time_overhead_percent']}% in training time (best of {args.repeats})"
+    )
+
+
+def _write(args, base: dict, device: str, rows: list[dict]):
+    paths = [p for p in ("trl", "qpeft") if any(r["path"] == p for r in rows)]
+    best = {p: max(r["tokens_per_s"] for r in rows if r["path"] == p) for p in paths}
     # Same rows, same steps: the training time is the like-for-like measure (the token counts
     # come from each path's own counter).
-    fastest = {p: min(r["train_seconds"] for r in rows if r["path"] == p) for p in ("trl", "qpeft")}
+    fastest = {p: min(r["train_seconds"] for r in rows if r["path"] == p) for p in paths}
+    both = len(paths) == 2
     payload = {
         "command": " ".join(sys.argv),
         "environment": environment(),
         "settings": base,
         "best_tokens_per_s": best,
         "best_train_seconds": fastest,
-        "qpeft_overhead_percent": round(100 * (best["trl"] / best["qpeft"] - 1), 2),
-        "qpeft_time_overhead_percent": round(100 * (fastest["qpeft"] / fastest["trl"] - 1), 2),
+        "qpeft_overhead_percent": round(100 * (best["trl"] / best["qpeft"] - 1), 2) if both else None,
+        "qpeft_time_overhead_percent": round(100 * (fastest["qpeft"] / fastest["trl"] - 1), 2) if both else None,
     }
-    name = f"dpo_vs_trl_{device}"
-    out = write(
-        name,
-        payload,
-        rows,
-        [
-            "path",
-            "repeat",
-            "train_seconds",
-            "tokens",
-            "tokens_per_s",
-            "loss",
-            "peak_rss_gib",
-            "peak_allocated_gib",
-            "peak_reserved_gib",
-            "reload_max_abs_logit_diff",
-        ],
-        Path(args.out) if args.out else None,
-    )
-    print(
-        f"wrote {out}; qpeft overhead {payload['qpeft_overhead_percent']}% in tokens/s, "
-        f"{payload['qpeft_time_overhead_percent']}% in training time (best of {args.repeats})"
-    )
+    columns = [
+        "path",
+        "repeat",
+        "train_seconds",
+        "tokens",
+        "tokens_per_s",
+        "loss",
+        "peak_rss_gib",
+        "peak_allocated_gib",
+        "peak_reserved_gib",
+    ]
+    out = write(f"dpo_vs_trl_{device}", payload, rows, columns + ["reload_max_abs_logit_diff"], Path(args.out) if args.out else None)
+    return out, payload
 
 
 if __name__ == "__main__":
