@@ -495,7 +495,13 @@ class QuantizerChecker(_Checker):
     def config_dict(self, **overrides) -> dict:
         """A run config for the tiny model with this quantizer, LoRA and a few training steps."""
         cfg = {
-            "model": {"name_or_path": self.tiny_path, "device": self.device, "dtype": "float32"},
+            # a private quantized-base cache: the run's reload reads what its training load wrote
+            "model": {
+                "name_or_path": self.tiny_path,
+                "device": self.device,
+                "dtype": "float32",
+                "quantized_cache": str(self.tmp / "quantized-cache"),
+            },
             "quantizer": {"name": self.name, "options": self.options},
             "peft": {"name": "lora", "options": {"r": 8, "alpha": 16}},
             "trainer": {
