@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import random
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -76,10 +76,16 @@ def _require() -> None:
 
 def _quant_config(model_path: str) -> dict | None:
     """The ``quantization_config`` of ``model_path``'s config.json, or None."""
+    from qpeft.io import MetadataError, read_json_file
+
     path = Path(model_path) / "config.json"
     if not path.is_file():
         return None
-    qc = json.loads(path.read_text(encoding="utf-8")).get("quantization_config")
+    try:
+        config = read_json_file(path)
+    except (OSError, MetadataError) as exc:
+        raise QpeftError(f"awq: cannot read {path}: {exc}") from None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
     return qc if isinstance(qc, dict) else None
 
 
@@ -215,7 +221,10 @@ class Awq(QuantizerPlugin):
             raise QpeftError(f"awq: {path} is not an AWQ checkpoint (config.json has no quantization_config with quant_method awq)")
         backend = TRAINING_BACKEND if training or options.kernel == "torch" else "auto"
         config = AwqConfig(bits=int(qc.get("bits", 4)), group_size=int(qc.get("group_size", 128)), backend=backend)
-        model = load_causal_lm(str(path), ctx, quantization_config=config)
+        with warnings.catch_warnings():
+            # "You passed `quantization_config` ... loading attributes will be overwritten": intended (the backend).
+            warnings.filterwarnings("ignore", message=".*quantization_config.*", category=UserWarning)
+            model = load_causal_lm(str(path), ctx, quantization_config=config)
         if len(getattr(model, "hf_device_map", None) or {}) == 1:
             del model.hf_device_map  # as gptq: peft's prefix tuning looks for a non-CPU device in it
         model._qpeft_awq_source = str(path)

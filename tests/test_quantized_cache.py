@@ -117,8 +117,9 @@ def test_key_follows_the_base_content(tiny_config, tiny_llama_path, tmp_path, mo
 def test_run_reload_reads_the_base_its_training_load_cached(tiny_config, tmp_path):
     cfg = tiny_config(quantizer={"name": "hqq", "options": {"nbits": 4, "group_size": 64}})
     cfg["model"]["quantized_cache"] = str(tmp_path / "qcache")
-    cfg["trainer"]["options"]["max_steps"] = 2
+    cfg["trainer"] = {"name": "native", "options": {"batch_size": 2, "max_steps": 1}}
     cfg["evaluate"] = False
+    cfg["generate"]["max_new_tokens"] = 2
     resolved, registry = orchestrator.prepare(cfg, registry=load_registry())
     summary = orchestrator.run(resolved, registry)
     notes = summary["notes"]
