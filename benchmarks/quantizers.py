@@ -136,7 +136,13 @@ def _merge(resolved, registry, trained, work: Path) -> dict:
     adapter = work / "adapter"
     orchestrator.save_adapter(trained, resolved.peft, adapter, resolved, summary)
     result = orchestrator.merge(str(adapter), str(work / "merged"), registry, force=True)
-    return {"merge_max_abs_logit_diff": result["max_abs_logit_diff"], "merge_source": result["merge_source"]}
+    return {
+        "merge_max_abs_logit_diff": result["max_abs_logit_diff"],
+        "merge_source": result["merge_source"],
+        # the quantized base's own distance from its full-precision weights, no adapter: the floor
+        # of a reference that runs the quantized kernels (LLM.int8 also quantizes activations)
+        "merge_floor_abs_logit_diff": result["base_path_diff"],
+    }
 
 
 def measure(args, name: str, registry, tok) -> dict:
@@ -225,6 +231,8 @@ def markdown(rows: list[dict], rows_kind: str) -> str:
         mem = r["weight_memory_gib"] / ref["weight_memory_gib"] if ref else None
         ppl = 100 * (r["perplexity"] / ref["perplexity"] - 1) if ref and r["quantizer"] != "none" else None
         merge = r.get("merge") or f"{r['merge_max_abs_logit_diff']:.1e} ({r['merge_source']})"
+        if r.get("merge_floor_abs_logit_diff") is not None:
+            merge += f"; floor {r['merge_floor_abs_logit_diff']:.1e}"
         lines.append(
             f"| {r['quantizer']} | {r['weight_memory_gib']:.3f} | {_fmt(mem, '.2f')} | {r['perplexity']:.2f} | "
             f"{'—' if ppl is None else f'{ppl:+.1f}%'} | {r['gen_tokens_per_s']:.1f} | {r['train_tokens_per_s']:.0f} | "
