@@ -199,6 +199,27 @@ def measure(args, name: str, registry, tok) -> dict:
     return row
 
 
+def merge_floor(args, name: str, registry, tok) -> float:
+    """What ``qpeft merge`` reports as ``base_path_diff``, for rows measured before it was
+    recorded: max |Δlogit| of the quantized base (training kernels, no adapter) against the
+    full-precision model the quantizer merges into, on the merge's probe sentence."""
+    import torch
+
+    from qpeft import orchestrator
+    from qpeft.data import tokenize
+    from qpeft.modeling import logits_for
+    from qpeft.quantized_cache import load_base
+
+    resolved = _prepare(args, name, registry)
+    ctx = orchestrator._context(resolved, registry)
+    quant, opts = resolved.quantizer, resolved.quantizer_options
+    probe = tokenize([{"text": "The quick brown fox jumps over the lazy dog."}], "text", tok, 64)[0]
+    model = load_base(quant, args.model, opts, ctx, training=True).eval()
+    quantized = logits_for(model, probe, tok.pad_token_id)
+    full = quant.full_precision_model(model, args.model, opts, ctx).to(torch.float32)
+    return float((logits_for(full, probe, tok.pad_token_id) - quantized).abs().max())
+
+
 def _fmt(v, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
@@ -301,9 +322,17 @@ def main() -> None:
         with log.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, default=str) + "\n")
         done[q] = row
+    missing = [q for q, r in done.items() if "merge_max_abs_logit_diff" in r and "merge_floor_abs_logit_diff" not in r]
+    for q in missing:
+        done[q]["merge_floor_abs_logit_diff"] = merge_floor(args, q, registry, tok)
+        print(f"{q}: merge floor {done[q]['merge_floor_abs_logit_diff']:.2e}", flush=True)
+    if missing:
+        from qpeft.io import atomic_write_text
+
+        atomic_write_text(log, "".join(json.dumps(r, default=str) + "\n" for r in done.values()))
     rows = [done[q] for q in args.quantizers.split(",") if q in done]
     columns = ["quantizer", "trainer", "weight_memory_gib", "perplexity", "gen_tokens_per_s", "train_tokens_per_s"]
-    columns += ["peak_allocated_gib", "quantize_s", "merge_max_abs_logit_diff", "merge", "refused"]
+    columns += ["peak_allocated_gib", "quantize_s", "merge_max_abs_logit_diff", "merge_floor_abs_logit_diff", "merge", "refused"]
     payload = {"command": "python " + " ".join(sys.argv), "environment": environment(), "model": args.model, "rows_kind": args.rows}
     write(name, payload, rows, columns, out)
     if args.docs:
