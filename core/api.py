@@ -145,6 +145,10 @@ class _Plugin:
 class QuantizerPlugin(_Plugin):
     """Loads a base model quantized, and prepares it for adapter training."""
 
+    #: Distributions whose versions key the quantized-base cache (:mod:`qpeft.quantized_cache`):
+    #: the backend library that computes the quantized weights, e.g. ``("hqq",)``.
+    backend_packages: ClassVar[tuple[str, ...]] = ()
+
     def load(self, model_path: str, options: Options, ctx: RunContext, *, training: bool):
         """Return a ``PreTrainedModel`` loaded from ``model_path`` (a local folder or hub id).
 
@@ -199,6 +203,15 @@ class QuantizerPlugin(_Plugin):
         from .accounting import parameter_counts
 
         return parameter_counts(model)
+
+    def cache_key(self, options: Options) -> dict | None:
+        """Parts of the quantized-base cache key beyond what qpeft puts there itself (the base's
+        content fingerprint, this quantizer's name and options, dtype, device, versions; see
+        :mod:`qpeft.quantized_cache`): e.g. a digest of the calibration data a path option names.
+        None: never cache this quantizer's models (it caches them itself, or reading a saved copy
+        back is no faster than quantizing). Default: ``{}`` (cached whenever ``saves_quantized``
+        is not "none" and the options quantize)."""
+        return {}
 
     def save_quantized(self, model, out_dir: str, options: Options, ctx: RunContext) -> None:
         """Write the loaded quantized ``model`` into ``out_dir`` (safetensors only).

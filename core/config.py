@@ -165,8 +165,20 @@ class ModelConfig(_Strict):
     #: Read pickled checkpoints (``pytorch_model.bin``, ``adapter_model.bin``), which can run
     #: code when loaded. Off unless asked (safetensors only); logged when on.
     allow_pickle: bool = False
+    #: Cache quantized bases on disk (qpeft.quantized_cache): true = under $QPEFT_CACHE/quantized
+    #: (default ~/.cache/qpeft/quantized), a folder path = there, false = quantize every load.
+    quantized_cache: bool | str = True
 
     _expand_name = field_validator("name_or_path", mode="after")(_expand)
+
+    @field_validator("quantized_cache", mode="after")
+    @classmethod
+    def _cache_folder(cls, value: bool | str) -> bool | str:
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("expected true, false or a folder path")
+            return expand_path(value)
+        return value
 
     @field_validator("device_map", mode="after")
     @classmethod

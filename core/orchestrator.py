@@ -51,6 +51,7 @@ from .modeling import (
     weight_memory_gib,
 )
 from .outputs import MERGE_MARKER, check_merge_output, check_run_output
+from .quantized_cache import load_base
 from .registry import Registry, load_registry
 from .tokenizer import load_tokenizer
 from .tracking import tracking
@@ -177,7 +178,7 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
             check_same_data((read_marker(ctx.resume_from) or {}).get("data_position"), train_data)
 
     t0 = time.perf_counter()
-    model = quant.load(model_path, q_opts, ctx, training=True)
+    model = load_base(quant, model_path, q_opts, ctx, training=True, say=say)
     load_s = time.perf_counter() - t0
     if pad.needs_resize:
         model.resize_token_embeddings(len(tok))
@@ -318,7 +319,7 @@ def _rebuild_trained(resolved: ResolvedRun, registry: Registry, ctx: RunContext,
     with the trained adapter tensors (gathered from FSDP's shards) copied in; in eval mode."""
     import torch
 
-    model = resolved.quantizer.load(model_path, resolved.quantizer_options, ctx, training=True)
+    model = load_base(resolved.quantizer, model_path, resolved.quantizer_options, ctx, training=True)
     if resize:
         model.resize_token_embeddings(vocab)
     model = resolved.quantizer.prepare_for_training(model, resolved.quantizer_options, ctx, grad_checkpointing=False)
@@ -385,7 +386,7 @@ def load_for_inference(
     check_weight_files(adapter_dir, allow_pickle=resolved.config.model.allow_pickle)  # before any weight loads
     check_adapter_files(adapter_dir)  # NaN/inf tensors: a diverged run's adapter, or a damaged file
     model_path = resolve_model_path(resolved.config.model.name_or_path)
-    base = resolved.quantizer.load(model_path, resolved.quantizer_options, ctx, training=as_trained or training_kernels)
+    base = load_base(resolved.quantizer, model_path, resolved.quantizer_options, ctx, training=as_trained or training_kernels)
     if as_trained:
         base = resolved.quantizer.prepare_for_training(base, resolved.quantizer_options, ctx, grad_checkpointing=False)
     try:

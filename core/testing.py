@@ -220,9 +220,10 @@ def effective_weights(model) -> dict:
     return out
 
 
-def reference_model(model_path: str, weights: dict):
+def reference_model(model_path: str, weights: dict, others: dict | None = None):
     """The float32 model at ``model_path`` with ``weights`` (from :func:`effective_weights`)
-    copied into its linear layers."""
+    copied into its linear layers and ``others`` (from :func:`other_float_tensors`) into the
+    rest."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -230,7 +231,23 @@ def reference_model(model_path: str, weights: dict):
     with torch.no_grad():
         for name, w in weights.items():
             ref.get_submodule(name).weight.copy_(w)
+        state = ref.state_dict()
+        for name, t in (others or {}).items():
+            if name in state and state[name].shape == t.shape:
+                state[name].copy_(t)
     return ref
+
+
+def other_float_tensors(model) -> dict:
+    """The floating-point tensors of ``model`` outside its linear layers (norms, embeddings),
+    as float32 CPU copies by state-dict name: a quantizer may change them too (gptqmodel's AWQ
+    folds its activation scales into the RMSNorm weights before the quantized layers)."""
+    linear = tuple(n + "." for n in linear_modules(model))
+    return {
+        k: v.detach().float().cpu().clone()
+        for k, v in model.state_dict().items()
+        if not k.startswith(linear) and v.is_floating_point() and v.device.type != "meta" and type(v).__name__ == "Tensor"
+    }
 
 
 def _batch(vocab_size: int, device, seed: int = 0) -> dict:
@@ -495,7 +512,13 @@ class QuantizerChecker(_Checker):
     def config_dict(self, **overrides) -> dict:
         """A run config for the tiny model with this quantizer, LoRA and a few training steps."""
         cfg = {
-            "model": {"name_or_path": self.tiny_path, "device": self.device, "dtype": "float32"},
+            # a private quantized-base cache: the run's reload reads what its training load wrote
+            "model": {
+                "name_or_path": self.tiny_path,
+                "device": self.device,
+                "dtype": "float32",
+                "quantized_cache": str(self.tmp / "quantized-cache"),
+            },
             "quantizer": {"name": self.name, "options": self.options},
             "peft": {"name": "lora", "options": {"r": 8, "alpha": 16}},
             "trainer": {
@@ -742,7 +765,7 @@ class QuantizerChecker(_Checker):
         model = self._state.pop("quantized", None) or plugin.load(self.tiny_path, opts, ctx, training=True)
         plugin.ensure_training_kernels(model, opts)
         weights = effective_weights(model)
-        ref = reference_model(self.tiny_path, weights).to(self.device)
+        ref = reference_model(self.tiny_path, weights, other_float_tensors(model)).to(self.device)
         batch = _batch(ref.config.vocab_size, _device_of(model), seed=1)
 
         _logits(model, batch)  # what evaluation does before training: an eval-mode no-grad forward

@@ -71,6 +71,14 @@ def _dtype(name: str, ctx):
 
 
 class _BnbBase(QuantizerPlugin):
+    backend_packages = ("bitsandbytes",)
+
+    def cache_key(self, options):
+        """Not cached on disk: bitsandbytes quantizes while transformers reads the float weights
+        (no slower than reading a saved copy back), and a ``qpeft bench`` worker keeps the loaded
+        base in memory (:class:`qpeft.modeling.BaseModelCache`)."""
+        return None
+
     def check(self, options, ctx):
         _require_bnb()
 

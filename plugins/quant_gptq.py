@@ -300,6 +300,7 @@ class Gptq(QuantizerPlugin):
     name = "gptq"
     description = "GPTQ 2/3/4/8-bit (transformers GPTQConfig + optimum + gptqmodel), quantized once and cached"
     Options = GptqOptions
+    backend_packages = ("gptqmodel", "optimum")
     capabilities = Capabilities(
         merge_source="original",
         bits=4,  # the default options'; bits() reads the options
@@ -313,6 +314,11 @@ class Gptq(QuantizerPlugin):
             return _spec(options)["bits"]
         except ConfigError:
             return options.bits
+
+    def cache_key(self, options):
+        """None: gptq caches its quantized checkpoints itself (:func:`cache_dir`, keyed by its
+        calibration data too, option ``save_quantized``)."""
+        return None
 
     def load_quantized(self, path, options, ctx, *, training=False):
         """A GPTQ folder written by ``save_quantized``: loaded as ``quantized_path``."""

@@ -99,6 +99,7 @@ class Hqq(QuantizerPlugin):
     name = "hqq"
     description = "HQQ (half-quadratic, no calibration) 8/4/3/2-bit, pure-PyTorch backend: CPU and CUDA"
     Options = HqqOptions
+    backend_packages = ("hqq",)
     # peft 0.21's LoHa/LoKr/IA3 layers accept only torch.nn.Linear/Conv targets and refuse
     # HQQLinear at attach time (TypeError/ValueError, checked): refused here before loading, for
     # when those methods are installed as qpeft plugins.

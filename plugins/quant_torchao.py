@@ -67,6 +67,7 @@ def _is_torchao_weight(tensor) -> bool:
 
 
 class _Torchao(QuantizerPlugin):
+    backend_packages = ("torchao",)
     # saves_quantized: transformers writes torchao's tensor subclasses into safetensors and
     # from_pretrained loads them back quantized (the kit's test_quantized_save checks it).
     capabilities = Capabilities(merge_source="dequantize", bits=8, saves_quantized="transformers", linear_layers="torchao")

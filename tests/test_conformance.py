@@ -89,6 +89,14 @@ class TestTorchaoFloat8(QuantizerConformance):
     backend_modules = ("torchao",)
 
 
+@_needs("gptqmodel")
+class TestAwq(QuantizerConformance):
+    quantizer = "awq"
+    # Kept small: each load of the float tiny model runs AWQ's calibration.
+    options = {"group_size": 64, "num_calibration_samples": 8, "calibration_max_length": 64}
+    backend_modules = ("gptqmodel",)
+
+
 # ---------------------------------------------------------------------------- the kit finds bugs
 
 

@@ -13,7 +13,10 @@ from qpeft.testing import flat_tensors, same_tensors
 REGISTRY = load_registry()
 CELLS = capability_table.table(REGISTRY)
 LR = {"prefix": 3e-2}
-QUANT_OPTIONS = {"gptq": {"num_calibration_samples": 8, "calibration_max_length": 64}}
+QUANT_OPTIONS = {
+    "gptq": {"num_calibration_samples": 8, "calibration_max_length": 64},
+    "awq": {"group_size": 64, "num_calibration_samples": 8, "calibration_max_length": 64},
+}
 
 
 def _skip_missing(quantizer):
@@ -21,7 +24,7 @@ def _skip_missing(quantizer):
 
     if "cpu" not in REGISTRY.backends["quantizer"][quantizer].capabilities.devices and not torch.cuda.is_available():
         pytest.skip(f"{quantizer} runs on {REGISTRY.backends['quantizer'][quantizer].capabilities.devices} only")
-    if quantizer == "gptq":
+    if quantizer in ("gptq", "awq"):
         pytest.importorskip("gptqmodel")
     if quantizer.startswith("bnb"):
         pytest.importorskip("bitsandbytes")

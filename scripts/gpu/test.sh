@@ -15,7 +15,7 @@
 #   quickstart-Q      qpeft run configs/quickstart.yaml --set quantizer=Q for Q in bnb-nf4, bnb-8bit,
 #                     none, and gptq when gptqmodel and optimum import; the run folder (summary.json,
 #                     adapter) in OUTDIR/quickstart/Q
-#   bench-quantizers  benchmarks/quantizers.py: quantizers_cuda.json/.md (weight memory, perplexity,
+#   bench-quantizers  benchmarks/quantizers.py: quantizers_embedded_cuda.json/.md (weight memory, perplexity,
 #                     load time, generation tokens/s on the embedded SmolLM2-135M)
 #   bench-trainers    benchmarks/trainers.py: trainers_cuda.json/.md (hf vs native tokens/s)
 #
