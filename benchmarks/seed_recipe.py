@@ -238,10 +238,16 @@ def run_unsloth(model_dir: str, steps: int) -> dict:
 
 
 def _reset_peak():
+    """Before the first step of every path (after its imports: unsloth must come before torch)."""
     import torch
 
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        if os.environ.get("QPEFT_MEM_CAP_GIB"):
+            # benchmarks/max_context.py: emulate a card of this size (the caching allocator raises
+            # an out-of-memory error beyond it; the loaded weights count)
+            cap = float(os.environ["QPEFT_MEM_CAP_GIB"]) * 2**30
+            torch.cuda.set_per_process_memory_fraction(min(cap / torch.cuda.get_device_properties(0).total_memory, 1.0))
 
 
 def _peak() -> float:
