@@ -5,6 +5,7 @@ and data-parallel (DDP) or sharded (FSDP2) training under ``accelerate launch``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -44,6 +45,11 @@ class NativeOptions(TrainingOptions):
     #: identical layers); the first steps pay the compile time. "auto": on CUDA for runs of at
     #: least 50 optimizer steps, falling back to eager execution where a backend cannot be compiled.
     compile: Literal["auto"] | bool = "auto"
+    #: Move the activations kept for backward — with gradient checkpointing, each decoder layer's
+    #: input — to pinned CPU memory during the forward pass (on a side stream, overlapped with
+    #: compute) and back just before backward needs them (qpeft.offload): the GPU then holds about
+    #: one layer's activations instead of one input per layer, for longer rows. The same numbers.
+    activation_offload: bool = False
 
 
 def _resolved_optim(o: NativeOptions, device: str) -> str:
@@ -80,7 +86,7 @@ def _resolved_compile(o: NativeOptions, ctx, max_steps: int) -> bool:
 
 #: What the native loop leaves out under FSDP (untested there, or needing parameters outside
 #: the wrapped forward): option -> value FSDP cannot take.
-FSDP_REFUSED = {"loss": "chunked", "compile": True, "liger": "on"}
+FSDP_REFUSED = {"loss": "chunked", "compile": True, "liger": "on", "activation_offload": True}
 
 
 def _liger_unavailable(device: str) -> str | None:
@@ -165,6 +171,22 @@ def _compile_layers(model, ctx, fallback: bool):
             layer._compiled_call_impl = None
 
     return undo
+
+
+def _activation_offload(model, options: NativeOptions, ctx):
+    """The offload context for each forward pass (qpeft.offload), or None when it is off."""
+    if not options.activation_offload:
+        return None
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from qpeft.offload import ActivationOffload
+
+    checkpointed = sum(1 for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing)
+    if checkpointed:
+        ctx.notes.append(f"native: activation offloading to pinned CPU memory (the inputs of {checkpointed} checkpointed layers)")
+    else:
+        ctx.notes.append("native: activation offloading of every saved activation (no layer is checkpointed)")
+    return ActivationOffload()
 
 
 def _passthrough_head(model):
@@ -327,6 +349,11 @@ class NativeTrainer(TrainerPlugin):
                 raise ConfigError(
                     f"trainer.options.{key}", f"{value!r} is not supported under FSDP; use auto (the native loop turns it off there)"
                 )
+        if options.activation_offload and ctx.config.gradient_checkpointing is False:
+            raise ConfigError(
+                "trainer.options.activation_offload",
+                "offloads the layer inputs that gradient checkpointing keeps; set gradient_checkpointing: true (or auto)",
+            )
         if options.mixed_precision in ("bf16", "fp16") and ctx.device == "cpu":
             raise ConfigError("trainer.options.mixed_precision", f"{options.mixed_precision} autocast is for GPUs; use auto or no on CPU")
 
@@ -371,6 +398,7 @@ class NativeTrainer(TrainerPlugin):
             wrapper, head = _passthrough_head(model)
             ctx.notes.append(f"native: chunked cross-entropy ({options.loss_chunk} tokens per chunk)")
         compiled = _resolved_compile(options, ctx, max_steps)
+        offload = _activation_offload(model, options, ctx)
         undo = [_apply_liger(model, options, ctx, compiled)]
         if compiled:
             undo.append(_compile_layers(model, ctx, fallback=options.compile == "auto"))
@@ -406,15 +434,16 @@ class NativeTrainer(TrainerPlugin):
                     inputs = {k: v for k, v in batch.items() if k != "labels"}
                     labels = batch["labels"][:, 1:].reshape(-1)
                     with acc.accumulate(model):
-                        out = model(**inputs)
-                        if head is not None:
-                            hidden = out.logits[:, :-1].reshape(-1, out.logits.size(-1))
-                            loss_sum = _chunked_ce_sum(hidden, head, labels, options.loss_chunk, acc.autocast)
-                        else:
-                            logits = out.logits.float()
-                            loss_sum = torch.nn.functional.cross_entropy(
-                                logits[:, :-1].reshape(-1, logits.size(-1)), labels, ignore_index=IGNORE, reduction="sum"
-                            )
+                        with offload or contextlib.nullcontext():
+                            out = model(**inputs)
+                            if head is not None:
+                                hidden = out.logits[:, :-1].reshape(-1, out.logits.size(-1))
+                                loss_sum = _chunked_ce_sum(hidden, head, labels, options.loss_chunk, acc.autocast)
+                            else:
+                                logits = out.logits.float()
+                                loss_sum = torch.nn.functional.cross_entropy(
+                                    logits[:, :-1].reshape(-1, logits.size(-1)), labels, ignore_index=IGNORE, reduction="sum"
+                                )
                         loss = loss_sum / max(n_label, 1)
                         value = loss.item()
                         # Stop before a non-finite loss reaches the gradients (every rank decides alike).
