@@ -474,6 +474,8 @@ def _write_report(entries, args, device, n_params, out, tag) -> None:
         "mem_ratio_int8": ratio("qpeft-int8", "recipe-int8", "peak_mem_gib"),
         "max_rel_loss_diff_nf4": loss_diff("qpeft-nf4", "recipe-nf4"),
         "max_rel_loss_diff_int8": loss_diff("qpeft-int8", "recipe-int8"),
+        # a variant ("qpeft-nf4@activation_offload=true") against its path's defaults, step by step
+        "max_rel_loss_diff_variants": {k: loss_diff(k, k.split("@")[0]) for k in entries if "@" in k and k.split("@")[0] in entries},
         "paths": list(entries.values()),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -515,6 +517,8 @@ def _write_report(entries, args, device, n_params, out, tag) -> None:
         f"speedup int8 {report['speedup_int8']}× at memory ratio {report['mem_ratio_int8']}.",
         f"Largest relative difference of the per-step loss, qpeft vs recipe: NF4 {report['max_rel_loss_diff_nf4']}, int8 {report['max_rel_loss_diff_int8']}.",
     ]
+    for k, v in report["max_rel_loss_diff_variants"].items():
+        lines.append(f"Largest relative difference of the per-step loss, {k} vs {k.split('@')[0]}: {v}.")
     (out / f"seed_recipe_{tag}.md").write_text("\n".join(lines) + "\n")
 
 
