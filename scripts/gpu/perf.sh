@@ -4,7 +4,7 @@
 # first visible one). Needs one CUDA GPU with 24 GB or more, 13.5 GB of disk for the model, the
 # project installed (pip install -e ".[all]" with a CUDA build of torch); unsloth only for its
 # path (QPEFT_UNSLOTH_PATH, see benchmarks/seed_recipe.py). About 7 minutes on an H200 once the
-# model is built (STAGES picks fewer).
+# model is built (estimated: ~1 + ~2 + up to 2 x 2 minutes; STAGES picks fewer).
 #
 #   bash scripts/gpu/perf.sh OUTDIR
 #   STAGES=context MEM_CAP_GIB=24 bash scripts/gpu/perf.sh OUTDIR
@@ -20,7 +20,7 @@
 #   offload      benchmarks/seed_recipe.py, paths qpeft-nf4 and qpeft-nf4@activation_offload=true at
 #                4 × 1024 and at 1 × 16384 (eager, OFFLOAD_STEPS steps, the first 3 untimed): tokens/s
 #                and peak memory with and without activation offloading, per-step losses
-#                (OUTDIR/offload/seed_recipe_<gpu>[_1x16384].json/.md; ~2.5 min)
+#                (OUTDIR/offload/seed_recipe_<gpu>[_1x16384].json/.md; ~2 min)
 #   context      benchmarks/max_context.py: the longest batch-1 row that trains (2 optimizer steps,
 #                each attempt in its own process, to 5%) for CONTEXT_PATHS, PyTorch's allocator
 #                capped at MEM_CAP_GIB (a card of that size emulated, so the search stays short),
@@ -28,9 +28,9 @@
 #
 # Environment variables (and those of scripts/gpu/lib.sh: PYTHON, ASSETS, TOKENIZER_SOURCE, DRY_RUN):
 #   STAGES          default "startup offload context"
-#   OFFLOAD_STEPS   default 10
-#   CONTEXT_PATHS   default qpeft-nf4@activation_offload=true,unsloth-nf4,qpeft-nf4 (unsloth-nf4 is
-#                   recorded as skipped when unsloth does not import)
+#   OFFLOAD_STEPS   default 8
+#   CONTEXT_PATHS   default qpeft-nf4@activation_offload=true,unsloth-nf4 (unsloth-nf4 is recorded as
+#                   skipped when unsloth does not import; add qpeft-nf4 for qpeft without offloading)
 #   MEM_CAP_GIB     default 12; CONTEXT_BUDGET default 120 (seconds per path); CONTEXT_START default 8192
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 gpu_init "$@"
@@ -55,15 +55,15 @@ if wants startup; then
 fi
 
 if wants offload; then
-  stage offload-4x1024 "$PYTHON" benchmarks/seed_recipe.py --model "$MODEL_7B" --steps "${OFFLOAD_STEPS:-10}" --warmup 3 \
+  stage offload-4x1024 "$PYTHON" benchmarks/seed_recipe.py --model "$MODEL_7B" --steps "${OFFLOAD_STEPS:-8}" --warmup 3 \
     --lora-dropout 0 --paths qpeft-nf4,qpeft-nf4@activation_offload=true --out "$OUTDIR/offload"
-  stage offload-1x16384 "$PYTHON" benchmarks/seed_recipe.py --model "$MODEL_7B" --steps "${OFFLOAD_STEPS:-10}" --warmup 3 \
+  stage offload-1x16384 "$PYTHON" benchmarks/seed_recipe.py --model "$MODEL_7B" --steps "${OFFLOAD_STEPS:-8}" --warmup 3 \
     --lora-dropout 0 --batch 1 --seq 16384 --paths qpeft-nf4,qpeft-nf4@activation_offload=true --out "$OUTDIR/offload"
 fi
 
 if wants context; then
   stage context "$PYTHON" benchmarks/max_context.py --model "$MODEL_7B" \
-    --paths "${CONTEXT_PATHS:-qpeft-nf4@activation_offload=true,unsloth-nf4,qpeft-nf4}" \
+    --paths "${CONTEXT_PATHS:-qpeft-nf4@activation_offload=true,unsloth-nf4}" \
     --mem-cap-gib "${MEM_CAP_GIB:-12}" --time-budget "${CONTEXT_BUDGET:-120}" --start "${CONTEXT_START:-8192}" --out "$OUTDIR/context"
 fi
 
