@@ -17,8 +17,8 @@ tensor only when backward reaches it. Here, on CUDA:
 Torch's non-reentrant checkpoint saves a layer's inputs through the saved-tensor hooks active
 around the layer call, and the tensors saved inside the layer through its own inner hooks
 (recomputed, never stored): so these hooks see exactly the checkpoint inputs and what lies
-outside the checkpointed layers. Parameters are never offloaded, nor tensors under ``min_bytes``
-on CUDA (positions, masks: their copies would cost more than they save). On CPU every saved
+outside the checkpointed layers. Parameters and tensor subclasses are never offloaded, nor
+tensors under ``min_bytes`` on CUDA (positions, masks: their copies would cost more than they save). On CPU every saved
 tensor is copied once and returned unchanged, so tests can check exactness of the mechanism.
 """
 
@@ -73,9 +73,12 @@ class ActivationOffload:
 
         cuda = tensor.device.type == "cuda"
         nbytes = tensor.numel() * tensor.element_size()
-        if isinstance(tensor, torch.nn.Parameter) or (tensor.requires_grad and tensor.is_leaf) or (cuda and nbytes < self.min_bytes):
+        # Only plain dense activations: parameters (trainable or frozen, e.g. bitsandbytes'
+        # Params4bit) stay where they are, and so do tensor subclasses, whose layout a plain
+        # host copy would lose.
+        if type(tensor) is not torch.Tensor or tensor.layout != torch.strided or (tensor.requires_grad and tensor.is_leaf):
             return tensor
-        if tensor.device.type not in ("cuda", "cpu"):
+        if tensor.device.type not in ("cuda", "cpu") or (cuda and nbytes < self.min_bytes):
             return tensor
         host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=cuda)
         if cuda:

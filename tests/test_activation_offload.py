@@ -68,6 +68,19 @@ def test_offload_catches_each_checkpointed_layer_input(tiny_llama_path):
     assert offload.offloaded_bytes >= model.config.num_hidden_layers * 2 * 32 * hidden * 4
 
 
+def test_parameters_stay_put():
+    w = torch.nn.Parameter(torch.randn(64, 64))
+    frozen = torch.nn.Parameter(torch.randn(64, 64), requires_grad=False)
+    x = torch.randn(8, 64, requires_grad=True)
+    h = x * 2  # an activation (not a leaf)
+    with ActivationOffload() as offload:
+        y = ((h @ w) @ frozen).sum()
+    y.backward()
+    saved = [tuple(r.host.shape) for r in offload.records]
+    assert (8, 64) in saved and (64, 64) not in saved, saved  # h and h @ w offloaded, the weights not
+    assert torch.allclose(x.grad, 2 * (frozen.sum(1) @ w.T).expand(8, 64))
+
+
 def test_offload_needs_gradient_checkpointing(tiny_config, registry, tmp_path):
     cfg = tiny_config(trainer={"name": "native", "options": {"activation_offload": True}}, gradient_checkpointing=False)
     with pytest.raises(ConfigError, match="trainer.options.activation_offload"):
