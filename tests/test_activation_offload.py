@@ -16,6 +16,24 @@ def registry():
     return load_registry()
 
 
+@pytest.fixture(scope="module")
+def tiny_config_module(tiny_llama_path, tmp_path_factory):
+    """conftest's tiny_config, for module-scoped runs."""
+
+    def make(**overrides) -> dict:
+        cfg = {
+            "model": {"name_or_path": tiny_llama_path},
+            "quantizer": {"name": "bnb-nf4"},
+            "peft": {"name": "lora", "options": {"r": 8, "alpha": 16}},
+            "data": {"path": "embedded:instruct", "max_length": 96, "max_train_examples": 24, "max_val_examples": 4},
+            "seed": 0,
+        }
+        cfg.update(overrides)
+        return cfg
+
+    return make
+
+
 def _run(tiny_config, registry, tmp_path, **opts):
     cfg = tiny_config(
         trainer={"name": "native", "options": {"batch_size": 2, "grad_accum": 2, "max_steps": 3, "lr": 3e-3, **opts}},
@@ -30,13 +48,27 @@ def _run(tiny_config, registry, tmp_path, **opts):
     return s, load_file(tmp_path / "adapter" / "adapter_model.safetensors")
 
 
-def test_offloaded_run_equals_the_plain_one(tiny_config, registry, tmp_path):
-    plain, w_plain = _run(tiny_config, registry, tmp_path / "plain")
-    off, w_off = _run(tiny_config, registry, tmp_path / "offload", activation_offload=True)
-    assert [h["loss"] for h in off["loss_history"]] == [h["loss"] for h in plain["loss_history"]]
-    assert w_off.keys() == w_plain.keys()
-    assert all(torch.equal(w_off[k], w_plain[k]) for k in w_plain)
-    assert any("activation offloading" in n and "2 checkpointed layers" in n for n in off["notes"]), off["notes"]
+@pytest.fixture(scope="module")
+def plain(tiny_config_module, registry, tmp_path_factory):
+    return _run(tiny_config_module, registry, tmp_path_factory.mktemp("plain"))
+
+
+@pytest.mark.parametrize(
+    "options,note",
+    [
+        ({"activation_offload": True}, "activation offloading to pinned CPU memory (the inputs of 2 checkpointed layers)"),
+        # memory-budget mode with an explicit count (qpeft.activations): one layer not recomputed
+        ({"keep_activations": 1}, "keep_activations: 1 of 2 decoder layers keep their activations"),
+    ],
+    ids=["offload", "keep-1"],
+)
+def test_memory_options_train_exactly_as_the_plain_run(plain, tiny_config_module, registry, tmp_path, options, note):
+    s_plain, w_plain = plain
+    s, w = _run(tiny_config_module, registry, tmp_path, **options)
+    assert [h["loss"] for h in s["loss_history"]] == [h["loss"] for h in s_plain["loss_history"]]
+    assert w.keys() == w_plain.keys()
+    assert all(torch.equal(w[k], w_plain[k]) for k in w_plain)
+    assert any(note in n for n in s["notes"]), s["notes"]
 
 
 def test_offload_catches_each_checkpointed_layer_input(tiny_llama_path):
@@ -69,22 +101,51 @@ def test_offload_catches_each_checkpointed_layer_input(tiny_llama_path):
 
 
 def test_parameters_stay_put():
-    w = torch.nn.Parameter(torch.randn(64, 64))
-    frozen = torch.nn.Parameter(torch.randn(64, 64), requires_grad=False)
-    x = torch.randn(8, 64, requires_grad=True)
-    h = x * 2  # an activation (not a leaf)
-    with ActivationOffload() as offload:
-        y = ((h @ w) @ frozen).sum()
-    y.backward()
+    g = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 64, generator=g))
+    frozen = torch.nn.Parameter(torch.randn(64, 64, generator=g), requires_grad=False)
+    x = torch.randn(8, 64, generator=g, requires_grad=True)
+
+    def x_grad(offload):
+        x.grad = w.grad = None
+        with offload if offload else torch.enable_grad():
+            y = (((x * 2) @ w) @ frozen).sum()  # saved: x * 2 (for w's gradient), w and frozen
+        y.backward()
+        return x.grad.clone(), w.grad.clone()
+
+    ref = x_grad(None)
+    offload = ActivationOffload()
+    got = x_grad(offload)
     saved = [tuple(r.host.shape) for r in offload.records]
-    assert (8, 64) in saved and (64, 64) not in saved, saved  # h and h @ w offloaded, the weights not
-    assert torch.allclose(x.grad, 2 * (frozen.sum(1) @ w.T).expand(8, 64))
+    assert saved == [(8, 64)], saved  # the activation; neither weight
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
 
 
-def test_offload_needs_gradient_checkpointing(tiny_config, registry, tmp_path):
-    cfg = tiny_config(trainer={"name": "native", "options": {"activation_offload": True}}, gradient_checkpointing=False)
-    with pytest.raises(ConfigError, match="trainer.options.activation_offload"):
+@pytest.mark.parametrize(
+    "options,gc,key",
+    [
+        ({"activation_offload": True}, False, "activation_offload"),
+        ({"keep_activations": "auto"}, False, "keep_activations"),
+        ({"keep_activations": -1}, True, "keep_activations"),
+        ({"keep_activations": 2, "activation_offload": True}, True, "keep_activations"),
+    ],
+)
+def test_memory_options_refused_where_they_cannot_work(tiny_config, registry, options, gc, key):
+    cfg = tiny_config(trainer={"name": "native", "options": options}, gradient_checkpointing=gc)
+    with pytest.raises(ConfigError, match=f"trainer.options.{key}"):
         orchestrator.prepare(cfg, registry=registry)
+
+
+def test_memory_budget_arithmetic():
+    from qpeft.activations import extrapolate, layers_that_fit
+
+    gib = 2**30
+    assert layers_that_fit(80 * gib, 20 * gib, 2.5 * gib, 32) == 24
+    assert layers_that_fit(80 * gib, 20 * gib, 1 * gib, 32) == 32  # never more than the model has
+    assert layers_that_fit(10 * gib, 12 * gib, 1 * gib, 32) == 0
+    assert extrapolate((256, 512), (1.0, 2.0), 4096) == pytest.approx(16.0)  # linear
+    assert extrapolate((256, 512), (1.0, 4.0), 1024) == pytest.approx(16.0)  # quadratic stays quadratic
+    assert extrapolate((256, 512), (1.0, 1.5), 1024) == pytest.approx(3.0)  # never below linear
 
 
 @pytest.mark.gpu
@@ -153,3 +214,18 @@ def test_offload_with_compiled_layers(tiny_llama_path):
     assert torch.equal(loss, loss_off) and all(torch.equal(ref[n], got[n]) for n in ref)
     hidden = model.config.hidden_size
     assert sum(tuple(r.host.shape) == (2, 32, hidden) for r in offload.records) >= len(layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("budget,expect", [(0.9, "2 of 2"), (1e-4, "0 of 2")])
+def test_keep_activations_auto_on_cuda(tiny_config_module, registry, tmp_path, budget, expect):
+    """auto measures one layer and the first step, then keeps what fits: on a whole card the
+    tiny model keeps both layers; with a budget below its weights, none. Losses as without."""
+    model = {"name_or_path": tiny_config_module()["model"]["name_or_path"], "device": "cuda"}
+    tiny = lambda **kw: tiny_config_module(model=model, **kw)  # noqa: E731
+    s_plain, _ = _run(tiny, registry, tmp_path / "plain")
+    s, _ = _run(tiny, registry, tmp_path / "auto", keep_activations="auto", memory_budget=budget)
+    note = next(n for n in s["notes"] if "keep_activations auto" in n)
+    assert f"{expect} decoder layers" in note, note
+    for a, b in zip(s["loss_history"], s_plain["loss_history"]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-3 * abs(b["loss"]), (s["loss_history"], s_plain["loss_history"])
