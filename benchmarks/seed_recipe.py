@@ -301,6 +301,7 @@ def run_qpeft(model_dir: str, quant: str, steps: int, variant: str = "") -> dict
             },
         },
         "gradient_checkpointing": True,
+        "data": {"max_length": SEQ},  # what the trainer plans memory for (keep_activations: auto)
         "output_dir": "/tmp/seed-recipe-qpeft",
         "evaluate": False,
     }

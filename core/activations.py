@@ -67,7 +67,7 @@ class AutoKeep:
 
     def __init__(self, model, layers: list, max_tokens: int, budget: float):
         self.model, self.layers, self.max_tokens, self.budget = model, layers, max_tokens, budget
-        self.per_layer_at_max = 0.0
+        self.probe_sizes = (0.0, 0.0)
         self.start_allocated = 0
         self.first_tokens = 0
 
@@ -108,7 +108,7 @@ class AutoKeep:
             for length in self.PROBE_LENGTHS:
                 kept, checkpointed = self._layer_deltas(length, device)
                 sizes.append(max(kept - checkpointed, 0.0))
-        self.per_layer_at_max = extrapolate(self.PROBE_LENGTHS, tuple(sizes), self.max_tokens)
+        self.probe_sizes = tuple(sizes)
         self.start_allocated = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -120,16 +120,17 @@ class AutoKeep:
         gib = 2**30
         peak = torch.cuda.max_memory_allocated(device)
         held = torch.cuda.memory_allocated(device)  # weights, adapter and now the optimizer state
-        scale = max(1.0, self.max_tokens / max(step_tokens, 1))
-        estimate = held + (peak - self.start_allocated) * scale
+        longest = max(self.max_tokens, step_tokens)  # a trainer may be handed rows longer than data.max_length
+        per_layer = extrapolate(self.PROBE_LENGTHS, self.probe_sizes, longest)
+        estimate = held + (peak - self.start_allocated) * longest / max(step_tokens, 1)
         free, total = torch.cuda.mem_get_info(device)
         others = total - free - torch.cuda.memory_reserved(device)  # other processes on the card
         budget = self.budget * total - max(others, 0)
-        n = layers_that_fit(budget, estimate, self.per_layer_at_max, len(self.layers))
+        n = layers_that_fit(budget, estimate, per_layer, len(self.layers))
         keep_last(self.layers, n)
         note = (
             f"native: keep_activations auto: {n} of {len(self.layers)} decoder layers keep their activations "
-            f"({self.per_layer_at_max / gib:.2f} GiB each at {self.max_tokens} tokens; estimated peak "
-            f"{(estimate + n * self.per_layer_at_max) / gib:.1f} GiB of a {budget / gib:.1f} GiB budget)"
+            f"({per_layer / gib:.2f} GiB each at {longest} tokens; estimated peak "
+            f"{(estimate + n * per_layer) / gib:.1f} GiB of a {budget / gib:.1f} GiB budget)"
         )
         return n, note

@@ -19,8 +19,10 @@
 #                (OUTDIR/startup/startup_<gpu>.json/.md; ~1 min)
 #   offload      benchmarks/seed_recipe.py, paths qpeft-nf4 and qpeft-nf4@activation_offload=true at
 #                4 × 1024 and at 1 × 16384 (eager, OFFLOAD_STEPS steps, the first 3 untimed): tokens/s
-#                and peak memory with and without activation offloading, per-step losses
-#                (OUTDIR/offload/seed_recipe_<gpu>[_1x16384].json/.md; ~2 min)
+#                and peak memory with and without activation offloading, per-step losses; at 4 × 1024
+#                also qpeft-nf4@keep_activations=auto (memory-budget mode: as many layers as fit in
+#                90% of the card keep their activations; its note says how many)
+#                (OUTDIR/offload/seed_recipe_<gpu>[_1x16384].json/.md; ~2.5 min)
 #   context      benchmarks/max_context.py: the longest batch-1 row that trains (2 optimizer steps,
 #                each attempt in its own process, to 5%) for CONTEXT_PATHS, PyTorch's allocator
 #                capped at MEM_CAP_GIB (a card of that size emulated, so the search stays short),
@@ -56,7 +58,7 @@ fi
 
 if wants offload; then
   stage offload-4x1024 "$PYTHON" benchmarks/seed_recipe.py --model "$MODEL_7B" --steps "${OFFLOAD_STEPS:-8}" --warmup 3 \
-    --lora-dropout 0 --paths qpeft-nf4,qpeft-nf4@activation_offload=true --out "$OUTDIR/offload"
+    --lora-dropout 0 --paths qpeft-nf4,qpeft-nf4@activation_offload=true,qpeft-nf4@keep_activations=auto --out "$OUTDIR/offload"
   stage offload-1x16384 "$PYTHON" benchmarks/seed_recipe.py --model "$MODEL_7B" --steps "${OFFLOAD_STEPS:-8}" --warmup 3 \
     --lora-dropout 0 --batch 1 --seq 16384 --paths qpeft-nf4,qpeft-nf4@activation_offload=true --out "$OUTDIR/offload"
 fi
