@@ -114,6 +114,12 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
 
     clock = Timeline(timeline.COMMAND_START)
     clock.mark("run")
+    quant, peft, trainer = resolved.quantizer, resolved.peft, resolved.trainer
+    # the first line before the libraries' imports (seconds): the command shows it started
+    say(
+        f"model {resolved.config.model.name_or_path} on {resolved.device} ({resolved.dtype}); "
+        f"quantizer {quant.name}, peft {peft.name}, trainer {trainer.name}"
+    )
     import torch
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
@@ -141,10 +147,8 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
     if cfg.model.trust_remote_code:
         say("[yellow]trust_remote_code is ON: the model folder's own code will run[/]")
     set_seed(cfg.seed)
-    quant, peft, trainer = resolved.quantizer, resolved.peft, resolved.trainer
     q_opts = resolved.quantizer_options
 
-    say(f"model {cfg.model.name_or_path} on {ctx.device} ({ctx.dtype}); quantizer {quant.name}, peft {peft.name}, trainer {trainer.name}")
     model_path = resolve_model_path(cfg.model.name_or_path, progress=say)
     tok, pad = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     ctx.tokenizer = tok
