@@ -123,7 +123,7 @@ def measure(args) -> dict:
                 raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
             summary = json.loads((Path(out) / "summary.json").read_text())
         report["run"] = {
-            "command": " ".join(cmd[2:]),
+            "command": " ".join(["qpeft", "run", args.config, *sets]),
             "wall_s": round(wall, 2),
             "timeline": summary["timeline"],
             "train_steps": summary["train_steps"],
@@ -153,7 +153,7 @@ def markdown(report: dict) -> str:
         run, t = report["run"], report["run"]["timeline"]
         lines += [
             "",
-            f"`qpeft {run['command']}` ({run['quantizer']}, trainer {run['trainer']}, {run['train_steps']} steps, {run['wall_s']:.1f} s in all):",
+            f"`{run['command']}` ({run['quantizer']}, trainer {run['trainer']}, {run['train_steps']} steps, {run['wall_s']:.1f} s in all):",
             "",
             "| command start → run start | → libraries imported | → model load starts | model load | → training starts | → first optimizer step done | command start → first step |",
             "|---|---|---|---|---|---|---|",
