@@ -657,6 +657,9 @@ for _typer in (app, bench_app, config_app):
 
 def main() -> None:
     """Console-script entry point."""
+    from . import timeline
+
+    timeline.mark_command_start()
     from .quiet import defer_gptqmodel, install_log_filters, set_omp_wait_policy
 
     set_omp_wait_policy()  # before torch loads OpenMP; see qpeft.quiet

@@ -11,6 +11,7 @@ Validation happens in two stages, both raising :class:`ConfigError` naming the k
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import dataclasses
 import difflib
@@ -69,9 +70,16 @@ def comment_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+#: False while the plugin registry only checks that each Options model has a JSON schema: the
+#: comments are read by parsing each class's source file, most of the registry's start-up time.
+FIELD_DOCS = contextvars.ContextVar("qpeft_field_docs", default=True)
+
+
 def _describe_fields(schema: dict, cls: type) -> None:
     """JSON schema hook: each field's description from its ``#:`` comment, in its class or the
     nearest base class that has one (a ``Field(description=...)`` wins)."""
+    if not FIELD_DOCS.get():
+        return
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if isinstance(klass, type) and issubclass(klass, BaseModel) and klass is not BaseModel:

@@ -53,6 +53,7 @@ from .modeling import (
 from .outputs import MERGE_MARKER, check_merge_output, check_run_output
 from .quantized_cache import load_base
 from .registry import Registry, load_registry
+from .timeline import Timeline
 from .tokenizer import load_tokenizer
 from .tracking import tracking
 
@@ -110,11 +111,22 @@ def run(resolved: ResolvedRun, registry: Registry, say: Say = _quiet, *, resume:
 
 
 def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -> dict:
+    from . import timeline
+
+    clock = Timeline(timeline.COMMAND_START)
+    clock.mark("run")
+    quant, peft, trainer = resolved.quantizer, resolved.peft, resolved.trainer
+    # the first line before the libraries' imports (seconds): the command shows it started
+    say(
+        f"model {resolved.config.model.name_or_path} on {resolved.device} ({resolved.dtype}); "
+        f"quantizer {quant.name}, peft {peft.name}, trainer {trainer.name}"
+    )
     import torch
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    clock.mark("imported")  # transformers' set_seed imports its trainer utilities, and with them peft and bitsandbytes
 
     cfg = resolved.config
     ctx = _context(resolved, registry)
@@ -136,10 +148,8 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
     if cfg.model.trust_remote_code:
         say("[yellow]trust_remote_code is ON: the model folder's own code will run[/]")
     set_seed(cfg.seed)
-    quant, peft, trainer = resolved.quantizer, resolved.peft, resolved.trainer
     q_opts = resolved.quantizer_options
 
-    say(f"model {cfg.model.name_or_path} on {ctx.device} ({ctx.dtype}); quantizer {quant.name}, peft {peft.name}, trainer {trainer.name}")
     model_path = resolve_model_path(cfg.model.name_or_path, progress=say)
     tok, pad = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     ctx.tokenizer = tok
@@ -177,9 +187,11 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
         if ctx.resume_from:
             check_same_data((read_marker(ctx.resume_from) or {}).get("data_position"), train_data)
 
+    clock.mark("load")
     t0 = time.perf_counter()
     model = load_base(quant, model_path, q_opts, ctx, training=True, say=say)
     load_s = time.perf_counter() - t0
+    clock.mark("loaded")
     if pad.needs_resize:
         model.resize_token_embeddings(len(tok))
     align_pad_token(model, tok)
@@ -202,7 +214,8 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
     reset_peak_memory(ctx.device)
-    with kv_cache_off(model), StepTimer(registry.pm) as steps:
+    clock.mark("train")
+    with kv_cache_off(model), StepTimer(registry.pm) as steps, clock.first_optimizer_step():
         result = trainer.train(model, tok, train_data, val_data, resolved.trainer_options, ctx)
     if not math.isfinite(result.train_loss):  # the built-in trainers stop at the first non-finite loss
         raise TrainingDiverged(
@@ -210,6 +223,16 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
             step=result.steps,
         )
     memory = {k: round(v, 3) for k, v in peak_memory_gib(ctx.device).items()}
+    phases = clock.summary()
+    if phases["to_first_step_s"] is not None:
+        say(
+            f"first optimizer step done {phases['to_first_step_s']:.1f}s after the {phases['from']} started "
+            + ", ".join(
+                f"{k.removesuffix('_s')} {phases[k]:.1f}s"
+                for k in ("startup_s", "imports_s", "data_s", "load_s", "setup_s", "first_step_s")
+                if phases[k] is not None
+            )
+        )
     peak = ", ".join(f"{k.removesuffix('_gib').replace('_', ' ')} {v:.2f} GiB" for k, v in memory.items())
     who = f"rank {rank}: " if world_size() > 1 else ""
     say(f"{who}trained {result.steps} steps, loss {result.train_loss:.4f}, {result.tokens_per_s:.1f} tokens/s, {peak}")
@@ -254,6 +277,7 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
         "train_seconds": round(result.seconds, 2),
         "tokens_per_s": round(result.tokens_per_s, 1),
         **steps.summary(),
+        "timeline": phases,
         **memory,
         "val_tokens": val_data.label_tokens() if kind == "lm" else None,
         "train_data": {

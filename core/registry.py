@@ -21,6 +21,7 @@ import pluggy
 
 from . import API_VERSION, hookspecs
 from .api import PLUGIN_KINDS, Capabilities, EvaluatorPlugin, PeftPlugin, QuantizerPlugin, TrackerPlugin, TrainerPlugin, _Plugin
+from .config import FIELD_DOCS
 from .errors import ConfigError, PluginError
 
 ENTRY_POINT_GROUP = "qpeft"
@@ -94,9 +95,16 @@ class Registry:
         return out
 
 
-def _dist_name(ep) -> str:
+def _dist_name(ep, seen: dict) -> str:
+    """ "name version" of the distribution behind ``ep`` (read once per distribution: each read
+    parses its METADATA file)."""
     dist = getattr(ep, "dist", None)
-    return f"{dist.name} {dist.version}" if dist is not None else "?"
+    if dist is None:
+        return "?"
+    key = str(getattr(dist, "_path", id(dist)))
+    if key not in seen:
+        seen[key] = f"{dist.name} {dist.version}"
+    return seen[key]
 
 
 _API_BASES = (_Plugin, QuantizerPlugin, PeftPlugin, TrainerPlugin, EvaluatorPlugin, TrackerPlugin)
@@ -139,10 +147,13 @@ def _malformed(kind: str, backend: Any, source: str) -> str | None:
         return f"{kind} {name!r}: Options is {opts!r}, not a pydantic model (subclass qpeft.api.Options)"
     if not isinstance(getattr(backend, "capabilities", None), Capabilities):
         return f"{kind} {name!r}: capabilities is not a qpeft.api.Capabilities"
+    token = FIELD_DOCS.set(False)
     try:
         opts.model_json_schema()
     except Exception as exc:
         return f"{kind} {name!r}: its Options model has no JSON schema ({type(exc).__name__}: {exc})"
+    finally:
+        FIELD_DOCS.reset(token)
     return None
 
 
@@ -155,8 +166,9 @@ def load_registry(extra_plugins: Iterable[Any] = (), use_entry_points: bool = Tr
 
     candidates: list[tuple[str, str, Any]] = []
     if use_entry_points:
+        names: dict[str, str] = {}
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            source = _dist_name(ep)
+            source = _dist_name(ep, names)
             try:
                 candidates.append((ep.name, source, ep.load()))
             except (Exception, SystemExit) as exc:  # a broken plugin must never break qpeft

@@ -5,6 +5,7 @@ and data-parallel (DDP) or sharded (FSDP2) training under ``accelerate launch``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -44,6 +45,18 @@ class NativeOptions(TrainingOptions):
     #: identical layers); the first steps pay the compile time. "auto": on CUDA for runs of at
     #: least 50 optimizer steps, falling back to eager execution where a backend cannot be compiled.
     compile: Literal["auto"] | bool = "auto"
+    #: Move the activations kept for backward — with gradient checkpointing, each decoder layer's
+    #: input — to pinned CPU memory during the forward pass (on a side stream, overlapped with
+    #: compute) and back just before backward needs them (qpeft.offload): the GPU then holds about
+    #: one layer's activations instead of one input per layer, for longer rows. The same numbers.
+    activation_offload: bool = False
+    #: Memory-budget mode (qpeft.activations): decoder layers whose activations are kept instead of
+    #: recomputed in backward (their gradient checkpointing is off). n: the last n layers; "auto"
+    #: (CUDA): as many as fit in ``memory_budget`` of the card, measured on this model and the first
+    #: optimizer step, from the second step on (the notes say how many); 0: every layer recomputed.
+    keep_activations: int | Literal["auto"] = 0
+    #: The fraction of the card's memory that keep_activations: auto plans for.
+    memory_budget: float = Field(0.9, gt=0, le=1)
 
 
 def _resolved_optim(o: NativeOptions, device: str) -> str:
@@ -80,7 +93,7 @@ def _resolved_compile(o: NativeOptions, ctx, max_steps: int) -> bool:
 
 #: What the native loop leaves out under FSDP (untested there, or needing parameters outside
 #: the wrapped forward): option -> value FSDP cannot take.
-FSDP_REFUSED = {"loss": "chunked", "compile": True, "liger": "on"}
+FSDP_REFUSED = {"loss": "chunked", "compile": True, "liger": "on", "activation_offload": True}
 
 
 def _liger_unavailable(device: str) -> str | None:
@@ -165,6 +178,51 @@ def _compile_layers(model, ctx, fallback: bool):
             layer._compiled_call_impl = None
 
     return undo
+
+
+def _activation_offload(model, options: NativeOptions, ctx):
+    """The offload context for each forward pass (qpeft.offload), or None when it is off."""
+    if not options.activation_offload:
+        return None
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from qpeft.offload import ActivationOffload
+
+    checkpointed = sum(1 for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing)
+    if checkpointed:
+        ctx.notes.append(f"native: activation offloading to pinned CPU memory (the inputs of {checkpointed} checkpointed layers)")
+    else:
+        ctx.notes.append("native: activation offloading of every saved activation (no layer is checkpointed)")
+    return ActivationOffload()
+
+
+def _keep_activations(model, options: NativeOptions, ctx, acc):
+    """keep_activations: (a function that undoes it, the auto planner or None). An explicit count
+    applies now; "auto" measures one layer now (qpeft.activations.AutoKeep.probe) and decides
+    after the first optimizer step."""
+    from qpeft.activations import AutoKeep, checkpointed_layers, keep_last
+
+    keep = options.keep_activations
+    if keep == 0:
+        return (lambda: None), None
+    layers = checkpointed_layers(model)
+    if keep != "auto":
+        n = min(keep, len(layers))
+        ctx.notes.append(f"native: keep_activations: {n} of {len(layers)} decoder layers keep their activations (not recomputed)")
+        return keep_last(layers, n), None
+    if ctx.device != "cuda" or len(layers) < 2:
+        why = "it measures CUDA memory" if ctx.device != "cuda" else "fewer than 2 checkpointed layers"
+        ctx.notes.append(f"native: keep_activations auto: every layer checkpointed ({why})")
+        return (lambda: None), None
+    planner = AutoKeep(model, layers, options.batch_size * ctx.config.data.max_length, options.memory_budget)
+    with acc.autocast():
+        planner.probe(acc.device)
+
+    def undo() -> None:
+        for layer in layers:
+            layer.gradient_checkpointing = True
+
+    return undo, planner
 
 
 def _passthrough_head(model):
@@ -327,6 +385,27 @@ class NativeTrainer(TrainerPlugin):
                 raise ConfigError(
                     f"trainer.options.{key}", f"{value!r} is not supported under FSDP; use auto (the native loop turns it off there)"
                 )
+        if options.activation_offload and ctx.config.gradient_checkpointing is False:
+            raise ConfigError(
+                "trainer.options.activation_offload",
+                "offloads the layer inputs that gradient checkpointing keeps; set gradient_checkpointing: true (or auto)",
+            )
+        keep = options.keep_activations
+        if isinstance(keep, int) and keep < 0:
+            raise ConfigError("trainer.options.keep_activations", f"must be auto or a number of layers >= 0 (got {keep})")
+        if keep != 0:
+            if ctx.config.gradient_checkpointing is False:
+                raise ConfigError(
+                    "trainer.options.keep_activations",
+                    "chooses layers to leave out of gradient checkpointing; it needs gradient_checkpointing",
+                )
+            if options.activation_offload:
+                raise ConfigError(
+                    "trainer.options.keep_activations",
+                    "cannot be combined with activation_offload (the kept layers' activations would all be offloaded); choose one",
+                )
+            if ctx.fsdp:
+                raise ConfigError("trainer.options.keep_activations", "is not supported under FSDP; use 0")
         if options.mixed_precision in ("bf16", "fp16") and ctx.device == "cpu":
             raise ConfigError("trainer.options.mixed_precision", f"{options.mixed_precision} autocast is for GPUs; use auto or no on CPU")
 
@@ -371,6 +450,9 @@ class NativeTrainer(TrainerPlugin):
             wrapper, head = _passthrough_head(model)
             ctx.notes.append(f"native: chunked cross-entropy ({options.loss_chunk} tokens per chunk)")
         compiled = _resolved_compile(options, ctx, max_steps)
+        offload = _activation_offload(model, options, ctx)
+        model.train()
+        undo_keep, planner = _keep_activations(model, options, ctx, acc)
         undo = [_apply_liger(model, options, ctx, compiled)]
         if compiled:
             undo.append(_compile_layers(model, ctx, fallback=options.compile == "auto"))
@@ -388,7 +470,7 @@ class NativeTrainer(TrainerPlugin):
         # without one, a non-finite gradient norm would write NaN into the adapter.
         scaled = acc.scaler is not None
 
-        tokens, history, losses = 0, [], []
+        tokens, history, losses, largest_micro = 0, [], [], 0
         t0 = time.perf_counter()
         try:
             for step in range(start + 1, max_steps + 1):
@@ -403,18 +485,20 @@ class NativeTrainer(TrainerPlugin):
                     lo, hi = i * options.batch_size, (i + 1) * options.batch_size
                     batch = collate(mine[lo:hi], pad_id)
                     batch = {k: v.to(acc.device) for k, v in batch.items()}
+                    largest_micro = max(largest_micro, batch["input_ids"].numel())
                     inputs = {k: v for k, v in batch.items() if k != "labels"}
                     labels = batch["labels"][:, 1:].reshape(-1)
                     with acc.accumulate(model):
-                        out = model(**inputs)
-                        if head is not None:
-                            hidden = out.logits[:, :-1].reshape(-1, out.logits.size(-1))
-                            loss_sum = _chunked_ce_sum(hidden, head, labels, options.loss_chunk, acc.autocast)
-                        else:
-                            logits = out.logits.float()
-                            loss_sum = torch.nn.functional.cross_entropy(
-                                logits[:, :-1].reshape(-1, logits.size(-1)), labels, ignore_index=IGNORE, reduction="sum"
-                            )
+                        with offload or contextlib.nullcontext():
+                            out = model(**inputs)
+                            if head is not None:
+                                hidden = out.logits[:, :-1].reshape(-1, out.logits.size(-1))
+                                loss_sum = _chunked_ce_sum(hidden, head, labels, options.loss_chunk, acc.autocast)
+                            else:
+                                logits = out.logits.float()
+                                loss_sum = torch.nn.functional.cross_entropy(
+                                    logits[:, :-1].reshape(-1, logits.size(-1)), labels, ignore_index=IGNORE, reduction="sum"
+                                )
                         loss = loss_sum / max(n_label, 1)
                         value = loss.item()
                         # Stop before a non-finite loss reaches the gradients (every rank decides alike).
@@ -436,6 +520,9 @@ class NativeTrainer(TrainerPlugin):
                 if world > 1:
                     step_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), reduction="sum"))
                 guard.step_done(step, step_loss)
+                if planner is not None and step == start + 1:
+                    _, note = planner.decide(acc.device, largest_micro)
+                    ctx.notes.append(note)
                 losses.append(step_loss)
                 if step % options.logging_steps == 0 or step == max_steps:
                     history.append({"step": step, "loss": step_loss, "learning_rate": scheduler.get_last_lr()[0]})
@@ -452,6 +539,7 @@ class NativeTrainer(TrainerPlugin):
                         )
                         prune(ctx.output_dir, options.save_total_limit)
         finally:
+            undo_keep()
             for fn in undo:
                 fn()
             release_model(model)

@@ -37,6 +37,9 @@ def test_quickstart_on_embedded_model(tmp_path, embedded_model_path):
     assert s["generation"]["new_tokens"] > 0 and s["generation"]["completion"].strip()
     assert s["pad_token"]["action"] == "reused"  # SmolLM2 ships pad == eos
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    t = s["timeline"]  # from the command's start: the CLI marks it (qpeft.timeline)
+    assert t["from"] == "command" and t["startup_s"] > 0 and t["first_step_s"] > 0, t
+    assert t["to_first_step_s"] >= t["startup_s"] + t["load_s"], t
 
 
 @pytest.mark.slow

@@ -47,6 +47,11 @@ def test_hf_and_native_loss_curves_agree(tiny_config, registry, tmp_path, grad_a
     for a, b in zip(hf, native):
         assert abs(a - b) <= 2e-3 * abs(a), (hf, native)
     assert s_hf["train_tokens"] == s_nat["train_tokens"]
+    for s in (s_hf, s_nat):  # both trainers' first optimizer step is found (qpeft.timeline)
+        t = s["timeline"]
+        assert t["from"] == "run" and t["startup_s"] is None, t
+        assert t["load_s"] > 0 and t["first_step_s"] > 0, t
+        assert t["to_first_step_s"] >= t["imports_s"] + t["data_s"] + t["load_s"] + t["setup_s"] + t["first_step_s"] - 1e-2, t
 
 
 def test_native_is_reproducible(tiny_config, registry, tmp_path):
