@@ -28,6 +28,10 @@ class RunContext:
     resume_from: str | None = None
     #: The FSDP version the run was launched with (``accelerate launch --use_fsdp``), or None.
     fsdp: int | None = None
+    #: The run's quantizer plugin and its validated options (a PEFT method that needs the
+    #: quantizer's optional hooks, e.g. LoRA's LoftQ init, reads them here); None when unknown.
+    quantizer: Any = None
+    quantizer_options: Any = None
 
     @property
     def torch_dtype(self):

@@ -75,6 +75,8 @@ def _context(resolved: ResolvedRun, registry: Registry) -> RunContext:
         output_dir=resolved.config.output_dir,
         hooks=registry.hooks,
         fsdp=fsdp_version(),
+        quantizer=resolved.quantizer,
+        quantizer_options=resolved.quantizer_options,
     )
     ctx.notes.extend(resolved.notes)
     return ctx

@@ -7,8 +7,9 @@ from typing import Literal
 from pydantic import Field
 
 from qpeft import hookimpl
-from qpeft.api import Capabilities, Options, PeftPlugin
-from qpeft.errors import ConfigError
+from qpeft.api import Capabilities, Options, PeftPlugin, implements
+from qpeft.errors import ConfigError, QpeftError
+from qpeft.model_source import resolve_model_path
 from qpeft.modeling import check_target_modules, find_linear_targets
 
 
@@ -33,15 +34,15 @@ class LoraOptions(Options):
     #: zero; "pissa"/"olora": A and B from the principal singular vectors / a QR of each weight,
     #: which peft subtracts from the base weight (float bases only; the saved adapter is converted
     #: to a plain LoRA of rank 2r against the original weights, so it loads and merges anywhere).
-    #: "loftq", "eva", "corda" are refused (see docs/methods.md, "LoRA initialisations").
+    #: "loftq": A and B from the rank-r SVD of W - dequantize(Q), W read from the checkpoint, so
+    #: that the quantized base + adapter starts close to the full-precision model (quantizers that
+    #: implement ``dequantized_weight``). "eva", "corda" are refused (docs/methods.md, "LoRA initialisations").
     init: Literal["default", "gaussian", "pissa", "olora", "loftq", "eva", "corda"] = "default"
 
 
 #: Initialisations that rewrite the base weights (W - BA), so they need a float base.
 REWRITES_BASE = ("pissa", "olora")
 REFUSED_INIT = {
-    "loftq": "qpeft does not implement LoftQ yet: it needs the full-precision weights and the quantizer's own "
-    "quantization function (not in the quantizer contract yet); use default, gaussian, or pissa/olora on quantizer none",
     "eva": "EVA needs a pass over the training data before the adapter is created (peft's initialize_lora_eva_weights), "
     "which qpeft's run does not do yet; use default or gaussian",
     "corda": "CorDA needs covariance statistics from a calibration pass (peft's preprocess_corda), "
@@ -49,13 +50,35 @@ REFUSED_INIT = {
 }
 
 
-def _quantizer_layers(ctx) -> str | None:
-    """The ``linear_layers`` kind of the run's quantizer (None when unknown)."""
+def _quantizer(ctx):
+    """The run's quantizer plugin (None when unknown)."""
+    if ctx.quantizer is not None:
+        return ctx.quantizer
     from qpeft.registry import load_registry
 
-    name = ctx.config.quantizer.name
-    quant = load_registry().backends["quantizer"].get(name)
+    return load_registry().backends["quantizer"].get(ctx.config.quantizer.name)
+
+
+def _quantizer_layers(ctx) -> str | None:
+    """The ``linear_layers`` kind of the run's quantizer (None when unknown)."""
+    quant = _quantizer(ctx)
     return quant.capabilities.linear_layers if quant is not None else None
+
+
+def _check_loftq(options, ctx) -> None:
+    quant = _quantizer(ctx)
+    if quant is None or not implements(quant, "dequantized_weight"):
+        from qpeft.registry import load_registry
+
+        able = sorted(n for n, q in load_registry().backends["quantizer"].items() if implements(q, "dequantized_weight"))
+        raise ConfigError(
+            "peft.options.init",
+            f"'loftq' corrects the quantization error of the base, which needs quantizer {ctx.config.quantizer.name!r} to expose "
+            f"the weights its layers compute with (QuantizerPlugin.dequantized_weight), and it does not; quantizers that do: "
+            f"{', '.join(able)}",
+        )
+    if options.use_dora:
+        raise ConfigError("peft.options.init", "'loftq' with use_dora: DoRA's magnitudes are computed before LoftQ sets A and B")
 
 
 class Lora(PeftPlugin):
@@ -67,6 +90,8 @@ class Lora(PeftPlugin):
     def check(self, options, ctx):
         if options.init in REFUSED_INIT:
             raise ConfigError("peft.options.init", f"{options.init!r}: {REFUSED_INIT[options.init]}")
+        if options.init == "loftq":
+            _check_loftq(options, ctx)
         if options.init in REWRITES_BASE:
             kind = _quantizer_layers(ctx)
             if kind != "float":
@@ -103,7 +128,9 @@ class Lora(PeftPlugin):
             use_rslora=options.use_rslora,
             use_dora=options.use_dora,
             modules_to_save=options.modules_to_save,
-            init_lora_weights={"default": True}.get(options.init, options.init),
+            # loftq: peft's own LoftQ (init_lora_weights="loftq") quantizes float weights with
+            # bitsandbytes itself; qpeft starts from a plain init and replaces A and B below.
+            init_lora_weights={"default": True, "loftq": True}.get(options.init, options.init),
         )
         ctx.notes.append(f"lora targets: {', '.join(targets)}")
         peft_model = get_peft_model(model, config)
@@ -120,6 +147,15 @@ class Lora(PeftPlugin):
             ctx.notes.append(
                 f"lora init {options.init}: base weights rewritten to W - BA; the saved adapter is converted to rank {2 * options.r}"
             )
+        elif options.init == "loftq":
+            quant = _quantizer(ctx)
+            model_path = resolve_model_path(ctx.config.model.name_or_path)
+            q_options = ctx.quantizer_options or quant.Options.model_validate(ctx.config.quantizer.options or {})
+            stats = loftq_initialise(peft_model, quant, q_options, model_path)
+            ctx.notes.append(
+                f"lora init loftq: {stats['layers']} quantized layers, ||W - Q|| reduced by "
+                f"{100 * (1 - stats['error_after'] / stats['error_before']):.1f}% (Frobenius, summed over layers)"
+            )
         elif options.init != "default":
             ctx.notes.append(f"lora init {options.init}")
         return peft_model
@@ -132,6 +168,60 @@ class Lora(PeftPlugin):
 
     def merge(self, model):
         return model.merge_and_unload()
+
+
+def loftq_initialise(peft_model, quant, q_options, model_path: str, adapter: str = "default") -> dict:
+    """Set A and B of every LoRA layer on a quantized linear layer of ``peft_model`` so that
+    ``dequantize(Q) + scale * B @ A`` is the best rank-r approximation of the full-precision ``W``
+    (peft's ``replace_lora_weights_loftq``, for any quantizer implementing
+    ``dequantized_weight``; one LoftQ iteration, the base stays as loaded). ``W`` is read from
+    the safetensors checkpoint in ``model_path`` one layer at a time. Returns the number of
+    layers and the summed Frobenius errors ``||W - Q||`` before and after."""
+    import math
+
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    from qpeft.checkpoint_weights import CheckpointWeights
+
+    weights = CheckpointWeights(model_path)
+    prefix = getattr(peft_model.get_base_model(), "base_model_prefix", "")
+    stats = {"layers": 0, "error_before": 0.0, "error_after": 0.0}
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
+                continue
+            deq = quant.dequantized_weight(module.get_base_layer(), q_options)
+            if deq is None:  # a layer the quantizer left in full precision: nothing to correct
+                continue
+            key = name.removeprefix("base_model.model.") + ".weight"
+            if key not in weights and prefix and key.startswith(prefix + "."):
+                key = key[len(prefix) + 1 :]
+            w = weights.get(key)
+            a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+            if w is None or tuple(w.shape) != (b.shape[0], a.shape[1]) or not w.is_floating_point():
+                found = "absent" if w is None else f"{w.dtype} {tuple(w.shape)}"
+                raise QpeftError(
+                    f"lora init loftq needs the full-precision weight {key!r} ({b.shape[0]} x {a.shape[1]}) in {model_path}, "
+                    f"found {found}: point model.name_or_path at the float checkpoint the quantizer loads from"
+                )
+            residual = w.to(deq.device, torch.float32) - deq.float()
+            u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+            r = module.r[adapter]
+            # peft splits sqrt(S) over B and A; dividing by sqrt(scale) makes scale * B @ A the
+            # rank-r part of the residual (peft's replace_lora_weights_loftq ignores the scale,
+            # so with alpha = 2r its adapter does not reduce the error at all: docs/reliability.md).
+            root = s[:r].sqrt() / math.sqrt(module.scaling[adapter])
+            new_b, new_a = u[:, :r] * root, root[:, None] * vh[:r]
+            a.data = new_a.to(a.device, a.dtype).contiguous()
+            b.data = new_b.to(b.device, b.dtype).contiguous()
+            stats["layers"] += 1
+            stats["error_before"] += float(residual.norm())
+            stats["error_after"] += float((residual - module.scaling[adapter] * new_b @ new_a).norm())
+            del residual, u, s, vh, w, deq
+    if not stats["layers"]:
+        raise QpeftError(f"lora init loftq: quantizer {quant.name!r} reported no quantized layer under the LoRA targets")
+    return stats
 
 
 @hookimpl
