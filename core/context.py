@@ -32,6 +32,9 @@ class RunContext:
     #: quantizer's optional hooks, e.g. LoRA's LoftQ init, reads them here); None when unknown.
     quantizer: Any = None
     quantizer_options: Any = None
+    #: The run's training rows (a :class:`qpeft.data.TokenDataset` for "lm" trainers), set before
+    #: the adapter is attached, for data-driven adapter inits (LoRA's EVA); None when not loaded.
+    train_data: Any = None
 
     @property
     def torch_dtype(self):

@@ -198,6 +198,7 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
         quant.ensure_training_kernels(model, q_opts)
 
     model = quant.prepare_for_training(model, q_opts, ctx, grad_checkpointing=resolved.grad_checkpointing)
+    ctx.train_data = train_data
     model = peft.attach(model, resolved.peft_options, ctx)
     trainable, total = quant.count_parameters(model, q_opts)
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")

@@ -36,15 +36,23 @@ class LoraOptions(Options):
     #: to a plain LoRA of rank 2r against the original weights, so it loads and merges anywhere).
     #: "loftq": A and B from the rank-r SVD of W - dequantize(Q), W read from the checkpoint, so
     #: that the quantized base + adapter starts close to the full-precision model (quantizers that
-    #: implement ``dequantized_weight``). "eva", "corda" are refused (docs/methods.md, "LoRA initialisations").
+    #: implement ``dequantized_weight``). "eva": A from the principal components of each layer's
+    #: inputs on the first ``eva_batches`` training batches (ranks redistributed by explained
+    #: variance, up to ``eva_rho`` × r per layer), B zero. "corda" is refused (docs/methods.md,
+    #: "LoRA initialisations").
     init: Literal["default", "gaussian", "pissa", "olora", "loftq", "eva", "corda"] = "default"
+    #: EVA: training batches (of the trainer's batch_size) whose layer inputs are analysed.
+    eva_batches: int = Field(8, ge=1, le=4096)
+    #: EVA: a layer may get up to eva_rho × r of the total rank budget (1 = every layer keeps r).
+    eva_rho: float = Field(2.0, ge=1, le=1000)
+    #: EVA: a layer's components count as converged when their cosine similarity between two
+    #: passes reaches this (peft's tau); lower converges in fewer passes over the batches.
+    eva_tau: float = Field(0.99, gt=0, le=1)
 
 
 #: Initialisations that rewrite the base weights (W - BA), so they need a float base.
 REWRITES_BASE = ("pissa", "olora")
 REFUSED_INIT = {
-    "eva": "EVA needs a pass over the training data before the adapter is created (peft's initialize_lora_eva_weights), "
-    "which qpeft's run does not do yet; use default or gaussian",
     "corda": "CorDA needs covariance statistics from a calibration pass (peft's preprocess_corda), "
     "which qpeft's run does not do yet; use default or gaussian",
 }
@@ -63,6 +71,22 @@ def _quantizer_layers(ctx) -> str | None:
     """The ``linear_layers`` kind of the run's quantizer (None when unknown)."""
     quant = _quantizer(ctx)
     return quant.capabilities.linear_layers if quant is not None else None
+
+
+def _check_eva(options, ctx) -> None:
+    from qpeft.registry import load_registry
+
+    trainer = load_registry().backends["trainer"].get(ctx.config.trainer.name)
+    kind = getattr(trainer, "data_kind", "lm")
+    if kind != "lm":
+        raise ConfigError(
+            "peft.options.init",
+            f"'eva' analyses the layer inputs of language-modelling batches; trainer {ctx.config.trainer.name!r} trains on {kind!r} rows",
+        )
+    if ctx.fsdp:
+        raise ConfigError("peft.options.init", "'eva' under FSDP: each rank would analyse its own batches and pick other ranks per layer")
+    if options.use_dora:
+        raise ConfigError("peft.options.init", "'eva' with use_dora: DoRA's magnitudes are computed before EVA sets A")
 
 
 def _check_loftq(options, ctx) -> None:
@@ -92,6 +116,8 @@ class Lora(PeftPlugin):
             raise ConfigError("peft.options.init", f"{options.init!r}: {REFUSED_INIT[options.init]}")
         if options.init == "loftq":
             _check_loftq(options, ctx)
+        if options.init == "eva":
+            _check_eva(options, ctx)
         if options.init in REWRITES_BASE:
             kind = _quantizer_layers(ctx)
             if kind != "float":
@@ -131,6 +157,7 @@ class Lora(PeftPlugin):
             # loftq: peft's own LoftQ (init_lora_weights="loftq") quantizes float weights with
             # bitsandbytes itself; qpeft starts from a plain init and replaces A and B below.
             init_lora_weights={"default": True, "loftq": True}.get(options.init, options.init),
+            **_eva_config(options),
         )
         ctx.notes.append(f"lora targets: {', '.join(targets)}")
         peft_model = get_peft_model(model, config)
@@ -146,6 +173,12 @@ class Lora(PeftPlugin):
             peft_model._qpeft_init_dir = init_dir
             ctx.notes.append(
                 f"lora init {options.init}: base weights rewritten to W - BA; the saved adapter is converted to rank {2 * options.r}"
+            )
+        elif options.init == "eva":
+            ranks = eva_initialise(peft_model, options, ctx)
+            ctx.notes.append(
+                f"lora init eva: {options.eva_batches} batches, ranks {min(ranks.values())}-{max(ranks.values())} "
+                f"over {len(ranks)} layers (budget {options.r} each)"
             )
         elif options.init == "loftq":
             quant = _quantizer(ctx)
@@ -168,6 +201,60 @@ class Lora(PeftPlugin):
 
     def merge(self, model):
         return model.merge_and_unload()
+
+
+def _eva_config(options) -> dict:
+    if options.init != "eva":
+        return {}
+    from peft import EvaConfig
+
+    return {"eva_config": EvaConfig(rho=options.eva_rho, tau=options.eva_tau)}
+
+
+#: peft's EVA cycles over the batches until every layer converged, with no limit of its own.
+EVA_MAX_CYCLES = 100
+
+
+class _EvaDidNotConverge(Exception):
+    pass
+
+
+def eva_initialise(peft_model, options, ctx) -> dict:
+    """Run peft's ``initialize_lora_eva_weights`` on the first ``options.eva_batches`` batches of
+    the run's training data (``ctx.train_data``); return each adapted layer's rank. The saved
+    config then records a plain init and the rank pattern, so it reloads anywhere."""
+    from peft.tuners.lora import LoraLayer, initialize_lora_eva_weights
+
+    from qpeft.data import collate
+
+    data = ctx.train_data
+    if data is None or not len(data):
+        raise QpeftError("lora init eva needs the run's training data, and none was given to the adapter")
+    batch = int((ctx.config.trainer.options or {}).get("batch_size", 4))
+    pad = ctx.tokenizer.pad_token_id if ctx.tokenizer is not None else 0
+    n = min(len(data), batch * options.eva_batches)
+    batches = [collate([data[i] for i in range(start, min(start + batch, n))], pad) for start in range(0, n, batch)]
+    device = next(p for p in peft_model.parameters() if p.device.type != "meta").device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    limit, calls = EVA_MAX_CYCLES * len(batches), [0]
+
+    def forward(model, inputs):
+        calls[0] += 1
+        if calls[0] > limit:
+            raise _EvaDidNotConverge
+        return model(**inputs)
+
+    try:
+        initialize_lora_eva_weights(peft_model, batches, forward_fn=forward, show_progress_bar=False)
+    except _EvaDidNotConverge:
+        raise QpeftError(
+            f"lora init eva: the layer inputs' components did not converge in {EVA_MAX_CYCLES} passes over {len(batches)} "
+            f"batches (peft loops until they do); lower peft.options.eva_tau (now {options.eva_tau}) or raise eva_batches"
+        ) from None
+    if ctx.quantizer is not None:  # EVA's forward passes ran in eval mode (docs/architecture.md, library facts)
+        ctx.quantizer.ensure_training_kernels(peft_model, ctx.quantizer_options)
+    peft_model.peft_config["default"].init_lora_weights = True
+    return {n: m.r["default"] for n, m in peft_model.named_modules() if isinstance(m, LoraLayer) and "default" in m.r}
 
 
 def loftq_initialise(peft_model, quant, q_options, model_path: str, adapter: str = "default") -> dict:

@@ -239,3 +239,49 @@ def test_loftq_run_trains_saves_reloads_and_merges(tiny_config, tmp_path):
     assert s["reload_max_abs_logit_diff"] < 1e-3
     result = orchestrator.merge(str(tmp_path / "run" / "adapter"), str(tmp_path / "merged"), REGISTRY)
     assert result["max_abs_logit_diff"] < 1e-3, result
+
+
+#: r 2, rho 1: the random model's layer inputs are nearly isotropic, so more components take peft's
+#: EVA many passes to converge (74 passes, 40 s, at r 4, rho 2)
+EVA = {"r": 2, "alpha": 4, "init": "eva", "eva_batches": 2, "eva_tau": 0.9, "eva_rho": 1.0}
+
+
+@pytest.mark.parametrize("quantizer", ["bnb-nf4", "none"])
+def test_eva_starts_a_at_principal_directions_of_the_layer_inputs(quantizer, tiny_config):
+    from peft.tuners.lora import LoraLayer
+
+    from qpeft.data import load_datasets
+    from qpeft.tokenizer import load_tokenizer
+
+    cfg = tiny_config(quantizer=quantizer, peft={"name": "lora", "options": EVA})
+    resolved, reg = orchestrator.prepare(cfg, registry=REGISTRY)
+    ctx = orchestrator._context(resolved, reg)
+    ctx.tokenizer, _ = load_tokenizer(cfg["model"]["name_or_path"])
+    ctx.train_data = load_datasets(resolved.config.data, ctx.tokenizer).train
+    model = resolved.quantizer.load(cfg["model"]["name_or_path"], resolved.quantizer_options, ctx, training=True)
+    model = resolved.quantizer.prepare_for_training(model, resolved.quantizer_options, ctx, grad_checkpointing=False)
+    pm = resolved.peft.attach(model, resolved.peft_options, ctx)
+    layers = [m for m in pm.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == 14
+    for m in layers:
+        a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
+        torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0]), atol=1e-4, rtol=0)  # PCA components
+        assert not b.any()
+    assert any(n.startswith("lora init eva: 2 batches") for n in ctx.notes), ctx.notes
+    assert pm.peft_config["default"].init_lora_weights is True  # saved as a plain LoRA
+
+
+def test_eva_run_on_nf4_trains_saves_and_reloads(tiny_config):
+    cfg = tiny_config(peft={"name": "lora", "options": EVA}, evaluate=False)
+    cfg["trainer"]["options"]["max_steps"] = 3
+    cfg["generate"]["max_new_tokens"] = 2
+    s = orchestrator.run(*orchestrator.prepare(cfg, registry=REGISTRY))
+    assert any(n.startswith("lora init eva") for n in s["notes"]), s["notes"]
+    losses = [h["loss"] for h in s["loss_history"]]
+    assert losses[-1] < losses[0], losses
+    assert s["reload_max_abs_logit_diff"] < 1e-3
+
+
+def test_eva_is_refused_for_trainers_of_other_data(tiny_config):
+    with pytest.raises(ConfigError, match="peft.options.init.*'eva' analyses"):
+        orchestrator.prepare(tiny_config(peft={"name": "lora", "options": {"init": "eva"}}, trainer={"name": "dpo"}), registry=REGISTRY)
