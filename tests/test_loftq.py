@@ -285,3 +285,28 @@ def test_eva_run_on_nf4_trains_saves_and_reloads(tiny_config):
 def test_eva_is_refused_for_trainers_of_other_data(tiny_config):
     with pytest.raises(ConfigError, match="peft.options.init.*'eva' analyses"):
         orchestrator.prepare(tiny_config(peft={"name": "lora", "options": {"init": "eva"}}, trainer={"name": "dpo"}), registry=REGISTRY)
+
+
+class _WrongDequantized(_RoundToNearest):
+    name = "test-rtn4-wrong"
+
+    def dequantized_weight(self, module, options):
+        deq = super().dequantized_weight(module, options)
+        return None if deq is None else deq * 1.01  # 1% off what the layer applies
+
+
+class _KitPlugin:
+    @hookimpl
+    def qpeft_register_quantizers(self, register):
+        register(_RoundToNearest())
+        register(_WrongDequantized())
+
+
+def test_kit_checks_the_hook_against_what_the_layers_apply():
+    from qpeft.testing import ConformanceError, QuantizerChecker
+
+    good = QuantizerChecker("test-rtn4", plugins=(_KitPlugin(),), require_entry_point=False)
+    assert good.check_dequantized_weight()["quantized_layers"] == 14
+    bad = QuantizerChecker("test-rtn4-wrong", plugins=(_KitPlugin(),), require_entry_point=False)
+    with pytest.raises(ConformanceError, match="differs from the weight the layer applies"):
+        bad.check_dequantized_weight()
