@@ -70,7 +70,7 @@ def _kl(p_logits, q_logits) -> float:
     return float((p.exp() * (p - q_logits.log_softmax(-1))).sum(-1).mean())
 
 
-@pytest.mark.parametrize("quantizer", ["bnb-nf4", "hqq"])
+@pytest.mark.parametrize("quantizer", ["bnb-nf4", "hqq", "torchao-int8"])
 def test_loftq_reduces_every_layers_error_and_moves_the_model_towards_float(quantizer, tiny_config, tiny_llama_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -213,7 +213,7 @@ def test_a_third_party_quantizer_with_the_hook_gets_loftq(tiny_config, tiny_llam
     assert len(errors) == 14
     for name, (before, after) in errors.items():
         assert after < 0.95 * before, (name, before, after)
-    with pytest.raises(ConfigError, match=r"peft.options.init.*dequantized_weight.*quantizers that do: .*bnb-nf4.*hqq"):
+    with pytest.raises(ConfigError, match=r"peft.options.init.*dequantized_weight.*quantizers that do: .*bnb-nf4.*hqq.*torchao-int8"):
         orchestrator.prepare(tiny_config(quantizer="test-rtn4-nohook", peft={"name": "lora", "options": {"init": "loftq"}}), registry=reg)
 
 
