@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tol
 
 from qpeft import hookimpl, orchestrator
 from qpeft.api import Capabilities, QuantizerPlugin
@@ -47,10 +48,10 @@ def _layer_errors(pm, quant, q_opts, path):
     for name, module in pm.named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        deq = quant.dequantized_weight(module.get_base_layer(), q_opts)
+        deq = quant.dequantized_weight(module.get_base_layer(), q_opts).float().cpu()
         w = weights.get(name.removeprefix("base_model.model.") + ".weight").float()
         delta = module.scaling["default"] * (module.lora_B["default"].weight @ module.lora_A["default"].weight)
-        out[name] = (float((w - deq).norm()), float((w - deq - delta.detach()).norm()))
+        out[name] = (float((w - deq).norm()), float((w - deq - delta.detach().float().cpu()).norm()))
     return out
 
 
@@ -61,7 +62,7 @@ def _ids(tok):
 def _logits(model, ids):
     model.eval()
     with torch.no_grad():
-        return model(input_ids=ids).logits.float()
+        return model(input_ids=ids.to(next(model.parameters()).device)).logits.float().cpu()
 
 
 def _kl(p_logits, q_logits) -> float:
@@ -236,9 +237,9 @@ def test_loftq_run_trains_saves_reloads_and_merges(tiny_config, tmp_path):
     assert any("lora init loftq" in n for n in s["notes"]), s["notes"]
     losses = [h["loss"] for h in s["loss_history"]]
     assert losses[-1] < losses[0], losses
-    assert s["reload_max_abs_logit_diff"] < 1e-3
+    assert s["reload_max_abs_logit_diff"] < tol(s["dtype"], 1e-3, 5e-2)
     result = orchestrator.merge(str(tmp_path / "run" / "adapter"), str(tmp_path / "merged"), REGISTRY)
-    assert result["max_abs_logit_diff"] < 1e-3, result
+    assert result["max_abs_logit_diff"] < tol(s["dtype"], 1e-3, 1e-1), result
 
 
 #: r 2, rho 1: the random model's layer inputs are nearly isotropic, so more components take peft's
@@ -265,7 +266,9 @@ def test_eva_starts_a_at_principal_directions_of_the_layer_inputs(quantizer, tin
     assert len(layers) == 14
     for m in layers:
         a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
-        torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0]), atol=1e-4, rtol=0)  # PCA components
+        torch.testing.assert_close(
+            (a @ a.T).float().cpu(), torch.eye(a.shape[0]), atol=tol(ctx.dtype, 1e-4, 2e-2), rtol=0
+        )  # PCA components
         assert not b.any()
     assert any(n.startswith("lora init eva: 2 batches") for n in ctx.notes), ctx.notes
     assert pm.peft_config["default"].init_lora_weights is True  # saved as a plain LoRA
@@ -279,7 +282,7 @@ def test_eva_run_on_nf4_trains_saves_and_reloads(tiny_config):
     assert any(n.startswith("lora init eva") for n in s["notes"]), s["notes"]
     losses = [h["loss"] for h in s["loss_history"]]
     assert losses[-1] < losses[0], losses
-    assert s["reload_max_abs_logit_diff"] < 1e-3
+    assert s["reload_max_abs_logit_diff"] < tol(s["dtype"], 1e-3, 5e-2)
 
 
 def test_eva_is_refused_for_trainers_of_other_data(tiny_config):
