@@ -313,3 +313,22 @@ def test_kit_checks_the_hook_against_what_the_layers_apply():
     bad = QuantizerChecker("test-rtn4-wrong", plugins=(_KitPlugin(),), require_entry_point=False)
     with pytest.raises(ConformanceError, match="differs from the weight the layer applies"):
         bad.check_dequantized_weight()
+
+
+def test_eva_that_does_not_converge_stops_naming_eva_tau(tiny_config, monkeypatch):
+    """peft's EVA cycles over the batches until every layer converged, with no limit of its own;
+    qpeft stops it after EVA_MAX_CYCLES passes (0 here: at the first pass)."""
+    from qpeft.data import load_datasets
+    from qpeft.errors import QpeftError
+    from qpeft.plugins import peft_lora
+    from qpeft.tokenizer import load_tokenizer
+
+    monkeypatch.setattr(peft_lora, "EVA_MAX_CYCLES", 0)
+    cfg = tiny_config(quantizer="none", peft={"name": "lora", "options": EVA})
+    resolved, reg = orchestrator.prepare(cfg, registry=REGISTRY)
+    ctx = orchestrator._context(resolved, reg)
+    ctx.tokenizer, _ = load_tokenizer(cfg["model"]["name_or_path"])
+    ctx.train_data = load_datasets(resolved.config.data, ctx.tokenizer).train
+    model = resolved.quantizer.load(cfg["model"]["name_or_path"], resolved.quantizer_options, ctx, training=True)
+    with pytest.raises(QpeftError, match="did not converge in 0 passes.*eva_tau"):
+        resolved.peft.attach(model, resolved.peft_options, ctx)
