@@ -173,6 +173,23 @@ class QuantizerPlugin(_Plugin):
         """Return a full-precision model to merge adapters into (see ``merge_source``)."""
         raise NotImplementedError(f"quantizer {self.name!r} cannot provide full-precision weights")
 
+    def dequantized_weight(self, module, options: Options):
+        """The float weight (``out_features × in_features``) that the quantized linear layer
+        ``module`` of a model this plugin loaded multiplies with — dequantize(quantize(W)) of the
+        checkpoint's ``W`` — or None when ``module`` is not one of its quantized layers (a layer
+        it left in full precision).
+
+        Optional. A quantizer that implements it supports LoRA's ``init: loftq`` (peft's
+        ``replace_lora_weights_loftq``, for any quantizer): qpeft reads each layer's
+        full-precision ``W`` from the safetensors checkpoint (one layer at a time) and starts
+        the adapter at the rank-r SVD of ``W - dequantized_weight``, so that base + adapter
+        approximates ``W``. Quantizers that do not implement it have LoftQ refused before any
+        weight loads. Return a new tensor (float32 or the compute dtype, on the module's
+        device); never change ``module``. Such an adapter corrects *this* base: merge it into
+        these dequantized weights (``merge_source="dequantize"``), not into the original ``W``.
+        """
+        raise NotImplementedError(f"quantizer {self.name!r} does not expose its dequantized weights")
+
     def bits(self, options: Options) -> float | None:
         """Bits per weight of the quantized layers with these options (None: full precision).
 
@@ -382,3 +399,12 @@ PLUGIN_KINDS = {
     "tracker": TrackerPlugin,
     "evaluator": EvaluatorPlugin,
 }
+
+
+def implements(plugin: _Plugin, method: str) -> bool:
+    """Whether ``plugin`` overrides the optional ``method`` of its base class (e.g. a quantizer's
+    :meth:`QuantizerPlugin.dequantized_weight`), judged before any weight loads."""
+    for base in PLUGIN_KINDS.values():
+        if isinstance(plugin, base):
+            return getattr(type(plugin), method) is not getattr(base, method)
+    return False

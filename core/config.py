@@ -735,7 +735,9 @@ def resolve(config: RunConfig, registry, *, device: str | None = None) -> Resolv
     if config.data.packing and not peft.capabilities.packing:
         raise ConfigError("data.packing", f"peft {peft.name!r} does not work with packed rows; set data.packing to false")
 
-    ctx = RunContext(config=config, device=dev, dtype=dtype, output_dir=config.output_dir, fsdp=fsdp_version())
+    ctx = RunContext(
+        config=config, device=dev, dtype=dtype, output_dir=config.output_dir, fsdp=fsdp_version(), quantizer=quant, quantizer_options=q_opts
+    )
     if ctx.fsdp is not None:
         check_fsdp(ctx, {"quantizer": quant, "peft": peft, "trainer": trainer}, registry)
     quant.check(q_opts, ctx)

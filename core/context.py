@@ -28,6 +28,13 @@ class RunContext:
     resume_from: str | None = None
     #: The FSDP version the run was launched with (``accelerate launch --use_fsdp``), or None.
     fsdp: int | None = None
+    #: The run's quantizer plugin and its validated options (a PEFT method that needs the
+    #: quantizer's optional hooks, e.g. LoRA's LoftQ init, reads them here); None when unknown.
+    quantizer: Any = None
+    quantizer_options: Any = None
+    #: The run's training rows (a :class:`qpeft.data.TokenDataset` for "lm" trainers), set before
+    #: the adapter is attached, for data-driven adapter inits (LoRA's EVA); None when not loaded.
+    train_data: Any = None
 
     @property
     def torch_dtype(self):

@@ -77,6 +77,8 @@ def _context(resolved: ResolvedRun, registry: Registry) -> RunContext:
         output_dir=resolved.config.output_dir,
         hooks=registry.hooks,
         fsdp=fsdp_version(),
+        quantizer=resolved.quantizer,
+        quantizer_options=resolved.quantizer_options,
     )
     ctx.notes.extend(resolved.notes)
     return ctx
@@ -209,6 +211,7 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
         quant.ensure_training_kernels(model, q_opts)
 
     model = quant.prepare_for_training(model, q_opts, ctx, grad_checkpointing=resolved.grad_checkpointing)
+    ctx.train_data = train_data
     model = peft.attach(model, resolved.peft_options, ctx)
     trainable, total = quant.count_parameters(model, q_opts)
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")

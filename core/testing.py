@@ -1125,6 +1125,44 @@ class QuantizerChecker(_Checker):
             "base_path_diff": result["base_path_diff"],
         }
 
+    def check_dequantized_weight(self) -> dict:
+        """Where the plugin implements ``dequantized_weight`` (LoRA's ``init: loftq``): for every
+        linear layer it returns None or a finite float (out × in) tensor equal, within 1e-3
+        (relative L2; 1e-2 for int8 matmuls, whose activations go through float16), to the
+        weight the layer applies (read by probing it with the identity matrix); at least one
+        layer is quantized; the layer computes the same afterwards. Skipped without the hook."""
+        import torch
+
+        from .api import implements
+
+        plugin, opts = self.plugin, self.resolved.quantizer_options
+        if not implements(plugin, "dequantized_weight"):
+            _skip(f"{self.name} does not implement dequantized_weight (LoRA's init loftq is refused for it)")
+        model = plugin.load(self.tiny_path, opts, self.context(), training=True)
+        plugin.ensure_training_kernels(model, opts)
+        applied = effective_weights(model)
+        worst, n = 0.0, 0
+        for name, layer in linear_modules(model).items():
+            with torch.no_grad():
+                deq = plugin.dequantized_weight(layer, opts)
+            if deq is None:
+                continue
+            n += 1
+            self.expect(
+                isinstance(deq, torch.Tensor) and deq.is_floating_point() and tuple(deq.shape) == (layer.out_features, layer.in_features),
+                f"dequantized_weight({name}) is not a float tensor of shape ({layer.out_features}, {layer.in_features})",
+            )
+            self.expect(bool(torch.isfinite(deq).all()), f"dequantized_weight({name}) holds non-finite values")
+            err = float((deq.float().cpu() - applied[name]).norm() / applied[name].norm())
+            worst = max(worst, err)
+            bound = 1e-2 if "8bit" in type(layer).__name__.lower() else 1e-3
+            self.expect(err <= bound, f"dequantized_weight({name}) differs from the weight the layer applies by {err:.2e} (relative L2)")
+        self.expect(n > 0, "dequantized_weight returned None for every linear layer of a model this plugin loaded")
+        after = effective_weights(model)
+        changed = [k for k in applied if not torch.equal(applied[k], after[k])]
+        self.expect(not changed, f"dequantized_weight changed what {changed[0] if changed else ''} computes")
+        return {"quantized_layers": n, "max_rel_err": worst}
+
     CHECKS: ClassVar[tuple[str, ...]] = (
         "registration",
         "options_schema",
@@ -1139,6 +1177,7 @@ class QuantizerChecker(_Checker):
         "hf_trainer",
         "inference",
         "merge",
+        "dequantized_weight",
     )
 
 
@@ -1296,6 +1335,10 @@ class QuantizerConformance:
     def test_inference_path(self):
         """load(training=False) computes what the training path does; qpeft generate works."""
         self._report("inference", self.checker().check_inference())
+
+    def test_dequantized_weight(self):
+        """Where implemented (LoRA's LoftQ init), dequantized_weight is what each layer applies."""
+        self._report("dequantized weight", self.checker().check_dequantized_weight())
 
 
 # ---------------------------------------------------------------------------- trainer plugins

@@ -156,6 +156,14 @@ class Bnb4bit(_BnbBase):
             self.ensure_training_kernels(model, options)
         return model
 
+    def dequantized_weight(self, module, options):
+        import bitsandbytes as bnb
+
+        if not isinstance(module, bnb.nn.Linear4bit):
+            return None
+        self.ensure_training_kernels(module, options)  # a repacked weight would dequantize wrongly
+        return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+
     def ensure_training_kernels(self, model, options):
         """bnb's Linear4bit repacks its weight for an inference-only CPU kernel on the first
         eval-mode forward on AVX512-BF16 CPUs; LoRA gradients and dequantization are wrong
@@ -212,6 +220,15 @@ class Bnb8bit(_BnbBase):
             llm_int8_enable_fp32_cpu_offload=options.cpu_offload,
         )
         return self._with_matmul(load_causal_lm(model_path, ctx, quantization_config=cfg), options, ctx, training)
+
+    def dequantized_weight(self, module, options):
+        import bitsandbytes as bnb
+        import torch
+
+        if not isinstance(module, bnb.nn.Linear8bitLt):
+            return None
+        cb, scb = _int8_parts(module)
+        return _int8_dequantize(cb, scb, torch.float32)
 
     def load_quantized(self, path, options, ctx, *, training=False):
         """A saved 8-bit model multiplies the same way as a freshly quantized one (``options.matmul``):

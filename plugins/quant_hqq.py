@@ -145,6 +145,13 @@ class Hqq(QuantizerPlugin):
             enable_gradient_checkpointing(model)
         return model
 
+    def dequantized_weight(self, module, options):
+        from hqq.core.quantize import HQQLinear
+
+        if not isinstance(module, HQQLinear):
+            return None
+        return module.dequantize().float().reshape(module.out_features, module.in_features)
+
     def full_precision_model(self, model, model_path, options, ctx):
         import torch
         from hqq.core.quantize import HQQLinear

@@ -91,6 +91,12 @@ class _Torchao(QuantizerPlugin):
             enable_gradient_checkpointing(model)
         return model
 
+    def dequantized_weight(self, module, options):
+        weight = getattr(module, "weight", None)
+        if weight is None or not _is_torchao_weight(weight):
+            return None
+        return weight.dequantize().float()
+
     def full_precision_model(self, model, model_path, options, ctx):
         """The same model with every torchao weight dequantized into a plain float parameter —
         exactly the weights the adapter was trained against — and no quantization config."""
