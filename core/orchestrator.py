@@ -442,7 +442,9 @@ def resolve_from_adapter(adapter_dir: str | Path, registry: Registry, overrides=
     sections, ignored = trusted_run_sections(read_adapter_metadata(adapter_dir), adapter_dir, user_keys)
     data = {
         **sections,
-        "trainer": {"name": next(iter(sorted(registry.backends["trainer"])), "hf")},
+        # Generation and merge train nothing: any trainer resolves, but the first by name may need a
+        # package that is not installed (dpo: trl), so the built-in `hf` is preferred.
+        "trainer": {"name": "hf" if "hf" in registry.backends["trainer"] else next(iter(sorted(registry.backends["trainer"])))},
         "output_dir": str(adapter_dir),
     }
     data["model"].update(device="auto", dtype="auto")
