@@ -276,6 +276,8 @@ def evaluate_perplexity(model, data: list[dict], pad_id: int, batch_size: int = 
         for i in range(0, len(data), batch_size):
             batch = {k: v.to(device) for k, v in collate(data[i : i + batch_size], pad_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            # prompt learning (prompt, ptuning) returns logits for its virtual tokens first
+            logits = logits[:, logits.size(1) - batch["input_ids"].size(1) :]
             labels = batch["labels"][:, 1:]
             losses = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"

@@ -42,3 +42,33 @@ def test_lora_adapters_of_every_init_reload_through_plain_peft():
     ``PeftModel.from_pretrained`` on a fresh base, so those adapters are plain-peft loadable."""
     lora = REGISTRY.backends["peft"]["lora"]
     assert type(lora).load_adapter is PeftPlugin.load_adapter
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_perplexity_of_prompt_learning_matches_peft_own_loss(method, tiny_llama_path):
+    """Found by the methods bench: peft returns logits for the virtual tokens too, and qpeft's
+    held-out perplexity failed after training ("Expected input batch_size ... to match")."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qpeft.modeling import evaluate_perplexity
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_path)
+    plugin = REGISTRY.backends["peft"][method]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+
+    class Ctx:
+        tokenizer = tok
+        notes: list = []
+
+    pm = plugin.attach(model, plugin.Options(num_virtual_tokens=4), Ctx())
+    ids = tok("The quick brown fox jumps over the lazy dog.")["input_ids"]
+    row = {"input_ids": ids, "labels": ids}
+    got = evaluate_perplexity(pm, [row], pad_id=tok.pad_token_id)
+    pm.eval()
+    with torch.no_grad():  # peft's loss with the first token masked (nothing real precedes it)
+        want = pm(input_ids=torch.tensor([ids]), labels=torch.tensor([[-100, *ids[1:]]])).loss.item()
+    assert got["tokens"] == len(ids) - 1
+    assert math.isclose(got["loss"], want, rel_tol=1e-5), (got, want)
