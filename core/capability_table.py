@@ -34,10 +34,9 @@ def layer_refusal(quant, peft) -> str:
 
 def cell(quant, peft) -> Cell:
     """Support of one (quantizer, peft) pair, with the reason when it is refused."""
-    reason = peft.capabilities.incompatible.get(quant.name) or quant.capabilities.incompatible.get(peft.name)
+    reason = "" if quant.capabilities.trainable else f"{quant.name} cannot train adapters"
+    reason = reason or peft.capabilities.incompatible.get(quant.name) or quant.capabilities.incompatible.get(peft.name)
     reason = reason or layer_refusal(quant, peft)
-    if not reason and not quant.capabilities.trainable:
-        reason = f"{quant.name} cannot train adapters"
     train = not reason
     if not train:
         merge_reason = reason

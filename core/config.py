@@ -805,8 +805,6 @@ def check_data_kind(config: RunConfig, trainer) -> None:
 
 def check_combination(quant, peft, trainer) -> None:
     """Refuse combinations that a plugin's capabilities rule out, naming the reason."""
-    if not quant.capabilities.trainable:
-        raise ConfigError("quantizer.name", f"adapters cannot be trained on quantizer {quant.name!r}")
     plugins = {"quantizer": quant, "peft": peft, "trainer": trainer}
     for kind, plugin in plugins.items():
         for other_kind, other in plugins.items():
@@ -816,6 +814,9 @@ def check_combination(quant, peft, trainer) -> None:
                     f"{other_kind}.name",
                     f"{other_kind} {other.name!r} does not work with {kind} {plugin.name!r}: {reason}",
                 )
+    # After the named reasons above, which say why (a quantizer may name the trainers it refuses).
+    if not quant.capabilities.trainable:
+        raise ConfigError("quantizer.name", f"adapters cannot be trained on quantizer {quant.name!r}")
     from .capability_table import layer_refusal
 
     reason = layer_refusal(quant, peft)

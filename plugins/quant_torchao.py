@@ -139,12 +139,20 @@ class TorchaoInt4(_Torchao):
     _TRAINER_REFUSAL = (
         "transformers' Trainer trains torchao bases of 8-bit types only (TorchAoHfQuantizer.is_trainable); use trainer native"
     )
+    # torch 2.11 has no derivative for the int4 matmul (aten::_weight_int4pack_mm), so no gradient
+    # reaches the layers below the first int4 layer: seen on an H200 with trainer native
+    # (configs/bench/quality_gpu.yaml). It quantizes, saves and generates; it trains nothing.
+    _NO_BACKWARD = (
+        "torch has no derivative for torchao's int4 matmul (aten::_weight_int4pack_mm), so adapters cannot be "
+        "trained on it; it can quantize (qpeft quantize) and serve"
+    )
     capabilities = Capabilities(
         devices=("cuda",),
+        trainable=False,
         merge_source="dequantize",
         bits=4,
         saves_quantized="transformers",
-        incompatible=dict.fromkeys(("hf", "dpo", "orpo", "simpo", "kto", "grpo"), _TRAINER_REFUSAL),
+        incompatible={**dict.fromkeys(("hf", "dpo", "orpo", "simpo", "kto", "grpo"), _TRAINER_REFUSAL), "native": _NO_BACKWARD},
         linear_layers="torchao-int4",
     )
 
