@@ -55,6 +55,11 @@ class NativeOptions(TrainingOptions):
     #: (CUDA): as many as fit in ``memory_budget`` of the card, measured on this model and the first
     #: optimizer step, from the second step on (the notes say how many); 0: every layer recomputed.
     keep_activations: int | Literal["auto"] = 0
+    #: Tiled MLP for long rows (qpeft.tiled_mlp): each decoder layer's gated MLP runs on this many
+    #: tokens at a time, each tile recomputed in backward, so its intermediates (4 × tokens ×
+    #: intermediate size, and LoRA's) exist for one tile at a time. Costs one more MLP forward per
+    #: step; the same numbers up to float summation order. Null: off.
+    mlp_chunk: int | None = Field(None, ge=16)
     #: The fraction of the card's memory that keep_activations: auto plans for.
     memory_budget: float = Field(0.9, gt=0, le=1)
 
@@ -223,6 +228,18 @@ def _keep_activations(model, options: NativeOptions, ctx, acc):
             layer.gradient_checkpointing = True
 
     return undo, planner
+
+
+def _tile_mlps(model, tokens: int, ctx):
+    """mlp_chunk: tile each decoder layer's gated MLP (qpeft.tiled_mlp); return the undo."""
+    from qpeft.tiled_mlp import tile_mlps
+
+    n, undo = tile_mlps(model, tokens)
+    if n:
+        ctx.notes.append(f"native: tiled MLP in {n} decoder layers ({tokens} tokens per tile, recomputed in backward)")
+    else:
+        ctx.notes.append("native: mlp_chunk: no gated MLP (gate/up/down projections) in this model's decoder layers; nothing tiled")
+    return undo
 
 
 def _passthrough_head(model):
@@ -406,6 +423,8 @@ class NativeTrainer(TrainerPlugin):
                 )
             if ctx.fsdp:
                 raise ConfigError("trainer.options.keep_activations", "is not supported under FSDP; use 0")
+        if options.mlp_chunk is not None and ctx.fsdp:
+            raise ConfigError("trainer.options.mlp_chunk", "is not supported under FSDP; use null")
         if options.mixed_precision in ("bf16", "fp16") and ctx.device == "cpu":
             raise ConfigError("trainer.options.mixed_precision", f"{options.mixed_precision} autocast is for GPUs; use auto or no on CPU")
 
@@ -454,6 +473,8 @@ class NativeTrainer(TrainerPlugin):
         model.train()
         undo_keep, planner = _keep_activations(model, options, ctx, acc)
         undo = [_apply_liger(model, options, ctx, compiled)]
+        if options.mlp_chunk is not None:  # after liger: it tiles liger's SwiGLU forward
+            undo.append(_tile_mlps(model, options.mlp_chunk, ctx))
         if compiled:
             undo.append(_compile_layers(model, ctx, fallback=options.compile == "auto"))
         model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)

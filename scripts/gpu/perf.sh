@@ -21,7 +21,8 @@
 #                4 × 1024 and at 1 × 16384 (eager, OFFLOAD_STEPS steps, the first 3 untimed): tokens/s
 #                and peak memory with and without activation offloading, per-step losses; at 4 × 1024
 #                also qpeft-nf4@keep_activations=auto (memory-budget mode: as many layers as fit in
-#                90% of the card keep their activations; its note says how many)
+#                90% of the card keep their activations; its note says how many); at 1 × 16384 also
+#                qpeft-nf4@activation_offload=true+mlp_chunk=2048 (offloading and the tiled MLP)
 #                (OUTDIR/offload/seed_recipe_<gpu>[_1x16384].json/.md; ~2.5 min)
 #   context      benchmarks/max_context.py: the longest batch-1 row that trains (2 optimizer steps,
 #                each attempt in its own process, to 5%) for CONTEXT_PATHS, PyTorch's allocator
@@ -31,7 +32,8 @@
 # Environment variables (and those of scripts/gpu/lib.sh: PYTHON, ASSETS, TOKENIZER_SOURCE, DRY_RUN):
 #   STAGES          default "startup offload context"
 #   OFFLOAD_STEPS   default 8
-#   CONTEXT_PATHS   default qpeft-nf4@activation_offload=true,unsloth-nf4 (unsloth-nf4 is recorded as
+#   CONTEXT_PATHS   default qpeft-nf4@activation_offload=true,qpeft-nf4@activation_offload=true+mlp_chunk=2048,
+#                   unsloth-nf4 (unsloth-nf4 is recorded as
 #                   skipped when unsloth does not import; add qpeft-nf4 for qpeft without offloading)
 #   MEM_CAP_GIB     default 12; CONTEXT_BUDGET default 120 (seconds per path); CONTEXT_START default 8192
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -60,12 +62,13 @@ if wants offload; then
   stage offload-4x1024 "$PYTHON" benchmarks/seed_recipe.py --model "$MODEL_7B" --steps "${OFFLOAD_STEPS:-8}" --warmup 3 \
     --lora-dropout 0 --paths qpeft-nf4,qpeft-nf4@activation_offload=true,qpeft-nf4@keep_activations=auto --out "$OUTDIR/offload"
   stage offload-1x16384 "$PYTHON" benchmarks/seed_recipe.py --model "$MODEL_7B" --steps "${OFFLOAD_STEPS:-8}" --warmup 3 \
-    --lora-dropout 0 --batch 1 --seq 16384 --paths qpeft-nf4,qpeft-nf4@activation_offload=true --out "$OUTDIR/offload"
+    --lora-dropout 0 --batch 1 --seq 16384 \
+    --paths qpeft-nf4,qpeft-nf4@activation_offload=true,qpeft-nf4@activation_offload=true+mlp_chunk=2048 --out "$OUTDIR/offload"
 fi
 
 if wants context; then
   stage context "$PYTHON" benchmarks/max_context.py --model "$MODEL_7B" \
-    --paths "${CONTEXT_PATHS:-qpeft-nf4@activation_offload=true,unsloth-nf4}" \
+    --paths "${CONTEXT_PATHS:-qpeft-nf4@activation_offload=true,qpeft-nf4@activation_offload=true+mlp_chunk=2048,unsloth-nf4}" \
     --mem-cap-gib "${MEM_CAP_GIB:-12}" --time-budget "${CONTEXT_BUDGET:-120}" --start "${CONTEXT_START:-8192}" --out "$OUTDIR/context"
 fi
 
