@@ -201,6 +201,19 @@ def release_model(model) -> None:
     extract_model_from_parallel(model, keep_fp32_wrapper=False)
 
 
+def forget_load_conversions(model) -> None:
+    """Make ``save_pretrained`` write ``model`` as it writes a model of its class built in memory.
+
+    transformers 5 records on a model the weight conversions its ``from_pretrained`` applied
+    (``_weight_conversions``) and reverses them in ``save_pretrained``. A model read from a saved
+    quantized folder records its quantizer's deserialization (torchao's), which has no reverse:
+    once its weights are plain again (dequantized for a merge), saving it raised
+    NotImplementedError (tests/test_quantized_cache.py). Without the record, transformers reverses
+    the default conversions of the model's class, as for any model it did not load."""
+    if hasattr(model, "_weight_conversions"):
+        model._weight_conversions = None
+
+
 def align_pad_token(model, tokenizer) -> None:
     """Record the tokenizer's pad token (which qpeft may have chosen) in the model's config and
     generation config, as the transformers Trainer would otherwise do itself, with a warning."""

@@ -43,6 +43,7 @@ from .model_source import check_weight_files, resolve_model_path
 from .modeling import (
     StepTimer,
     align_pad_token,
+    forget_load_conversions,
     generate_text,
     kv_cache_off,
     logits_for,
@@ -401,7 +402,6 @@ def load_for_inference(
     *,
     as_trained: bool = False,
     training_kernels: bool = False,
-    cached: bool = True,
 ):
     """A freshly loaded quantized base with the saved adapter on it, in eval mode.
 
@@ -409,19 +409,14 @@ def load_for_inference(
     embeddings after ``prepare_model_for_kbit_training``) so numerics match the trained model.
     ``training_kernels`` keeps the quantizer's exact training kernels in eval mode instead of
     its inference kernels (bitsandbytes' AVX512-BF16 CPU path rounds the 4-bit scales through
-    bfloat16, ~3e-3 in logits): the reference a merge is verified against. ``cached=False``
-    quantizes afresh instead of reading the quantized-base cache (a merge: a model read back
-    from a saved quantized folder keeps transformers' load-time weight conversions, which
-    ``save_pretrained`` of the merged model then cannot revert).
+    bfloat16, ~3e-3 in logits): the reference a merge is verified against. The base comes from
+    the quantized-base cache where it holds one (:mod:`qpeft.quantized_cache`).
     """
     check_weight_files(adapter_dir, allow_pickle=resolved.config.model.allow_pickle)  # before any weight loads
     check_adapter_files(adapter_dir)  # NaN/inf tensors: a diverged run's adapter, or a damaged file
     model_path = resolve_model_path(resolved.config.model.name_or_path)
     training = as_trained or training_kernels
-    if cached:
-        base = load_base(resolved.quantizer, model_path, resolved.quantizer_options, ctx, training=training)
-    else:
-        base = resolved.quantizer.load(model_path, resolved.quantizer_options, ctx, training=training)
+    base = load_base(resolved.quantizer, model_path, resolved.quantizer_options, ctx, training=training)
     if as_trained:
         base = resolved.quantizer.prepare_for_training(base, resolved.quantizer_options, ctx, grad_checkpointing=False)
     try:
@@ -536,7 +531,7 @@ def merge(
 
     # The reference is what the adapter was trained against: the quantized base on the
     # quantizer's exact (training) kernels, not an approximate inference kernel.
-    model = load_for_inference(Path(adapter_dir), resolved, registry, ctx, training_kernels=True, cached=False)
+    model = load_for_inference(Path(adapter_dir), resolved, registry, ctx, training_kernels=True)
     reference = logits_for(model, probe, tok.pad_token_id)
     with model.disable_adapter():
         quantized_base = logits_for(model, probe, tok.pad_token_id)
@@ -550,6 +545,7 @@ def merge(
     check_adapter_applied(adapted, adapter_dir)
     merged = peft.merge(adapted).to(getattr(torch, dtype))
     align_pad_token(merged, tok)  # the saved config pads with the saved tokenizer's pad id
+    forget_load_conversions(merged)  # a base read from a saved quantized folder recorded its loading
     check_finite(merged.state_dict().items(), f"refusing to write the merged model to {out} (non-finite merged weights)")
     merged_logits = logits_for(merged, probe, tok.pad_token_id)
     delta = float((merged_logits - reference).abs().max())

@@ -110,12 +110,6 @@ class _Torchao(QuantizerPlugin):
         quantizer = getattr(model, "hf_quantizer", None)
         if quantizer is not None:
             quantizer.remove_quantization_config(model)
-        # transformers 5.23 keeps the load-time weight conversions of a pre-quantized torchao
-        # checkpoint and tries to reverse them in save_pretrained (NotImplementedError); the
-        # weights are plain now, so there is nothing to reverse.
-        for attr in ("_weight_conversions", "weight_conversions"):
-            if isinstance(getattr(model, attr, None), list):
-                setattr(model, attr, [])
         return model
 
 

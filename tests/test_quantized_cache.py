@@ -127,3 +127,32 @@ def test_run_reload_reads_the_base_its_training_load_cached(tiny_config, tmp_pat
     assert any(n.startswith("quantized base from cache") for n in notes)
     assert summary["reload_max_abs_logit_diff"] <= 1e-4
     assert Path(tmp_path / "qcache").is_dir()
+
+
+@pytest.mark.parametrize("quantizer", ["hqq", "torchao-int8"])
+def test_merge_reads_the_cached_base(quantizer, tiny_config, tmp_path, monkeypatch):
+    """`qpeft merge` loads its reference base from the cache the run filled (no quantization), and
+    the merged model saves and loads. Regression: torchao's pre-quantized load records a
+    conversion with no reverse, and save_pretrained of the merged model raised NotImplementedError
+    (transformers 5.23) until qpeft.modeling.forget_load_conversions."""
+    if quantizer.startswith("torchao"):
+        pytest.importorskip("torchao")
+    from transformers import AutoModelForCausalLM
+
+    cache = tmp_path / "qcache"
+    cfg = tiny_config(quantizer=quantizer, evaluate=False, generate={"max_new_tokens": 2})
+    cfg["model"]["quantized_cache"] = str(cache)
+    cfg["trainer"] = {"name": "native", "options": {"batch_size": 2, "max_steps": 1, "lr": 3e-3}}
+    cfg["data"].update(path="embedded:text", max_train_examples=4)
+    registry = load_registry()
+    resolved, reg = orchestrator.prepare(cfg, registry=registry)
+    orchestrator.run(resolved, reg)
+    assert len(list(cache.iterdir())) == 1
+    count = _Counting(registry.get("quantizer", quantizer), monkeypatch)
+    result = orchestrator.merge(
+        str(tmp_path / "run" / "adapter"), str(tmp_path / "merged"), registry, overrides=[f"model.quantized_cache={cache}"]
+    )
+    assert count.calls == 0, "the merge quantized the base again"
+    assert result["max_abs_logit_diff"] <= 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert not hasattr(merged.config, "quantization_config")
