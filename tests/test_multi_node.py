@@ -34,8 +34,16 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def _largest(a: dict) -> float:
-    return max(float(t.abs().max()) for t in a.values())
+def _rel_diff(a: dict, b: dict) -> float:
+    """||a - b|| / ||a|| over every adapter tensor. Not the largest element's difference: AdamW's
+    update divides by the root of each element's squared gradients, so an element whose gradient
+    is near zero moves by up to the learning rate on a reduction-order difference (a max-element
+    check at 1e-4 failed on such an element, 1.02e-4, in a loaded 2-core run)."""
+    import torch
+
+    assert a.keys() == b.keys()
+    diff = torch.sqrt(sum(((a[k] - b[k]).double() ** 2).sum() for k in a))
+    return float(diff / torch.sqrt(sum((a[k].double() ** 2).sum() for k in a)))
 
 
 # ------------------------------------------------------------------ the check itself, no model
@@ -110,7 +118,7 @@ def test_two_nodes_data_parallel_equal_one_process(tiny_config, tmp_path, traine
     # float32: the ranks' gradients are averaged in another order than one process sums them
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-4 * a[0], (a, b)
     whole, split = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
-    assert _max_diff(whole, split) <= 1e-4 * _largest(whole)
+    assert _rel_diff(whole, split) <= 1e-4
     assert not any("not shared" in n for n in two["notes"]), two["notes"]
 
 
@@ -131,7 +139,7 @@ def test_two_nodes_fsdp2_equal_one_process(tiny_config, tmp_path):
     )
     check_fsdp_run(one, two, a, b, rel=1e-4)  # float32
     whole, split = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
-    assert _max_diff(whole, split) <= 1e-4 * _largest(whole)
+    assert _rel_diff(whole, split) <= 1e-4
 
 
 def _resume_config(tiny_config, tmp_path, name: str) -> dict:
