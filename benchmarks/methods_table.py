@@ -18,7 +18,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from qpeft.bench_report import load
+from qpeft.bench.report import load
 from qpeft.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]

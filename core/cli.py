@@ -575,7 +575,7 @@ def bench_run(
 
 
 def _bench_report(directory: str) -> None:
-    from .bench_report import write_report
+    from .bench.report import write_report
 
     try:
         written = write_report(directory)
@@ -692,6 +692,6 @@ if __name__ == "__main__":
 
 def _objective_text(metrics: dict) -> str:
     """A non-SFT run's held-out metrics before → after training, as the bench report shows them."""
-    from .bench_report import objective_text
+    from .bench.report import objective_text
 
     return objective_text(metrics.get("eval_before") or {}, metrics.get("eval_after") or {})

@@ -121,7 +121,7 @@ def _all_metrics(meta: dict, rows: list[dict]) -> str:
     import csv
     import io
 
-    from .bench_report import csv_text
+    from .bench.report import csv_text
 
     table = list(csv.reader(io.StringIO(csv_text(meta, rows))))
     if len(table) < 2:

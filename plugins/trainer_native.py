@@ -47,15 +47,15 @@ class NativeOptions(TrainingOptions):
     compile: Literal["auto"] | bool = "auto"
     #: Move the activations kept for backward — with gradient checkpointing, each decoder layer's
     #: input — to pinned CPU memory during the forward pass (on a side stream, overlapped with
-    #: compute) and back just before backward needs them (qpeft.offload): the GPU then holds about
+    #: compute) and back just before backward needs them (qpeft.memory.offload): the GPU then holds about
     #: one layer's activations instead of one input per layer, for longer rows. The same numbers.
     activation_offload: bool = False
-    #: Memory-budget mode (qpeft.activations): decoder layers whose activations are kept instead of
+    #: Memory-budget mode (qpeft.memory.activations): decoder layers whose activations are kept instead of
     #: recomputed in backward (their gradient checkpointing is off). n: the last n layers; "auto"
     #: (CUDA): as many as fit in ``memory_budget`` of the card, measured on this model and the first
     #: optimizer step, from the second step on (the notes say how many); 0: every layer recomputed.
     keep_activations: int | Literal["auto"] = 0
-    #: Tiled MLP for long rows (qpeft.tiled_mlp): each decoder layer's gated MLP runs on this many
+    #: Tiled MLP for long rows (qpeft.memory.tiled_mlp): each decoder layer's gated MLP runs on this many
     #: tokens at a time, each tile recomputed in backward, so its intermediates (4 × tokens ×
     #: intermediate size, and LoRA's) exist for one tile at a time. Costs one more MLP forward per
     #: step; the same numbers up to float summation order. Null: off.
@@ -186,12 +186,12 @@ def _compile_layers(model, ctx, fallback: bool):
 
 
 def _activation_offload(model, options: NativeOptions, ctx):
-    """The offload context for each forward pass (qpeft.offload), or None when it is off."""
+    """The offload context for each forward pass (qpeft.memory.offload), or None when it is off."""
     if not options.activation_offload:
         return None
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from qpeft.offload import ActivationOffload
+    from qpeft.memory.offload import ActivationOffload
 
     checkpointed = sum(1 for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing)
     if checkpointed:
@@ -203,9 +203,9 @@ def _activation_offload(model, options: NativeOptions, ctx):
 
 def _keep_activations(model, options: NativeOptions, ctx, acc):
     """keep_activations: (a function that undoes it, the auto planner or None). An explicit count
-    applies now; "auto" measures one layer now (qpeft.activations.AutoKeep.probe) and decides
+    applies now; "auto" measures one layer now (qpeft.memory.activations.AutoKeep.probe) and decides
     after the first optimizer step."""
-    from qpeft.activations import AutoKeep, checkpointed_layers, keep_last
+    from qpeft.memory.activations import AutoKeep, checkpointed_layers, keep_last
 
     keep = options.keep_activations
     if keep == 0:
@@ -231,8 +231,8 @@ def _keep_activations(model, options: NativeOptions, ctx, acc):
 
 
 def _tile_mlps(model, tokens: int, ctx):
-    """mlp_chunk: tile each decoder layer's gated MLP (qpeft.tiled_mlp); return the undo."""
-    from qpeft.tiled_mlp import tile_mlps
+    """mlp_chunk: tile each decoder layer's gated MLP (qpeft.memory.tiled_mlp); return the undo."""
+    from qpeft.memory.tiled_mlp import tile_mlps
 
     n, undo = tile_mlps(model, tokens)
     if n:

@@ -1,4 +1,4 @@
-"""native's activation_offload (qpeft.offload): the checkpointed layers' inputs go to host memory
+"""native's activation_offload (qpeft.memory.offload): the checkpointed layers' inputs go to host memory
 and come back; losses and the trained adapter are exactly those of the run without it."""
 
 import pytest
@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from qpeft import orchestrator
 from qpeft.errors import ConfigError
-from qpeft.offload import ActivationOffload
+from qpeft.memory.offload import ActivationOffload
 from qpeft.registry import load_registry
 
 
@@ -57,7 +57,7 @@ def plain(tiny_config_module, registry, tmp_path_factory):
     "options,note",
     [
         ({"activation_offload": True}, "activation offloading to pinned CPU memory (the inputs of 2 checkpointed layers)"),
-        # memory-budget mode with an explicit count (qpeft.activations): one layer not recomputed
+        # memory-budget mode with an explicit count (qpeft.memory.activations): one layer not recomputed
         ({"keep_activations": 1}, "keep_activations: 1 of 2 decoder layers keep their activations"),
     ],
     ids=["offload", "keep-1"],
@@ -137,7 +137,7 @@ def test_memory_options_refused_where_they_cannot_work(tiny_config, registry, op
 
 
 def test_memory_budget_arithmetic():
-    from qpeft.activations import extrapolate, layers_that_fit
+    from qpeft.memory.activations import extrapolate, layers_that_fit
 
     gib = 2**30
     assert layers_that_fit(80 * gib, 20 * gib, 2.5 * gib, 32) == 24

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 import qpeft
 from qpeft import bench, orchestrator
-from qpeft.bench_report import PLOT_QUALITY, PLOT_SPEED
+from qpeft.bench.report import PLOT_QUALITY, PLOT_SPEED
 from qpeft.cli import app
 from qpeft.errors import ConfigError, QpeftError
 from qpeft.registry import load_registry

@@ -9,7 +9,9 @@ import json
 import pytest
 import yaml
 
-from qpeft import bench, bench_quality, bench_report
+from qpeft import bench
+from qpeft.bench import quality as bench_quality
+from qpeft.bench import report as bench_report
 
 pytest.importorskip("matplotlib")
 

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from qpeft import bench, bench_report
+from qpeft import bench
+from qpeft.bench import report as bench_report
 
 pytest.importorskip("matplotlib")
 

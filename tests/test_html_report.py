@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from qpeft import bench, bench_report
+from qpeft import bench
+from qpeft.bench import report as bench_report
 from qpeft.html_report import REPORT_HTML, write_run_html
 
 pytest.importorskip("matplotlib")

@@ -254,7 +254,7 @@ def test_grpo_reward_goes_up(chat_model, tmp_path):
 
 def test_bench_records_and_report_show_the_objective():
     from qpeft.bench import cell_metrics
-    from qpeft.bench_report import objective_text
+    from qpeft.bench.report import objective_text
 
     summary = {
         "objective": "preference",

@@ -1,4 +1,4 @@
-"""native's mlp_chunk (qpeft.tiled_mlp): each decoder layer's gated MLP runs a tile of tokens at a
+"""native's mlp_chunk (qpeft.memory.tiled_mlp): each decoder layer's gated MLP runs a tile of tokens at a
 time, recomputed in backward. The same loss and gradients (up to float summation order), no MLP
 intermediate of more than one tile kept for backward, undone after training."""
 
@@ -7,8 +7,8 @@ import torch
 
 from qpeft import orchestrator
 from qpeft.errors import ConfigError
+from qpeft.memory.tiled_mlp import gated_mlps, tile_mlps
 from qpeft.registry import load_registry
-from qpeft.tiled_mlp import gated_mlps, tile_mlps
 
 
 def _model(path, *, checkpointing: bool):

@@ -13,16 +13,11 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from .bench import (
-    MATRIX_FILE,
-    RESULTS_FILE,
-    SUMMARY_METRICS,
-    axis_title,
-    latest_records,
-    read_records,
-)
-from .errors import QpeftError
-from .io import atomic_write_json, atomic_write_text
+from ..errors import QpeftError
+from ..io import atomic_write_json, atomic_write_text
+from .cell import SUMMARY_METRICS
+from .matrix import axis_title
+from .records import MATRIX_FILE, RESULTS_FILE, latest_records, read_records
 
 REPORT_MD = "report.md"
 REPORT_CSV = "results.csv"
@@ -163,7 +158,7 @@ def plot_captions(rows: list[dict]) -> dict[str, str]:
     else:
         speed = "Training tokens/s after warm-up against the peak reserved GPU memory during training (`max_memory_reserved`)."
     quality = "Validation perplexity after training against the base model's weight memory (parameters and buffers)."
-    from .bench_quality import PLOT_PARETO_MEMORY, PLOT_PARETO_SPEED, quality_axis
+    from .quality import PLOT_PARETO_MEMORY, PLOT_PARETO_SPEED, quality_axis
 
     axis = quality_axis(rows)
     pareto = f"`{axis[0]}` (after training)" if axis else ""
@@ -342,7 +337,7 @@ def markdown(meta: dict, rows: list[dict], plots: list[str], directory: Path, pl
         lines += ["## Failed", "", "| cell | error | log |", "|---|---|---|"]
         lines += [f"| {_md_escape(r['cell'])} | {_md_escape(r.get('error', ''))} | `{r.get('log', '')}` |" for r in failed]
         lines.append("")
-    from .bench_quality import markdown as quality_markdown
+    from .quality import markdown as quality_markdown
 
     lines += quality_markdown(rows, axes, axis_title)
     if plots or plot_note:
@@ -517,7 +512,7 @@ def write_report(directory: str | Path) -> dict:
         pngs = plots(meta, rows, directory)
     except ImportError:
         pngs, note = [], "(plots need matplotlib: `pip install 'qpeft[bench]'`, then run `qpeft bench report` again)"
-    from . import bench_quality
+    from . import quality as bench_quality
 
     front = bench_quality.frontiers(rows)
     if not note and front["quality_metric"]:
@@ -526,7 +521,7 @@ def write_report(directory: str | Path) -> dict:
     atomic_write_text(directory / REPORT_CSV, csv_text(meta, rows))
     text = markdown(meta, rows, pngs, directory, note)
     atomic_write_text(directory / REPORT_MD, text)
-    from .html_report import write_bench_html
+    from ..html_report import write_bench_html
 
     return {
         "html": write_bench_html(meta, rows, text, directory),
