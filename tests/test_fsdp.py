@@ -127,7 +127,7 @@ def test_fsdp_refuses_what_it_does_not_run(under_fsdp, tiny_config, registry):
     )
     _refused(tiny_config, registry, "trainer.options.save_steps", trainer={"name": "hf", "options": {"save_steps": 2}})
     _resolve(tiny_config, registry, trainer={"name": "native", "options": {"save_steps": 2}})  # native checkpoints under FSDP
-    for key, value in (("loss", "chunked"), ("compile", True), ("liger", "on"), ("activation_offload", True)):
+    for key, value in (("loss", "chunked"), ("compile", True), ("liger", "on"), ("activation_offload", True), ("mlp_chunk", 64)):
         _refused(tiny_config, registry, f"trainer.options.{key}", trainer={"name": "native", "options": {key: value}})
     assert "GPU" in _refused(tiny_config, registry, "model.device", device="cpu")
     under_fsdp.setenv("FSDP_VERSION", "1")
