@@ -165,9 +165,17 @@ def run_recipe_loop(model_dir: str, quant: str, steps: int) -> dict:
     model = _recipe_model(model_dir, quant)
     load_s = time.perf_counter() - t0
     model.config.use_cache = False
+    model.train()
+    return {"load_seconds": load_s, **_autocast_loop(model, steps)}
+
+
+def _autocast_loop(model, steps: int) -> dict:
+    """AdamW 2e-4 on the trainable parameters, bf16 autocast, gradients clipped at 1.0: the loop
+    of ``recipe-loop-*`` and of unsloth's path; per-step losses, step-end marks, peak memory."""
+    import torch
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
-    model.train()
     _reset_peak()
     losses, marks = [], []
     start = time.perf_counter()
@@ -182,7 +190,7 @@ def run_recipe_loop(model_dir: str, quant: str, steps: int) -> dict:
         losses.append(loss.item())  # syncs, so the mark below is the step's end
         marks.append(time.perf_counter())
         PROFILER.on_step(len(marks))
-    return {"load_seconds": load_s, "losses": losses, "marks": marks, "start": start, "peak_mem_gib": _peak()}
+    return {"losses": losses, "marks": marks, "start": start, "peak_mem_gib": _peak()}
 
 
 def run_unsloth(model_dir: str, steps: int) -> dict:
@@ -212,29 +220,7 @@ def run_unsloth(model_dir: str, steps: int) -> dict:
     )
     load_s = time.perf_counter() - t0
     FastLanguageModel.for_training(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-4)
-    _reset_peak()
-    losses, marks = [], []
-    start = time.perf_counter()
-    for batch in _batches(steps, model.config.vocab_size):
-        x = batch.to(DEVICE)
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        marks.append(time.perf_counter())
-    return {
-        "load_seconds": load_s,
-        "losses": losses,
-        "marks": marks,
-        "start": start,
-        "peak_mem_gib": _peak(),
-        "version": getattr(unsloth, "__version__", None),
-    }
+    return {"load_seconds": load_s, **_autocast_loop(model, steps), "version": getattr(unsloth, "__version__", None)}
 
 
 def _reset_peak():
