@@ -6,9 +6,9 @@ time instead of for the whole batch.
 A gated MLP (``down(act(gate(x)) * up(x))``) treats every token on its own, so tiling changes
 nothing but the order of floating-point sums inside the matrix products. The price is one more
 forward pass of the MLP in backward (each tile is recomputed there); what it saves grows with the
-row length — with gradient checkpointing, the recompute of one layer for
-backward otherwise holds the MLP intermediates of every token of the batch at once. Mixture-of-
-experts blocks (routing and load-balancing losses look across tokens) are left alone.
+row length — with gradient checkpointing, the recompute of one layer for backward otherwise holds
+the MLP intermediates of every token of the batch at once. Mixture-of-experts blocks (routing and
+load-balancing losses look across tokens) are left alone.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ def _tiled(forward: Callable, tokens: int) -> Callable:
     from torch.utils.checkpoint import checkpoint
 
     def tiled_forward(x, *args, **kwargs):
-        flat = x.reshape(-1, x.shape[-1]) if x.dim() >= 2 else x
-        if args or kwargs or x.dim() < 2 or flat.shape[0] <= tokens or not torch.is_grad_enabled():
+        if args or kwargs or x.dim() < 2 or x.numel() <= tokens * x.shape[-1] or not torch.is_grad_enabled():
             return forward(x, *args, **kwargs)
+        flat = x.reshape(-1, x.shape[-1])
         # Each tile keeps only its input (a view of x) for backward; its intermediates are
         # recomputed there. preserve_rng_state (the default) recomputes the same dropout masks.
         out = [checkpoint(forward, tile, use_reentrant=False) for tile in flat.split(tokens)]
