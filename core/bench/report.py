@@ -512,12 +512,12 @@ def write_report(directory: str | Path) -> dict:
         pngs = plots(meta, rows, directory)
     except ImportError:
         pngs, note = [], "(plots need matplotlib: `pip install 'qpeft[bench]'`, then run `qpeft bench report` again)"
-    from . import quality as bench_quality
+    from . import quality
 
-    front = bench_quality.frontiers(rows)
+    front = quality.frontiers(rows)
     if not note and front["quality_metric"]:
-        pngs += bench_quality.pareto_plots(rows, directory, meta.get("name") or directory.name)
-    atomic_write_json(directory / bench_quality.QUALITY_JSON, front)
+        pngs += quality.pareto_plots(rows, directory, meta.get("name") or directory.name)
+    atomic_write_json(directory / quality.QUALITY_JSON, front)
     atomic_write_text(directory / REPORT_CSV, csv_text(meta, rows))
     text = markdown(meta, rows, pngs, directory, note)
     atomic_write_text(directory / REPORT_MD, text)
