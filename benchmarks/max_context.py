@@ -300,8 +300,12 @@ def main() -> None:
         print(f"== {path}: longest row that trained {found.longest_ok}, shortest that failed {found.shortest_failed}", flush=True)
         _write(report, Path(args.out), tag)  # after every path: a run cut off keeps what ran
     base = report["paths"].get("unsloth-nf4", {}).get("max_tokens")
-    mine = report["paths"].get("qpeft-nf4", {}).get("max_tokens")
-    report["ratio_qpeft_vs_unsloth"] = round(mine / base, 3) if base and mine else None
+    # every qpeft path (variants included) against unsloth's longest row
+    report["ratios_vs_unsloth"] = {
+        name: round(s["max_tokens"] / base, 3) if base and s.get("max_tokens") else None
+        for name, s in report["paths"].items()
+        if name.startswith("qpeft")
+    }
     _write(report, Path(args.out), tag)
     print((Path(args.out) / f"max_context_{tag}.md").read_text())
 

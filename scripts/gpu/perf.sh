@@ -22,8 +22,9 @@
 #                and peak memory with and without activation offloading, per-step losses; at 4 × 1024
 #                also qpeft-nf4@keep_activations=auto (memory-budget mode: as many layers as fit in
 #                90% of the card keep their activations; its note says how many); at 1 × 16384 also
-#                qpeft-nf4@activation_offload=true+mlp_chunk=2048 (offloading and the tiled MLP)
-#                (OUTDIR/offload/seed_recipe_<gpu>[_1x16384].json/.md; ~2.5 min)
+#                qpeft-nf4@activation_offload=true+mlp_chunk=2048 (offloading and the tiled MLP), eager
+#                and compiled; unsloth-nf4 at both shapes, in the same call
+#                (OUTDIR/offload/seed_recipe_<gpu>[_1x16384].json/.md; ~4 min)
 #   context      benchmarks/max_context.py: the longest batch-1 row that trains (2 optimizer steps,
 #                each attempt in its own process, to 5%) for CONTEXT_PATHS, PyTorch's allocator
 #                capped at MEM_CAP_GIB (a card of that size emulated, so the search stays short),
@@ -32,6 +33,9 @@
 # Environment variables (and those of scripts/gpu/lib.sh: PYTHON, ASSETS, TOKENIZER_SOURCE, DRY_RUN):
 #   STAGES          default "startup offload context"
 #   OFFLOAD_STEPS   default 8
+#   OFFLOAD_SHAPES  default "4x1024 1x16384"; OFFLOAD_PATHS_4x1024, OFFLOAD_PATHS_1x16384: the paths of
+#                   benchmarks/seed_recipe.py at each shape (defaults above, with compile=true at
+#                   1 x 16384 and unsloth-nf4 at both, recorded as skipped when unsloth does not import)
 #   CONTEXT_PATHS   default qpeft-nf4@activation_offload=true,qpeft-nf4@activation_offload=true+mlp_chunk=2048,
 #                   unsloth-nf4 (unsloth-nf4 is recorded as
 #                   skipped when unsloth does not import; add qpeft-nf4 for qpeft without offloading)
@@ -59,11 +63,17 @@ if wants startup; then
 fi
 
 if wants offload; then
-  stage offload-4x1024 "$PYTHON" benchmarks/seed_recipe.py --model "$MODEL_7B" --steps "${OFFLOAD_STEPS:-8}" --warmup 3 \
-    --lora-dropout 0 --paths qpeft-nf4,qpeft-nf4@activation_offload=true,qpeft-nf4@keep_activations=auto --out "$OUTDIR/offload"
-  stage offload-1x16384 "$PYTHON" benchmarks/seed_recipe.py --model "$MODEL_7B" --steps "${OFFLOAD_STEPS:-8}" --warmup 3 \
-    --lora-dropout 0 --batch 1 --seq 16384 \
-    --paths qpeft-nf4,qpeft-nf4@activation_offload=true,qpeft-nf4@activation_offload=true+mlp_chunk=2048 --out "$OUTDIR/offload"
+  for shape in ${OFFLOAD_SHAPES:-4x1024 1x16384}; do
+    if [ "$shape" = 4x1024 ]; then
+      stage offload-4x1024 "$PYTHON" benchmarks/seed_recipe.py --model "$MODEL_7B" --steps "${OFFLOAD_STEPS:-8}" --warmup 3 \
+        --lora-dropout 0 --paths "${OFFLOAD_PATHS_4x1024:-qpeft-nf4,qpeft-nf4@activation_offload=true,qpeft-nf4@keep_activations=auto,unsloth-nf4}" \
+        --out "$OUTDIR/offload"
+    else
+      stage offload-1x16384 "$PYTHON" benchmarks/seed_recipe.py --model "$MODEL_7B" --steps "${OFFLOAD_STEPS:-8}" --warmup 3 \
+        --lora-dropout 0 --batch 1 --seq 16384 --out "$OUTDIR/offload" \
+        --paths "${OFFLOAD_PATHS_1x16384:-qpeft-nf4,qpeft-nf4@activation_offload=true,qpeft-nf4@activation_offload=true+mlp_chunk=2048,qpeft-nf4@activation_offload=true+mlp_chunk=2048+compile=true,unsloth-nf4}"
+    fi
+  done
 fi
 
 if wants context; then
