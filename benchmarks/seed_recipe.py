@@ -497,13 +497,21 @@ def _write_report(entries, args, device, n_params, out, tag) -> None:
         lines.append(
             f"| {e['path']} | {e['tokens_per_s']:,.0f} | {vs} | {vs_unsloth} | {e['step_seconds']:.3f} | {e['peak_mem_gib']:.2f} | {100 * e['mfu']:.1f}% | {e['load_seconds']:.0f} | {e.get('warmup_seconds', '')} |"
         )
-    lines += [
-        "",
-        f"qpeft NF4 vs the recipe: {report['speedup_nf4']}× the tokens/s at memory ratio {report['mem_ratio_nf4']}; "
-        f"vs unsloth: {report['speedup_nf4_vs_unsloth']}× at memory ratio {report['mem_ratio_nf4_vs_unsloth']}; "
-        f"speedup int8 {report['speedup_int8']}× at memory ratio {report['mem_ratio_int8']}.",
-        f"Largest relative difference of the per-step loss, qpeft vs recipe: NF4 {report['max_rel_loss_diff_nf4']}, int8 {report['max_rel_loss_diff_int8']}.",
-    ]
+    # the summary lines of the pairs that ran (a run of variants alone has none)
+    lines.append("")
+    if report["speedup_nf4"] is not None:
+        lines.append(f"qpeft NF4 vs the recipe: {report['speedup_nf4']}× the tokens/s at memory ratio {report['mem_ratio_nf4']}.")
+    if report["speedup_nf4_vs_unsloth"] is not None:
+        lines.append(
+            f"qpeft NF4 vs unsloth: {report['speedup_nf4_vs_unsloth']}× the tokens/s at memory ratio {report['mem_ratio_nf4_vs_unsloth']}."
+        )
+    if report["speedup_int8"] is not None:
+        lines.append(f"qpeft int8 vs the recipe: {report['speedup_int8']}× the tokens/s at memory ratio {report['mem_ratio_int8']}.")
+    for quant in ("nf4", "int8"):
+        if report[f"max_rel_loss_diff_{quant}"] is not None:
+            lines.append(
+                f"Largest relative difference of the per-step loss, qpeft vs recipe ({quant}): {report[f'max_rel_loss_diff_{quant}']}."
+            )
     for k, v in report["max_rel_loss_diff_variants"].items():
         lines.append(f"Largest relative difference of the per-step loss, {k} vs {k.split('@')[0]}: {v}.")
     (out / f"seed_recipe_{tag}.md").write_text("\n".join(lines) + "\n")
