@@ -3,8 +3,10 @@
 # Llama-2-7B-shaped model with random weights, each run in its own process, on one GPU (the
 # first visible one). Needs one CUDA GPU with 24 GB or more, 13.5 GB of disk for the model, the
 # project installed (pip install -e ".[all]" with a CUDA build of torch); unsloth only for its
-# path (QPEFT_UNSLOTH_PATH, see benchmarks/seed_recipe.py). About 7 minutes on an H200 once the
-# model is built (estimated: ~1 + ~2 + up to 2 x 2 minutes; STAGES picks fewer).
+# path (QPEFT_UNSLOTH_PATH, see benchmarks/seed_recipe.py). About 17 minutes on an H200 once the
+# model is built (estimated: startup ~1, offload ~7, context up to 2 x 4 minutes; STAGES picks
+# fewer: on 2026-12-02 the 1 x 16384 offload stage alone, three paths, took 186 s with the model's
+# 37 s build).
 #
 #   bash scripts/gpu/perf.sh OUTDIR
 #   STAGES=context MEM_CAP_GIB=24 bash scripts/gpu/perf.sh OUTDIR
@@ -36,10 +38,11 @@
 #   OFFLOAD_SHAPES  default "4x1024 1x16384"; OFFLOAD_PATHS_4x1024, OFFLOAD_PATHS_1x16384: the paths of
 #                   benchmarks/seed_recipe.py at each shape (defaults above, with compile=true at
 #                   1 x 16384 and unsloth-nf4 at both, recorded as skipped when unsloth does not import)
-#   CONTEXT_PATHS   default qpeft-nf4@activation_offload=true,qpeft-nf4@activation_offload=true+mlp_chunk=2048,
-#                   unsloth-nf4 (unsloth-nf4 is recorded as
-#                   skipped when unsloth does not import; add qpeft-nf4 for qpeft without offloading)
-#   MEM_CAP_GIB     default 12; CONTEXT_BUDGET default 120 (seconds per path); CONTEXT_START default 8192
+#   CONTEXT_PATHS   default qpeft-nf4@activation_offload=true+mlp_chunk=2048,unsloth-nf4 (unsloth-nf4 is
+#                   recorded as skipped when unsloth does not import; add qpeft-nf4@activation_offload=true
+#                   for offloading alone, measured at the 12 GiB cap on 2026-12-02: >= 23,040 tokens)
+#   MEM_CAP_GIB     default 12; CONTEXT_BUDGET default 240 (seconds per path: each unsloth attempt spends
+#                   about a minute importing and patching); CONTEXT_START default 16384
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 gpu_init "$@"
 require_files benchmarks/startup.py benchmarks/seed_recipe.py benchmarks/max_context.py benchmarks/make_random_model.py configs/qlora_7b.yaml
@@ -78,8 +81,8 @@ fi
 
 if wants context; then
   stage context "$PYTHON" benchmarks/max_context.py --model "$MODEL_7B" \
-    --paths "${CONTEXT_PATHS:-qpeft-nf4@activation_offload=true,qpeft-nf4@activation_offload=true+mlp_chunk=2048,unsloth-nf4}" \
-    --mem-cap-gib "${MEM_CAP_GIB:-12}" --time-budget "${CONTEXT_BUDGET:-120}" --start "${CONTEXT_START:-8192}" --out "$OUTDIR/context"
+    --paths "${CONTEXT_PATHS:-qpeft-nf4@activation_offload=true+mlp_chunk=2048,unsloth-nf4}" \
+    --mem-cap-gib "${MEM_CAP_GIB:-12}" --time-budget "${CONTEXT_BUDGET:-240}" --start "${CONTEXT_START:-16384}" --out "$OUTDIR/context"
 fi
 
 # One place to read the results from.
