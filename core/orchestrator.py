@@ -52,6 +52,7 @@ from .modeling import (
     weight_memory_gib,
 )
 from .outputs import MERGE_MARKER, check_merge_output, check_run_output
+from .preflight import check_context_length
 from .quantized_cache import load_base
 from .registry import Registry, load_registry
 from .timeline import Timeline
@@ -189,6 +190,9 @@ def _run(resolved: ResolvedRun, registry: Registry, say: Say, *, resume: bool) -
             ctx.notes.append(note)
         if ctx.resume_from:
             check_same_data((read_marker(ctx.resume_from) or {}).get("data_position"), train_data)
+    if note := check_context_length(model_path, d.max_length):
+        say(f"[yellow]{note}[/]")
+        ctx.notes.append(note)
 
     clock.mark("load")
     t0 = time.perf_counter()

@@ -100,3 +100,29 @@ def check_data(data, max_rows: int = CHECK_ROWS) -> list[str]:
             checked = f"all {n:,} records" if whole else f"the first {max_rows:,} records"
             notes.append(f"{source}: {checked} checked ({fmt})")
     return notes
+
+
+def check_context_length(model_path: str, max_length: int) -> str | None:
+    """A note when rows may be longer than the base model's trained context
+    (``max_position_embeddings`` in its config.json) and the config sets no RoPE scaling: the
+    positions past it are extrapolated, which transformers does silently (unsloth, for one,
+    switches on linear RoPE scaling there instead). Reads config.json only."""
+    import json
+
+    try:
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg)  # multimodal configs nest the language model's
+    limit = cfg.get("max_position_embeddings")
+    if not isinstance(limit, int) or max_length <= limit:
+        return None
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if kind not in (None, "default"):
+        return None
+    return (
+        f"data.max_length {max_length} is longer than the model's max_position_embeddings {limit} and its config sets no "
+        "RoPE scaling: positions past it are extrapolated, which degrades what the model learns there; shorten data.max_length "
+        "or use a base trained (or rope-scaled) for longer rows"
+    )
